@@ -1,1 +1,62 @@
-//! stub
+//! The wire protocol between cc-proxy and the agent inside each VM (the hyperstart family).
+//!
+//! Two byte streams connect the host to an agent: the control channel carries commands and
+//! their ACK/ERROR replies ([`control`]), the I/O channel multiplexes the stdio of every
+//! process by sequence number ([`io`]). Command codes live in [`code`]; the two agent dialects
+//! (cc-agent and hyperstart), which disagree on a few codes and payloads, in [`dialect`]; the
+//! JSON payloads we read or build in [`payload`].
+//!
+//! The crate is pure: parsers work on byte buffers and report "incomplete" or an error, so
+//! they can be tested and fuzzed without sockets. The `tokio_util` codec adaptors let callers
+//! wrap a socket in a `Framed` stream.
+
+#![forbid(unsafe_code)]
+
+pub mod code;
+pub mod control;
+pub mod dialect;
+pub mod io;
+pub mod payload;
+
+pub use control::{decode_control, encode_control, ControlCodec, ControlFrame};
+pub use dialect::{Dialect, UnknownDialect};
+pub use io::{
+    decode_io, encode_exit_status, encode_io, exit_status, IoCodec, IoFrame, EXIT_STATUS_FRAME_LEN,
+};
+pub use payload::{
+    encode_next, encode_version, parse_next, parse_version, process_object_mut, EnvVar, ExecCmd,
+    KillContainer, NewContainer, Process, ProcessAsyncEvent, SignalProcess, WinSizeCcAgent,
+    WinSizeHyperstart,
+};
+
+/// Size of the control frame header: command code (u32) and total length (u32).
+pub const CONTROL_HEADER_LEN: usize = 8;
+/// Size of the I/O frame header: sequence number (u64) and total length (u32).
+pub const IO_HEADER_LEN: usize = 12;
+/// Largest control frame (header included) we accept or build. Real agents refuse more than
+/// 65536 bytes on vsock and 10240 on serial, so 1 MiB only guards memory, it is not a target.
+pub const MAX_CONTROL_FRAME: usize = 1 << 20;
+/// Largest I/O frame (header included) we accept or build; bounds what one peer can make us
+/// buffer before a frame is complete.
+pub const MAX_IO_FRAME: usize = 1 << 20;
+/// Largest data per host-to-agent I/O packet: the C hyperstart reads at most 4096 bytes per
+/// packet on serial transports, so stdin is split at this size.
+pub const MAX_STDIN_PACKET: usize = 4096;
+
+/// Why a frame cannot be parsed or built. Either error means the stream is out of sync (or the
+/// peer is hostile): the session carrying it should be closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length field is smaller than the header it includes.
+    #[error("frame length {length} is below the {header}-byte header")]
+    TooShort { length: u32, header: usize },
+    /// The frame (header included) is larger than the limit in force.
+    #[error("frame length {length} exceeds the limit of {max} bytes")]
+    TooLong { length: usize, max: usize },
+}
+
+impl From<FrameError> for std::io::Error {
+    fn from(err: FrameError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, err)
+    }
+}
