@@ -1,0 +1,193 @@
+//! Request and response shapes of the JSON-RPC methods. Field names are the wire names.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `proxy.version` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// The daemon's release version (semver).
+    pub version: String,
+    /// [`crate::API_VERSION`] of the daemon.
+    pub api_version: u32,
+    /// Capabilities this daemon serves, e.g. `"jsonrpc"`, `"legacy-v2"`, `"streams"`, `"events"`.
+    pub features: Vec<String>,
+}
+
+/// `proxy.health` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `"ok"` while the daemon serves; `"draining"` during shutdown.
+    pub status: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Registered VMs (ready and lost).
+    pub vms: usize,
+    /// VMs whose agent connection is lost.
+    pub vms_lost: usize,
+}
+
+/// `vm.register` parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterParams {
+    /// The VM's id: 1 to 128 characters of `[A-Za-z0-9._-]`.
+    pub id: String,
+    /// The agent's control channel URI (`unix://`, `vsock://`, `hvsock://`, `tcp://`).
+    pub control: String,
+    /// The agent's I/O channel URI.
+    pub io: String,
+    /// Optional console URI whose lines are logged at debug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
+    /// How long to wait for the agent's READY, in milliseconds (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `vm.register` / `vm.attach` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResult {
+    pub id: String,
+    /// `"hyperstart"` or `"cc-agent"`.
+    pub dialect: String,
+    /// The agent's API version from GETVERSION.
+    pub api_version: u32,
+}
+
+/// Parameters naming one VM (`vm.attach`, `vm.unregister`, `vm.info`, `stream.allocate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmId {
+    #[serde(alias = "vm")]
+    pub id: String,
+}
+
+/// One VM as `vm.list` and `vm.info` report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: String,
+    /// `"ready"` or `"lost"`.
+    pub state: String,
+    /// Why the VM is lost, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_reason: Option<String>,
+    pub dialect: String,
+    pub api_version: u32,
+    pub control: String,
+    pub io: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
+    /// Seconds since registration (or since recovery after a restart).
+    pub uptime_secs: u64,
+    /// Agent commands answered (ACK or ERROR).
+    pub commands: u64,
+    /// Agent commands that failed (ERROR, timeout, lost).
+    pub errors: u64,
+    /// Streams whose process has not finished.
+    pub streams: usize,
+    /// Live stream tokens (allocated and not yet freed).
+    pub tokens: usize,
+    /// True when this VM was recovered from the state directory after a daemon restart.
+    pub recovered: bool,
+}
+
+/// `agent.call` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentCallParams {
+    /// The VM id.
+    pub vm: String,
+    /// The lower-case agent command name, e.g. `"ping"`, `"execcmd"`, `"newcontainer"`.
+    pub command: String,
+    /// The command's JSON payload (absent = empty payload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Reply deadline in milliseconds, counted from when the daemon receives the call (default 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// For `newcontainer`/`execcmd`: `1` allocates a stdio stream and fills `process.stdio`/`process.stderr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
+    /// For `newcontainer`/`execcmd`: use this previously allocated token instead of a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// `agent.call` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AgentCallResult {
+    /// The agent's ACK payload when it is JSON (or `null` when empty).
+    #[serde(default)]
+    pub data: Value,
+    /// The ACK payload in base64 when it is not JSON (e.g. GETVERSION's 4 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    /// The stream token when one was allocated or used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The process id the daemon sent to the agent (hyperstart names processes by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+}
+
+/// `stream.allocate` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamAllocation {
+    pub token: String,
+    /// Sequence number of stdin/stdout on the VM's I/O channel.
+    pub stdio: u64,
+    /// Sequence number of stderr.
+    pub stderr: u64,
+}
+
+/// `stream.signal` parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalParams {
+    pub token: String,
+    pub signal: i32,
+}
+
+/// `stream.resize` parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeParams {
+    pub token: String,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Parameters naming one token (`stream.close`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenParam {
+    pub token: String,
+}
+
+/// An event delivered to `events.subscribe` subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    VmRegistered {
+        vm: String,
+    },
+    VmUnregistered {
+        vm: String,
+    },
+    VmLost {
+        vm: String,
+        reason: String,
+    },
+    ProcessExited {
+        vm: String,
+        token: String,
+        status: i32,
+    },
+}
+
+impl Event {
+    /// The VM the event is about.
+    pub fn vm(&self) -> &str {
+        match self {
+            Event::VmRegistered { vm }
+            | Event::VmUnregistered { vm }
+            | Event::VmLost { vm, .. }
+            | Event::ProcessExited { vm, .. } => vm,
+        }
+    }
+}
