@@ -88,9 +88,12 @@ if [ ! -x /bin/cc-test-agent ]; then
     while true; do sleep 3600; done
 fi
 
-echo "ccinit: exec cc-test-agent $mode --dialect $dialect $extra"
+echo "ccinit: starting cc-test-agent $mode --dialect $dialect $extra"
 echo "ccinit: ready"
-# The agent becomes PID 1: when it exits the kernel panics, and with panic=-1 and -no-reboot QEMU exits, so the
-# host sees a dead agent as a dead VM.
+# The agent runs as a child (not exec'd) so that its exit status reaches the console; the shell, as PID 1, also
+# reaps orphaned processes. An agent that ends powers the guest off: QEMU exits (-no-reboot), and the host sees
+# a dead agent as a dead VM.
 # shellcheck disable=SC2086
-exec /bin/cc-test-agent $mode --dialect "$dialect" $extra
+/bin/cc-test-agent $mode --dialect "$dialect" $extra
+echo "ccinit: cc-test-agent exited with status $?; powering off"
+poweroff -f
