@@ -1,0 +1,403 @@
+//! One emulated VM: its process table, its outbound queue, and the control and I/O sessions
+//! that the host may open, drop and reopen at any time.
+//!
+//! Everything the agent sends on the I/O channel goes through one FIFO queue ([`Outgoing`]),
+//! shared by every process of the VM. A per-connection pump drains it into the current I/O
+//! connection; while there is none, output waits in the queue (bounded by
+//! [`OUTPUT_BUDGET`] bytes, then the processes' pipes stall). Exit reports of the hyperstart
+//! dialect travel through the same queue and are handed to the control side only once the pump
+//! reaches them, which guarantees that a process's output is written before its exit event.
+//!
+//! A new connection on a channel replaces the old one: the old session task is aborted. An item
+//! being written when that happens stays in a pending slot and is written again, whole, on the
+//! next connection.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use cc_proxy_protocol::{
+    code, decode_control, encode_control, encode_io, encode_next, ControlCodec, ControlFrame,
+    Dialect, IoCodec, IoFrame, IO_HEADER_LEN,
+};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::AbortHandle;
+use tokio_util::codec::FramedRead;
+
+use crate::cli::{AgentConfig, Fault};
+use crate::commands;
+use crate::process::{ProcessTable, StdinTarget};
+
+/// Bytes of process output a VM buffers while no I/O connection drains it. Past this, output
+/// readers wait, which stalls the processes once their pipes fill up.
+pub const OUTPUT_BUDGET: usize = 16 << 20;
+
+/// Largest chunk of process output per I/O packet (the C hyperstart's serial limit).
+pub const OUTPUT_CHUNK: usize = 4096;
+
+/// A byte stream from the host: unix socket, vsock stream, or a bridged serial port.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// A boxed [`Stream`].
+pub type Conn = Box<dyn Stream>;
+
+/// The two agent channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Commands and replies (vsock port 2718, `sh.hyper.channel.0`).
+    Control,
+    /// Multiplexed process stdio (vsock port 2719, `sh.hyper.channel.1`).
+    Io,
+}
+
+/// An item of the VM's outbound queue.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// An I/O packet; `budget` bytes of [`OUTPUT_BUDGET`] are returned once it is written.
+    Io { frame: IoFrame, budget: u32 },
+    /// A control message to send once everything queued before it is written (exit events).
+    Event(ControlFrame),
+}
+
+/// A slot for the item a session is writing, so that an aborted session loses nothing.
+type Pending<T> = Mutex<Option<T>>;
+
+/// One emulated VM.
+pub struct Vm {
+    /// Position of the VM in this process (the socket path suffix), for logs.
+    pub index: u32,
+    /// Behaviour shared by every VM.
+    pub config: Arc<AgentConfig>,
+    /// Live processes.
+    procs: Mutex<ProcessTable>,
+    /// Sending end of the outbound I/O queue.
+    out_tx: mpsc::UnboundedSender<Outgoing>,
+    /// Receiving end, held by the current I/O session.
+    out_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Outgoing>>,
+    /// The item the I/O session was writing when it ended.
+    out_pending: Pending<Outgoing>,
+    /// Bytes of output that may still be queued.
+    out_budget: Semaphore,
+    /// Control messages released by the I/O pump (exit events), waiting for a control session.
+    events_tx: mpsc::UnboundedSender<ControlFrame>,
+    /// Receiving end, held by the current control session.
+    events_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<ControlFrame>>,
+    /// The event the control session was writing when it ended.
+    events_pending: Pending<ControlFrame>,
+    /// The current control session, aborted when a new connection replaces it.
+    control_session: Mutex<Option<AbortHandle>>,
+    /// The current I/O session, aborted when a new connection replaces it.
+    io_session: Mutex<Option<AbortHandle>>,
+}
+
+/// Locks a std mutex, ignoring poisoning: the data stays consistent because no critical section
+/// in this crate can panic halfway through an update.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Vm {
+    /// A VM with no processes and no connections.
+    pub fn new(index: u32, config: Arc<AgentConfig>) -> Arc<Vm> {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Arc::new(Vm {
+            index,
+            config,
+            procs: Mutex::new(ProcessTable::default()),
+            out_tx,
+            out_rx: tokio::sync::Mutex::new(out_rx),
+            out_pending: Mutex::new(None),
+            out_budget: Semaphore::new(OUTPUT_BUDGET),
+            events_tx,
+            events_rx: tokio::sync::Mutex::new(events_rx),
+            events_pending: Mutex::new(None),
+            control_session: Mutex::new(None),
+            io_session: Mutex::new(None),
+        })
+    }
+
+    /// The dialect this VM speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.config.dialect
+    }
+
+    /// The process table.
+    pub fn procs(&self) -> MutexGuard<'_, ProcessTable> {
+        lock(&self.procs)
+    }
+
+    /// Makes `conn` the VM's connection for `channel`, replacing (aborting) the previous one.
+    /// Must be called within the tokio runtime.
+    pub fn attach(self: &Arc<Self>, channel: Channel, conn: Conn) {
+        let vm = Arc::clone(self);
+        let (slot, task) = match channel {
+            Channel::Control => (
+                &self.control_session,
+                tokio::spawn(async move { vm.control_session(conn).await }),
+            ),
+            Channel::Io => (
+                &self.io_session,
+                tokio::spawn(async move { vm.io_session(conn).await }),
+            ),
+        };
+        if let Some(old) = lock(slot).replace(task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Queues process output for `seq`, waiting while the output budget is used up.
+    pub async fn send_output(&self, seq: u64, data: &[u8]) {
+        // Never more than OUTPUT_CHUNK bytes, so the count fits in u32.
+        let budget = data.len() as u32;
+        match self.out_budget.acquire_many(budget).await {
+            Ok(permit) => permit.forget(),
+            // The semaphore is never closed; if it were, queueing unbudgeted is still correct.
+            Err(_) => {
+                return self.queue(Outgoing::Io {
+                    frame: IoFrame::new(seq, Bytes::copy_from_slice(data)),
+                    budget: 0,
+                })
+            }
+        }
+        self.queue(Outgoing::Io {
+            frame: IoFrame::new(seq, Bytes::copy_from_slice(data)),
+            budget,
+        });
+    }
+
+    /// Queues an item without budget (EOF packets, exit reports, events): they are tiny and
+    /// must never wait behind a stalled process.
+    pub fn queue(&self, item: Outgoing) {
+        // The receiver lives as long as the VM, so sending cannot fail.
+        let _ = self.out_tx.send(item);
+    }
+
+    /// Serves one control connection until it closes, fails or is replaced.
+    async fn control_session(self: Arc<Self>, conn: Conn) {
+        let (reader, writer) = tokio::io::split(conn);
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        if self.config.fault != Some(Fault::NoReady) {
+            let _ = tx.send(control_bytes(code::READY, b""));
+        }
+        tokio::select! {
+            res = self.control_reader(reader, tx) => {
+                if let Err(e) = res {
+                    log(self.index, &format!("control session closed: {e}"));
+                }
+            }
+            res = self.control_writer(writer, rx) => {
+                if let Err(e) = res {
+                    log(self.index, &format!("control write failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Reads commands one at a time and queues their replies on `tx`.
+    async fn control_reader(
+        self: &Arc<Self>,
+        reader: impl AsyncRead + Unpin,
+        tx: mpsc::UnboundedSender<Bytes>,
+    ) -> Result<(), SessionError> {
+        let mut frames = FramedRead::new(
+            reader,
+            ControlCodec {
+                max: self.config.max_frame,
+            },
+        );
+        let mut version_answered = false;
+        let mut garbage_sent = false;
+        while let Some(frame) = frames.next().await {
+            let frame = frame?;
+            if version_answered && self.config.fault == Some(Fault::DieMidCommand) {
+                log(self.index, "fault die-mid-command: exiting");
+                std::process::exit(1);
+            }
+            if self.dialect() == Dialect::Hyperstart {
+                // Like the C hyperstart: credit for every chunk read. Cannot truncate, frames are
+                // bounded by max_frame which the CLI takes as usize but real values are small.
+                let read = (frame.payload.len() + cc_proxy_protocol::CONTROL_HEADER_LEN) as u32;
+                let _ = tx.send(control_bytes(code::NEXT, &encode_next(read)));
+            }
+            if version_answered && self.config.fault == Some(Fault::Garbage) && !garbage_sent {
+                garbage_sent = true;
+                log(self.index, "fault garbage: sending a malformed reply");
+                let _ = tx.send(garbage());
+                continue;
+            }
+            let reply = commands::handle(self, frame.code, &frame.payload).await;
+            if self.config.fault == Some(Fault::SlowReply) {
+                tokio::time::sleep(self.config.slow).await;
+            }
+            let bytes = match reply {
+                Ok(payload) => control_bytes(code::ACK, &payload),
+                Err(e) => {
+                    log(self.index, &format!("command {} failed: {e}", frame.code));
+                    control_bytes(code::ERROR, e.to_string().as_bytes())
+                }
+            };
+            if tx.send(bytes).is_err() {
+                return Ok(());
+            }
+            if frame.code == code::GETVERSION {
+                version_answered = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes session frames (READY, NEXT, replies) and pending exit events.
+    async fn control_writer(
+        &self,
+        mut writer: impl AsyncWrite + Unpin,
+        mut rx: mpsc::UnboundedReceiver<Bytes>,
+    ) -> Result<(), SessionError> {
+        let mut events = self.events_rx.lock().await;
+        // An event an aborted session was writing goes first (after READY, which is in rx).
+        let mut replay = lock(&self.events_pending).clone();
+        loop {
+            tokio::select! {
+                biased;
+                bytes = rx.recv() => match bytes {
+                    Some(bytes) => writer.write_all(&bytes).await?,
+                    None => return Ok(()),
+                },
+                event = next_event(&mut replay, &mut events) => {
+                    let Some(event) = event else { return Ok(()) };
+                    *lock(&self.events_pending) = Some(event.clone());
+                    writer.write_all(&control_bytes(event.code, &event.payload)).await?;
+                    *lock(&self.events_pending) = None;
+                }
+            }
+        }
+    }
+
+    /// Serves one I/O connection: stdin packets in, queued output out.
+    async fn io_session(self: Arc<Self>, conn: Conn) {
+        let (reader, writer) = tokio::io::split(conn);
+        tokio::select! {
+            res = self.io_reader(reader) => {
+                if let Err(e) = res {
+                    log(self.index, &format!("I/O session closed: {e}"));
+                }
+            }
+            res = self.io_pump(writer) => {
+                if let Err(e) = res {
+                    log(self.index, &format!("I/O write failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Routes host packets to process stdin.
+    async fn io_reader(&self, reader: impl AsyncRead + Unpin) -> Result<(), SessionError> {
+        let mut frames = FramedRead::new(
+            reader,
+            IoCodec {
+                max: self.config.max_frame,
+            },
+        );
+        while let Some(frame) = frames.next().await {
+            let frame = frame?;
+            let target = self.procs().stdin_target(frame.seq, frame.data.is_empty());
+            match target {
+                StdinTarget::Write(stdin) => {
+                    // The process may have closed its stdin; the data is then dropped.
+                    let _ = stdin.send(frame.data).await;
+                }
+                StdinTarget::Ignore => {}
+                StdinTarget::Unknown => self.queue(Outgoing::Io {
+                    frame: IoFrame::eof(frame.seq),
+                    budget: 0,
+                }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drains the outbound queue into `writer`.
+    async fn io_pump(&self, mut writer: impl AsyncWrite + Unpin) -> Result<(), SessionError> {
+        let mut rx = self.out_rx.lock().await;
+        let mut buf = BytesMut::with_capacity(OUTPUT_CHUNK + IO_HEADER_LEN);
+        loop {
+            let pending = lock(&self.out_pending).take();
+            let item = match pending {
+                Some(item) => item,
+                None => match rx.recv().await {
+                    Some(item) => item,
+                    None => return Ok(()),
+                },
+            };
+            *lock(&self.out_pending) = Some(item.clone());
+            match item {
+                Outgoing::Io { frame, budget } => {
+                    buf.clear();
+                    encode_io(frame.seq, &frame.data, &mut buf)?;
+                    writer.write_all(&buf).await?;
+                    self.out_budget.add_permits(budget as usize);
+                }
+                Outgoing::Event(event) => {
+                    let _ = self.events_tx.send(event);
+                }
+            }
+            *lock(&self.out_pending) = None;
+        }
+    }
+}
+
+/// The next event to write: a replayed one first, then the queue.
+async fn next_event(
+    replay: &mut Option<ControlFrame>,
+    events: &mut mpsc::UnboundedReceiver<ControlFrame>,
+) -> Option<ControlFrame> {
+    match replay.take() {
+        Some(event) => Some(event),
+        None => events.recv().await,
+    }
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Reading or writing the connection failed, or the host sent a malformed frame.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// We tried to build an oversized frame.
+    #[error("{0}")]
+    Frame(#[from] cc_proxy_protocol::FrameError),
+}
+
+/// One encoded control frame. Payloads we build are tiny; an oversized one would be a bug, so it
+/// is replaced by an ERROR saying so rather than crashing the agent.
+pub fn control_bytes(code: u32, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::new();
+    if encode_control(code, payload, &mut buf).is_err() {
+        buf.clear();
+        let _ = encode_control(code::ERROR, b"reply too large", &mut buf);
+    }
+    buf.freeze()
+}
+
+/// A malformed control frame (length 3, below the header) followed by random bytes.
+fn garbage() -> Bytes {
+    use std::hash::{BuildHasher, Hasher};
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&code::ACK.to_be_bytes());
+    buf.extend_from_slice(&3u32.to_be_bytes());
+    for _ in 0..4 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(0);
+        buf.extend_from_slice(&h.finish().to_ne_bytes());
+    }
+    // Sanity: the host's decoder must reject this.
+    debug_assert!(decode_control(&mut buf.clone(), usize::MAX).is_err());
+    buf.freeze()
+}
+
+/// Logs one line on stderr, prefixed with the VM index.
+pub fn log(vm: u32, msg: &str) {
+    eprintln!("cc-test-agent[vm {vm}]: {msg}");
+}
