@@ -5,10 +5,10 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-VM_DIR=${CC_VM_DIR:-$ROOT/target/vm}
 "$ROOT/tests/vm/prepare.sh" || exit $?
 
-work=$(mktemp -d "$VM_DIR/check.XXXXXX")
+# Under /tmp: unix socket paths must stay short whatever the checkout path.
+work=$(mktemp -d /tmp/ccvmchk.XXXXXX)
 boot_pid=
 finish() {
     [ -z "$boot_pid" ] || { kill -TERM "$boot_pid" 2>/dev/null; wait "$boot_pid" 2>/dev/null; }
