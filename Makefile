@@ -22,7 +22,7 @@ SELINUX_DEVEL_MAKEFILE ?= /usr/share/selinux/devel/Makefile
 VERSION := $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml)
 PKGNAME := cc-proxy-$(VERSION)
 PKGDIR  := target/package
-RELEASE_BIN := target/release/cc-proxy
+RELEASE_BIN ?= target/release/cc-proxy
 
 UNITS := systemd/cc-proxy.socket systemd/cc-proxy.service
 
