@@ -23,8 +23,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-/// The daemon under test, built by cargo for this test crate.
-const BIN: &str = env!("CARGO_BIN_EXE_cc-proxy");
+/// The daemon under test: the one cargo built for this test crate, or `CC_PROXY_TEST_BIN` to check another
+/// build (for example an installed `/usr/local/bin/cc-proxy`) against the same contract.
+fn bin() -> PathBuf {
+    std::env::var_os("CC_PROXY_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cc-proxy")))
+}
 /// Time a daemon gets to answer `proxy.health` after it is spawned (debug build, 2 busy cores).
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time a daemon gets to exit after a signal, or after a CLI error.
@@ -86,7 +91,7 @@ fn tempdir() -> tempfile::TempDir {
 
 /// `cc-proxy` with a clean environment, its own state dir and admin port, and no socket option.
 fn daemon_command(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     for var in INHERITED_ENV {
         cmd.env_remove(var);
     }
@@ -548,7 +553,7 @@ fn socket_activation_and_ready_notification() {
         .arg(&socket)
         .arg("-E")
         .arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
-        .arg(BIN)
+        .arg(bin())
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--admin-addr")
@@ -880,7 +885,7 @@ fn unknown_option_exits_2_with_one_line() {
 
 #[test]
 fn version_and_help() {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--version")
         .output()
         .expect("run --version");
@@ -891,7 +896,7 @@ fn version_and_help() {
         "--version should print {}: {text:?}",
         env!("CARGO_PKG_VERSION")
     );
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--help")
         .output()
         .expect("run --help");
@@ -979,7 +984,7 @@ exit "$status"
         script,
         "journald-test",
     ])
-    .arg(BIN)
+    .arg(bin())
     .arg(dir.path())
     .arg(journald)
     .arg(&machine_id)
@@ -1118,7 +1123,7 @@ fn systemd_units_verify_after_install() {
     // What `make install-bin` would put there, without a release build.
     let bin_dir = dest.path().join("usr/local/bin");
     std::fs::create_dir_all(&bin_dir).expect("bin dir");
-    std::fs::copy(BIN, bin_dir.join("cc-proxy")).expect("copy the binary");
+    std::fs::copy(bin(), bin_dir.join("cc-proxy")).expect("copy the binary");
     // verify --root resolves dependencies (sockets.target, sysinit.target...) inside the root.
     let system_units = dest.path().join("usr/lib/systemd/system");
     std::fs::create_dir_all(&system_units).expect("system unit dir");
