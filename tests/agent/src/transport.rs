@@ -284,3 +284,32 @@ fn wait_host_open(port: &std::fs::File) {
         std::thread::sleep(SERIAL_POLL);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_get_an_index_suffix_only_for_several_vms() {
+        let p = Path::new("/run/vm.sock");
+        assert_eq!(suffixed(p, 0, 1), PathBuf::from("/run/vm.sock"));
+        assert_eq!(suffixed(p, 7, 10), PathBuf::from("/run/vm.sock.7"));
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_but_other_files_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("s");
+        let _first = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async { bind_unix(&sock).expect("rebind over a stale socket") });
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"keep").expect("write");
+        let err = rt.block_on(async { bind_unix(&file).expect_err("not a socket") });
+        assert!(matches!(err, TransportError::NotASocket { .. }));
+        assert_eq!(std::fs::read(&file).expect("still there"), b"keep");
+    }
+}

@@ -150,18 +150,17 @@ impl Vm {
 
     /// Queues process output for `seq`, waiting while the output budget is used up.
     pub async fn send_output(&self, seq: u64, data: &[u8]) {
-        // Never more than OUTPUT_CHUNK bytes, so the count fits in u32.
-        let budget = data.len() as u32;
-        match self.out_budget.acquire_many(budget).await {
-            Ok(permit) => permit.forget(),
-            // The semaphore is never closed; if it were, queueing unbudgeted is still correct.
-            Err(_) => {
-                return self.queue(Outgoing::Io {
-                    frame: IoFrame::new(seq, Bytes::copy_from_slice(data)),
-                    budget: 0,
-                })
+        // Chunks are at most OUTPUT_CHUNK bytes; the clamp only guards against a wait that
+        // could never end.
+        let wanted = data.len().min(OUTPUT_BUDGET) as u32;
+        // The semaphore is never closed; if it were, sending unbudgeted is still correct.
+        let budget = match self.out_budget.acquire_many(wanted).await {
+            Ok(permit) => {
+                permit.forget();
+                wanted
             }
-        }
+            Err(_) => 0,
+        };
         self.queue(Outgoing::Io {
             frame: IoFrame::new(seq, Bytes::copy_from_slice(data)),
             budget,
@@ -217,9 +216,9 @@ impl Vm {
                 std::process::exit(1);
             }
             if self.dialect() == Dialect::Hyperstart {
-                // Like the C hyperstart: credit for every chunk read. Cannot truncate, frames are
-                // bounded by max_frame which the CLI takes as usize but real values are small.
-                let read = (frame.payload.len() + cc_proxy_protocol::CONTROL_HEADER_LEN) as u32;
+                // Like the C hyperstart: credit for the bytes just read.
+                let read = frame.payload.len() + cc_proxy_protocol::CONTROL_HEADER_LEN;
+                let read = u32::try_from(read).unwrap_or(u32::MAX);
                 let _ = tx.send(control_bytes(code::NEXT, &encode_next(read)));
             }
             if version_answered && self.config.fault == Some(Fault::Garbage) && !garbage_sent {
