@@ -609,6 +609,83 @@ fn socket_activation_and_ready_notification() {
     );
 }
 
+/// Reads datagrams from `notify` until `done` says the collected messages are enough, or `timeout`.
+fn collect_notifications(
+    notify: &UnixDatagram,
+    messages: &mut Vec<String>,
+    timeout: Duration,
+    done: impl Fn(&[String]) -> bool,
+) {
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + timeout;
+    while !done(messages) && Instant::now() < deadline {
+        if let Ok(n) = notify.recv(&mut buf) {
+            let datagram = String::from_utf8_lossy(&buf[..n]);
+            messages.extend(datagram.lines().map(str::to_string));
+        }
+    }
+}
+
+#[test]
+fn notify_status_and_watchdog_pings() {
+    let dir = tempdir();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("notify timeout");
+    // systemd sets WATCHDOG_PID to the service's main pid along with WATCHDOG_USEC; `sh` exports its own
+    // pid, which the daemon inherits through exec. 400 ms: pings should come every 200 ms or so.
+    let socket = dir.path().join("run").join("proxy.sock");
+    let mut cmd = Command::new("sh");
+    for var in INHERITED_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.arg("-c")
+        .arg(r#"WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$0" "$@""#)
+        .arg(bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--admin-addr")
+        .arg(free_admin_addr())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut daemon = Daemon::spawn(cmd, &socket);
+    daemon.wait_ready();
+
+    let mut messages = Vec::new();
+    let count = |m: &[String], want: &str| m.iter().filter(|l| l.as_str() == want).count();
+    collect_notifications(&notify, &mut messages, Duration::from_secs(5), |m| {
+        count(m, "READY=1") > 0
+            && count(m, "WATCHDOG=1") >= 3
+            && m.iter().any(|l| l.starts_with("STATUS="))
+    });
+    assert_eq!(
+        count(&messages, "READY=1"),
+        1,
+        "READY=1 exactly once: {messages:?}"
+    );
+    assert!(
+        count(&messages, "WATCHDOG=1") >= 3,
+        "expected regular WATCHDOG=1 pings with WATCHDOG_USEC=400000 within 5 s: {messages:?}"
+    );
+    assert!(
+        messages.iter().any(|l| l.starts_with("STATUS=")),
+        "no STATUS= message: {messages:?}"
+    );
+
+    assert_eq!(daemon.terminate().code(), Some(0));
+    collect_notifications(&notify, &mut messages, Duration::from_secs(2), |m| {
+        m.iter().any(|l| l == "STOPPING=1")
+    });
+    assert!(
+        messages.iter().any(|l| l == "STOPPING=1"),
+        "no STOPPING=1: {messages:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // JSON-RPC error paths and limits
 // ---------------------------------------------------------------------------------------------------------
@@ -963,7 +1040,7 @@ jpid=$!
 for _ in $(seq 200); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done
 [ -S /run/systemd/journal/socket ] || { kill "$jpid"; exit 91; }
 env -u JOURNAL_STREAM -u CC_PROXY_LOG_LEVEL "$bin" --socket "$dir/journald-test.sock" \
-    --state-dir "$dir/state" --admin-addr "$admin" --log info --log-target journald \
+    --state-dir "$dir/state" --admin-addr "$admin" --log debug --log-target journald \
     2>"$dir/daemon.err" &
 dpid=$!
 for _ in $(seq 600); do [ -e "$dir/done" ] && break; kill -0 "$dpid" 2>/dev/null || break; sleep 0.05; done
@@ -1067,6 +1144,21 @@ exit "$status"
     assert!(
         matches!(priority, Some(5 | 6)),
         "info entry with priority {priority:?}: {listening}"
+    );
+    // Structured fields must be journal fields of their own under the documented names, so that
+    // `journalctl -u cc-proxy CLIENT=...` and `VM=...` work (not prefixed, e.g. `F_CLIENT`). The health
+    // request above was a client connection, which the daemon logs at debug with its CLIENT field.
+    let mut field_names: Vec<&str> = ours
+        .iter()
+        .filter_map(|e| e.as_object())
+        .flat_map(|e| e.keys().map(String::as_str))
+        .filter(|k| !k.starts_with('_'))
+        .collect();
+    field_names.sort_unstable();
+    field_names.dedup();
+    assert!(
+        ours.iter().any(|e| e.get("CLIENT").is_some()),
+        "no journal entry carries a CLIENT field; field names seen: {field_names:?}"
     );
     assert!(
         !read("daemon.err").contains("listening"),
