@@ -118,7 +118,35 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn the daemon");
-        let pipe = child.stderr.take().expect("stderr is piped");
+        let pipe: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr is piped"));
+        Daemon::collect_stderr(child, pipe, socket)
+    }
+
+    /// Like [`Daemon::spawn`], with `JOURNAL_STREAM` naming the daemon's stderr pipe ("device:inode"), the
+    /// way systemd marks a stderr that is connected to the journal.
+    fn spawn_with_stderr_as_journal_stream(mut cmd: Command, socket: &Path) -> Daemon {
+        let (read_end, write_end) = nix::unistd::pipe().expect("create a pipe");
+        let write_end = std::fs::File::from(write_end);
+        let meta = write_end.metadata().expect("fstat the pipe");
+        cmd.env(
+            "JOURNAL_STREAM",
+            format!(
+                "{}:{}",
+                std::os::unix::fs::MetadataExt::dev(&meta),
+                std::os::unix::fs::MetadataExt::ino(&meta)
+            ),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(write_end));
+        let child = cmd.spawn().expect("spawn the daemon");
+        // Our copy of the write end must go, or the reader never sees end-of-file.
+        drop(cmd);
+        let pipe: Box<dyn Read + Send> = Box::new(std::fs::File::from(read_end));
+        Daemon::collect_stderr(child, pipe, socket)
+    }
+
+    fn collect_stderr(child: Child, pipe: Box<dyn Read + Send>, socket: &Path) -> Daemon {
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
         let reader = thread::spawn(move || {
@@ -524,6 +552,31 @@ fn second_daemon_on_a_live_socket_is_refused() {
     assert_eq!(first.terminate().code(), Some(0));
 }
 
+#[test]
+fn socket_group_option_sets_the_socket_group() {
+    const NAME: &str = "socket_group_option_sets_the_socket_group";
+    if !is_root() {
+        return skip(NAME, "needs root to give the socket to another group");
+    }
+    let Some(group) = ["nogroup", "daemon", "users"]
+        .into_iter()
+        .find_map(|name| nix::unistd::Group::from_name(name).ok().flatten())
+    else {
+        return skip(NAME, "no nogroup/daemon/users group on this host");
+    };
+    let dir = tempdir();
+    let mut daemon = Daemon::start(dir.path(), &["--socket-group", group.name.as_str()], &[]);
+    let meta = std::fs::metadata(&daemon.socket).expect("socket exists");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&meta),
+        group.gid.as_raw(),
+        "socket group should be {}",
+        group.name
+    );
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // systemd socket activation and sd_notify
 // ---------------------------------------------------------------------------------------------------------
@@ -894,6 +947,32 @@ fn log_level_flag_wins_over_environment() {
 #[test]
 fn log_level_defaults_to_warn() {
     check_listening_line(&[], &[], false);
+}
+
+#[test]
+fn log_target_auto_ignores_a_journal_stream_that_is_not_stderr() {
+    // JOURNAL_STREAM names the journal's stream as "device:inode"; it only counts when it is stderr's.
+    // Here stderr is a pipe to the test, so logs must stay on stderr.
+    check_listening_line(&["--log", "info"], &[("JOURNAL_STREAM", "0:0")], true);
+}
+
+#[test]
+fn log_target_stderr_wins_over_journal_stream() {
+    // stderr really is the stream JOURNAL_STREAM names, but the flag says stderr: text on stderr.
+    let dir = tempdir();
+    let socket = dir.path().join("run").join("proxy.sock");
+    let mut cmd = daemon_command(dir.path());
+    cmd.arg("--socket")
+        .arg(&socket)
+        .args(["--log", "info", "--log-target", "stderr"]);
+    let mut daemon = Daemon::spawn_with_stderr_as_journal_stream(cmd, &socket);
+    daemon.wait_ready();
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let stderr = daemon.stderr_after_exit();
+    assert!(
+        has_listening_line(&stderr),
+        "--log-target stderr with a matching JOURNAL_STREAM: no \"listening\" line on stderr:\n{stderr}"
+    );
 }
 
 #[test]
