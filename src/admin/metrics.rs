@@ -1,0 +1,352 @@
+//! Every metric the daemon exports, declared in one place and incremented where the event happens.
+//!
+//! Per-VM series are created once at registration ([`VmMetrics`]) so the data path increments plain
+//! atomic counters without label lookups or allocation, and are removed when the VM is unregistered.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmLabel {
+    pub vm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub vm: String,
+    pub command: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLatencyLabels {
+    pub vm: String,
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub vm: String,
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetachLabels {
+    pub vm: String,
+    pub kind: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~50 s
+    Histogram::new(exponential_buckets(0.00005, 2.5, 16))
+}
+
+/// The daemon's metric families.
+pub struct Metrics {
+    pub vms: Family<StateLabel, Gauge>,
+    pub agent_commands: Family<CommandLabels, Counter>,
+    pub agent_command_duration: Family<CommandLatencyLabels, Histogram, fn() -> Histogram>,
+    pub agent_connects: Family<VmLabel, Counter>,
+    pub vm_lost: Family<VmLabel, Counter>,
+    pub io_bytes: Family<DirectionLabels, Counter>,
+    pub io_packets: Family<DirectionLabels, Counter>,
+    pub streams_open: Family<VmLabel, Gauge>,
+    pub stream_buffered_bytes: Family<VmLabel, Gauge>,
+    pub stream_backpressure: Family<VmLabel, Counter>,
+    pub stream_failures: Family<VmLabel, Counter>,
+    pub stream_dropped_bytes: Family<VmLabel, Counter>,
+    pub shim_attaches: Family<VmLabel, Counter>,
+    pub shim_detaches: Family<DetachLabels, Counter>,
+    pub client_connections: Family<ProtocolLabel, Counter>,
+    pub client_connections_open: Family<ProtocolLabel, Gauge>,
+    pub api_errors: Family<CodeLabel, Counter>,
+    pub tap_dropped: Counter,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        Metrics {
+            vms: Family::default(),
+            agent_commands: Family::default(),
+            agent_command_duration: Family::new_with_constructor(latency_histogram),
+            agent_connects: Family::default(),
+            vm_lost: Family::default(),
+            io_bytes: Family::default(),
+            io_packets: Family::default(),
+            streams_open: Family::default(),
+            stream_buffered_bytes: Family::default(),
+            stream_backpressure: Family::default(),
+            stream_failures: Family::default(),
+            stream_dropped_bytes: Family::default(),
+            shim_attaches: Family::default(),
+            shim_detaches: Family::default(),
+            client_connections: Family::default(),
+            client_connections_open: Family::default(),
+            api_errors: Family::default(),
+            tap_dropped: Counter::default(),
+        }
+    }
+
+    /// Register every family in `registry` under the `cc_proxy` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("cc_proxy");
+        r.register("vms", "Registered VMs by state", self.vms.clone());
+        r.register(
+            "agent_commands",
+            "Agent commands by command and result",
+            self.agent_commands.clone(),
+        );
+        r.register(
+            "agent_command_duration_seconds",
+            "Agent command latency from queueing to reply",
+            self.agent_command_duration.clone(),
+        );
+        r.register(
+            "agent_connects",
+            "Agent channel connections (registrations and reconnects)",
+            self.agent_connects.clone(),
+        );
+        r.register(
+            "vm_lost",
+            "Times a VM's agent connection was lost",
+            self.vm_lost.clone(),
+        );
+        r.register(
+            "io",
+            "I/O channel traffic in bytes by direction",
+            self.io_bytes.clone(),
+        );
+        r.register(
+            "io_packets",
+            "I/O channel packets by direction",
+            self.io_packets.clone(),
+        );
+        r.register(
+            "streams_open",
+            "Streams whose process has not finished",
+            self.streams_open.clone(),
+        );
+        r.register(
+            "stream_buffered_bytes",
+            "Output bytes waiting for a shim",
+            self.stream_buffered_bytes.clone(),
+        );
+        r.register(
+            "stream_backpressure",
+            "Times a full stream buffer paused a VM's I/O channel",
+            self.stream_backpressure.clone(),
+        );
+        r.register(
+            "stream_failures",
+            "Streams failed because their buffer stayed full",
+            self.stream_failures.clone(),
+        );
+        r.register(
+            "stream_dropped_bytes",
+            "Output bytes for closed streams, discarded",
+            self.stream_dropped_bytes.clone(),
+        );
+        r.register(
+            "shim_attaches",
+            "Shim attachments to streams",
+            self.shim_attaches.clone(),
+        );
+        r.register(
+            "shim_detaches",
+            "Shim detachments by kind (detach, close, drop)",
+            self.shim_detaches.clone(),
+        );
+        r.register(
+            "client_connections",
+            "Client connections accepted by protocol",
+            self.client_connections.clone(),
+        );
+        r.register(
+            "client_connections_open",
+            "Client connections open by protocol",
+            self.client_connections_open.clone(),
+        );
+        r.register(
+            "api_errors",
+            "API errors returned by code",
+            self.api_errors.clone(),
+        );
+        r.register(
+            "tap_dropped_events",
+            "Tap events dropped because a tap client was slow",
+            self.tap_dropped.clone(),
+        );
+    }
+
+    /// Count an API error by its stable name.
+    pub fn api_error(&self, code: i32) {
+        self.api_errors
+            .get_or_create(&CodeLabel {
+                code: cc_proxy_api::error::code_name(code).into(),
+            })
+            .inc();
+    }
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Per-VM metric handles, created at registration.
+#[derive(Clone)]
+pub struct VmMetrics {
+    vm: String,
+    pub io_in_bytes: Counter,
+    pub io_out_bytes: Counter,
+    pub io_in_packets: Counter,
+    pub io_out_packets: Counter,
+    pub streams_open: Gauge,
+    pub buffered: Gauge,
+    pub backpressure: Counter,
+    pub stream_failures: Counter,
+    pub dropped: Counter,
+    pub attaches: Counter,
+}
+
+impl VmMetrics {
+    pub fn new(vm: &str) -> VmMetrics {
+        // Each lookup is its own statement: a family's read guard must be dropped before the next lookup in
+        // the same family may take its write lock.
+        fn counter<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug>(
+            f: &Family<L, Counter>,
+            l: &L,
+        ) -> Counter {
+            let c = f.get_or_create(l).clone();
+            c
+        }
+        fn gauge(f: &Family<VmLabel, Gauge>, l: &VmLabel) -> Gauge {
+            let g = f.get_or_create(l).clone();
+            g
+        }
+        let m = &*METRICS;
+        let vl = VmLabel { vm: vm.to_string() };
+        let dir = |d: &str| DirectionLabels {
+            vm: vm.to_string(),
+            direction: d.to_string(),
+        };
+        let io_in_bytes = counter(&m.io_bytes, &dir("from_agent"));
+        let io_out_bytes = counter(&m.io_bytes, &dir("to_agent"));
+        let io_in_packets = counter(&m.io_packets, &dir("from_agent"));
+        let io_out_packets = counter(&m.io_packets, &dir("to_agent"));
+        let streams_open = gauge(&m.streams_open, &vl);
+        let buffered = gauge(&m.stream_buffered_bytes, &vl);
+        let backpressure = counter(&m.stream_backpressure, &vl);
+        let stream_failures = counter(&m.stream_failures, &vl);
+        let dropped = counter(&m.stream_dropped_bytes, &vl);
+        let attaches = counter(&m.shim_attaches, &vl);
+        VmMetrics {
+            vm: vm.to_string(),
+            io_in_bytes,
+            io_out_bytes,
+            io_in_packets,
+            io_out_packets,
+            streams_open,
+            buffered,
+            backpressure,
+            stream_failures,
+            dropped,
+            attaches,
+        }
+    }
+
+    /// Count one agent command's outcome and latency.
+    pub fn command(&self, command: &str, result: &str, seconds: f64) {
+        let m = &*METRICS;
+        m.agent_commands
+            .get_or_create(&CommandLabels {
+                vm: self.vm.clone(),
+                command: command.into(),
+                result: result.into(),
+            })
+            .inc();
+        m.agent_command_duration
+            .get_or_create(&CommandLatencyLabels {
+                vm: self.vm.clone(),
+                command: command.into(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn detach(&self, kind: &str) {
+        METRICS
+            .shim_detaches
+            .get_or_create(&DetachLabels {
+                vm: self.vm.clone(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
+    pub fn connected(&self) {
+        METRICS
+            .agent_connects
+            .get_or_create(&VmLabel {
+                vm: self.vm.clone(),
+            })
+            .inc();
+    }
+
+    pub fn lost(&self) {
+        METRICS
+            .vm_lost
+            .get_or_create(&VmLabel {
+                vm: self.vm.clone(),
+            })
+            .inc();
+    }
+
+    /// Remove this VM's series (on unregister), so a host with VM churn does not grow its scrape forever.
+    pub fn remove(&self) {
+        let m = &*METRICS;
+        let vl = VmLabel {
+            vm: self.vm.clone(),
+        };
+        for d in ["from_agent", "to_agent"] {
+            let l = DirectionLabels {
+                vm: self.vm.clone(),
+                direction: d.into(),
+            };
+            m.io_bytes.remove(&l);
+            m.io_packets.remove(&l);
+        }
+        m.streams_open.remove(&vl);
+        m.stream_buffered_bytes.remove(&vl);
+        m.stream_backpressure.remove(&vl);
+        m.stream_failures.remove(&vl);
+        m.stream_dropped_bytes.remove(&vl);
+        m.shim_attaches.remove(&vl);
+        m.agent_connects.remove(&vl);
+        m.vm_lost.remove(&vl);
+        for kind in ["detach", "close", "drop"] {
+            m.shim_detaches.remove(&DetachLabels {
+                vm: self.vm.clone(),
+                kind: kind.into(),
+            });
+        }
+    }
+}

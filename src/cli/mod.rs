@@ -1,0 +1,136 @@
+//! Command-line interface: the daemon's options, and the client subcommands that talk to a running daemon.
+
+pub mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  cc-proxy                                   run the daemon on /run/cc-oci-runtime/proxy.sock
+  cc-proxy --socket /tmp/p.sock --log debug  run it elsewhere, dumping raw agent I/O
+  cc-proxy vm list                           list registered VMs
+  cc-proxy exec myvm -- uname -a             run a process in a VM and relay its stdio
+  cc-proxy exec myvm --tty -- sh             an interactive shell
+  cc-proxy --json vm info myvm               machine-readable output";
+
+/// cc-proxy: the host daemon between container runtimes/shims and the agents inside the host's VMs.
+#[derive(Debug, Parser)]
+#[command(name = "cc-proxy", version, about, after_help = EXAMPLES)]
+pub struct Cli {
+    /// The AF_UNIX socket the daemon serves (and clients connect to).
+    #[arg(long, global = true, default_value = cc_proxy_api::DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Log level; when absent CC_PROXY_LOG_LEVEL is read, else `warn`.
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub log: Option<LogLevel>,
+
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Where logs go: `auto` is journald when stderr is connected to the journal, else stderr.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub log_target: LogTarget,
+
+    /// Directory for recoverable state (registered VMs and their tokens).
+    #[arg(long, default_value = "/var/lib/cc-proxy", value_name = "DIR")]
+    pub state_dir: PathBuf,
+
+    /// Address of the admin HTTP server (metrics, readiness, log level); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:4191", value_name = "ADDR")]
+    pub admin_addr: String,
+
+    /// Group that owns the socket (mode 0660), when the daemon creates it.
+    #[arg(long, value_name = "NAME")]
+    pub socket_group: Option<String>,
+
+    /// Send PING to idle agents every SECS seconds; a missed reply marks the VM lost (0 = off).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    pub agent_keepalive: u64,
+
+    /// Bytes of output kept per stream while its shim is absent or slow, before backpressure.
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    pub stream_buffer: usize,
+
+    /// Client subcommands: machine-readable JSON output instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log levels, from least to most verbose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+
+    /// Parse the value of `CC_PROXY_LOG_LEVEL`.
+    pub fn parse_env(s: &str) -> Option<LogLevel> {
+        <LogLevel as ValueEnum>::from_str(s.trim(), true).ok()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogTarget {
+    Auto,
+    Stderr,
+    Journald,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect registered VMs.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Run a process in a VM (container `hyperstart`) and relay this terminal's stdio; exits with its status.
+    Exec {
+        /// The VM id.
+        vm: String,
+        /// Run on a terminal (stderr merged into stdout).
+        #[arg(long, short = 't')]
+        tty: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Attach this terminal to an existing stream token.
+    Attach { token: String },
+    /// Print the daemon's version and features.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// List registered VMs.
+    List,
+    /// Show one VM.
+    Info { id: String },
+}

@@ -1,0 +1,140 @@
+//! The daemon's error type for client-facing operations, and its mapping onto stable JSON-RPC error codes.
+
+use std::time::Duration;
+
+use cc_proxy_api::error as code;
+use serde_json::{json, Value};
+
+use crate::transport::TransportError;
+
+/// Everything a client request can fail with. Each variant maps to one stable code in `cc_proxy_api::error`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("VM {0:?} is already registered")]
+    VmExists(String),
+    #[error("no VM {0:?} is registered")]
+    VmNotFound(String),
+    #[error("{0}")]
+    InvalidUri(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("VM {vm:?}: agent sent no READY within {after:?}")]
+    ReadyTimeout { vm: String, after: Duration },
+    #[error("VM {vm:?}: agent did not answer {command} within {after:?}")]
+    CommandTimeout {
+        vm: String,
+        command: String,
+        after: Duration,
+    },
+    #[error("VM {vm:?}: agent refused {command}: {message}")]
+    Agent {
+        vm: String,
+        command: String,
+        message: String,
+    },
+    #[error("VM {vm:?} is lost: {reason}")]
+    Lost { vm: String, reason: String },
+    #[error("unknown agent command {command:?} for the {dialect} dialect")]
+    UnknownCommand { command: String, dialect: String },
+    #[error("unknown stream token")]
+    TokenNotFound,
+    #[error("the stream already has a shim attached")]
+    StreamBusy,
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("VM {vm:?}: agent API version {version} is not a dialect cc-proxy speaks (4242, 4243, 4244)")]
+    UnsupportedAgent { vm: String, version: u32 },
+    #[error("VM {vm:?}: agent protocol error: {reason}")]
+    Protocol { vm: String, reason: String },
+    #[error("cc-proxy is shutting down")]
+    ShuttingDown,
+    #[error("VM {0:?} was unregistered")]
+    Unregistered(String),
+    #[error("limit exceeded: {0}")]
+    Limit(String),
+}
+
+impl ProxyError {
+    pub fn invalid(field: &str, reason: impl Into<String>) -> ProxyError {
+        ProxyError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The stable JSON-RPC error code.
+    pub fn code(&self) -> i32 {
+        match self {
+            ProxyError::VmExists(_) => code::VM_EXISTS,
+            ProxyError::VmNotFound(_) => code::VM_NOT_FOUND,
+            ProxyError::InvalidUri(_) => code::INVALID_URI,
+            ProxyError::Unreachable(_) => code::UNREACHABLE,
+            ProxyError::ReadyTimeout { .. } | ProxyError::CommandTimeout { .. } => {
+                code::AGENT_TIMEOUT
+            }
+            ProxyError::Agent { .. } => code::AGENT_ERROR,
+            ProxyError::Lost { .. } => code::VM_LOST,
+            ProxyError::UnknownCommand { .. } => code::UNKNOWN_COMMAND,
+            ProxyError::TokenNotFound => code::TOKEN_NOT_FOUND,
+            ProxyError::StreamBusy => code::STREAM_BUSY,
+            ProxyError::InvalidArgument { .. } => code::INVALID_ARGUMENT,
+            ProxyError::UnsupportedAgent { .. } => code::UNSUPPORTED_AGENT,
+            ProxyError::Protocol { .. } => code::AGENT_PROTOCOL,
+            ProxyError::ShuttingDown => code::SHUTTING_DOWN,
+            ProxyError::Unregistered(_) => code::VM_UNREGISTERED,
+            ProxyError::Limit(_) => code::LIMIT_EXCEEDED,
+        }
+    }
+
+    /// The `data` member of the error object: names what is at fault.
+    pub fn data(&self) -> Value {
+        match self {
+            ProxyError::VmExists(vm)
+            | ProxyError::VmNotFound(vm)
+            | ProxyError::Unregistered(vm) => json!({"vm": vm}),
+            ProxyError::ReadyTimeout { vm, after } => {
+                json!({"vm": vm, "timeout_ms": after.as_millis() as u64})
+            }
+            ProxyError::CommandTimeout { vm, command, after } => {
+                json!({"vm": vm, "command": command, "timeout_ms": after.as_millis() as u64})
+            }
+            ProxyError::Agent {
+                vm,
+                command,
+                message,
+            } => json!({"vm": vm, "command": command, "agent_error": message}),
+            ProxyError::Lost { vm, reason } => json!({"vm": vm, "reason": reason}),
+            ProxyError::UnknownCommand { command, dialect } => {
+                json!({"command": command, "dialect": dialect})
+            }
+            ProxyError::InvalidArgument { field, .. } => json!({"field": field}),
+            ProxyError::UnsupportedAgent { vm, version } => {
+                json!({"vm": vm, "api_version": version})
+            }
+            ProxyError::Protocol { vm, .. } => json!({"vm": vm}),
+            ProxyError::TokenNotFound | ProxyError::StreamBusy => json!({"field": "token"}),
+            ProxyError::InvalidUri(_) | ProxyError::Unreachable(_) => json!({"field": "uri"}),
+            ProxyError::ShuttingDown | ProxyError::Limit(_) => Value::Null,
+        }
+    }
+
+    /// Classify a transport failure.
+    pub fn from_transport(e: TransportError) -> ProxyError {
+        match e {
+            TransportError::InvalidUri { .. } => ProxyError::InvalidUri(e.to_string()),
+            _ => ProxyError::Unreachable(e.to_string()),
+        }
+    }
+}
+
+impl From<ProxyError> for jsonrpsee::types::ErrorObjectOwned {
+    fn from(e: ProxyError) -> Self {
+        crate::admin::metrics::METRICS.api_error(e.code());
+        let data = e.data();
+        jsonrpsee::types::ErrorObjectOwned::owned(
+            e.code(),
+            e.to_string(),
+            (!data.is_null()).then_some(data),
+        )
+    }
+}

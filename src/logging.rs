@@ -1,0 +1,147 @@
+//! Logging: journald when stderr is the journal (or when asked), otherwise text or JSON lines on stderr.
+//!
+//! The filter can be changed at run time (the admin server's `/proxy-log-level`), through [`LogHandle`].
+//! Structured fields such as `vm` and `client` become the journald fields `VM` and `CLIENT`, so
+//! `journalctl -u cc-proxy VM=myvm` works.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
+
+use crate::cli::{LogFormat, LogLevel, LogTarget};
+
+/// Where log lines end up, after auto-detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    Journald,
+    Stderr,
+}
+
+/// A handle to change the log filter while running.
+#[derive(Clone)]
+pub struct LogHandle {
+    handle: reload::Handle<EnvFilter, Registry>,
+    current: Arc<std::sync::Mutex<String>>,
+}
+
+impl LogHandle {
+    /// The filter in force, e.g. `info` or `warn,cc_proxy::vm=debug`.
+    pub fn current(&self) -> String {
+        self.current.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Replace the filter; takes effect at once.
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        let parsed = EnvFilter::try_new(filter)
+            .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+        self.handle.reload(parsed).map_err(|e| e.to_string())?;
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = filter.to_string();
+        }
+        Ok(())
+    }
+}
+
+/// True when stderr is connected to the journal: `JOURNAL_STREAM` holds stderr's `device:inode`.
+fn stderr_is_journal() -> bool {
+    let Ok(value) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.split_once(':') else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
+}
+
+/// Install the global subscriber. Returns the reload handle and the sink chosen.
+pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle, Sink) {
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(level.as_str()));
+    let want_journald = match target {
+        LogTarget::Journald => true,
+        LogTarget::Stderr => false,
+        LogTarget::Auto => stderr_is_journal(),
+    };
+    let mut fallback_warning = None;
+    let journald = if want_journald {
+        match tracing_journald::layer() {
+            Ok(layer) => Some(
+                layer
+                    .with_syslog_identifier("cc-proxy".into())
+                    .with_field_prefix(None),
+            ),
+            Err(e) => {
+                fallback_warning = Some(e.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let sink = if journald.is_some() {
+        Sink::Journald
+    } else {
+        Sink::Stderr
+    };
+    let stderr_layer = if journald.is_none() {
+        let base = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false);
+        Some(match format {
+            LogFormat::Text => base.with_ansi(false).boxed(),
+            LogFormat::Json => base.json().flatten_event(true).boxed(),
+        })
+    } else {
+        None
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(journald)
+        .with(stderr_layer)
+        .init();
+    if let Some(err) = fallback_warning {
+        tracing::warn!(error = %err, "journald is not reachable; logging to stderr instead");
+    }
+    (
+        LogHandle {
+            handle,
+            current: Arc::new(std::sync::Mutex::new(level.as_str().to_string())),
+        },
+        sink,
+    )
+}
+
+/// Escape bytes for a debug dump line: printable ASCII as is, everything else as `\xNN`, capped at `max` bytes.
+pub fn escape_bytes(data: &[u8], max: usize) -> String {
+    let mut out = String::with_capacity(data.len().min(max) + 16);
+    for &b in data.iter().take(max) {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    if data.len() > max {
+        out.push_str(&format!("...(+{} bytes)", data.len() - max));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_bytes;
+
+    #[test]
+    fn escapes_and_caps() {
+        assert_eq!(escape_bytes(b"a\n\x00\xff", 100), "a\\n\\x00\\xff");
+        assert_eq!(escape_bytes(b"abcdef", 3), "abc...(+3 bytes)");
+    }
+}

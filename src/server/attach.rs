@@ -1,0 +1,261 @@
+//! A shim's stdio attach: `POST /v1/streams/<token>` with `Upgrade: cc-proxy-stream`, then stream frames
+//! (`cc_proxy_api::stream`) both ways until the process's exit frame, a detach, or the shim going away.
+//!
+//! - Output is written in batches from the stream's queue; frames that could not be written when the shim
+//!   vanished go back to the queue for the next attach (delivery is at-least-once across an abrupt drop).
+//! - EOF or an error on the shim's side means the shim is gone: the token stays valid for a re-attach.
+//! - `{"op":"detach"}` is acknowledged with `{"op":"detached"}` after everything queued before it was
+//!   written; the token stays valid. `{"op":"close"}` frees the token.
+//! - After the exit (or error) frame is written the stream is complete and its token is freed.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cc_proxy_api::stream::{Channel, Frame, StreamCodec};
+use cc_proxy_api::{STREAM_PATH_PREFIX, STREAM_UPGRADE};
+use futures::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use jsonrpsee::server::{HttpBody, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::{rpc, Proxy};
+use crate::error::ProxyError;
+use crate::stream::{AttachError, Stream, Take, Token};
+use crate::vm::Vm;
+
+/// True for a stream attach request.
+pub fn is_attach(req: &HttpRequest<Incoming>) -> bool {
+    req.uri().path().starts_with(STREAM_PATH_PREFIX)
+}
+
+fn error_response(status: hyper::StatusCode, err: ProxyError) -> HttpResponse {
+    crate::admin::metrics::METRICS.api_error(err.code());
+    let body =
+        json!({"error": {"code": err.code(), "message": err.to_string(), "data": err.data()}});
+    let mut resp = HttpResponse::new(HttpBody::from(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Check the request, attach to the stream, and switch protocols.
+pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpResponse {
+    use hyper::StatusCode;
+    let wants_upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(STREAM_UPGRADE));
+    if !wants_upgrade {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            ProxyError::invalid(
+                "Upgrade",
+                format!(
+                    "stream attach needs `Connection: Upgrade` and `Upgrade: {STREAM_UPGRADE}`"
+                ),
+            ),
+        );
+    }
+    let text = req
+        .uri()
+        .path()
+        .trim_start_matches(STREAM_PATH_PREFIX)
+        .to_string();
+    let Some((vm, stream)) = Token::parse(&text).and_then(|t| proxy.registry.find_token(&t)) else {
+        return error_response(StatusCode::NOT_FOUND, ProxyError::TokenNotFound);
+    };
+    let attach = match stream.attach() {
+        Ok(n) => n,
+        Err(AttachError::Busy) => {
+            return error_response(StatusCode::CONFLICT, ProxyError::StreamBusy)
+        }
+        Err(AttachError::Closed) => {
+            return error_response(StatusCode::NOT_FOUND, ProxyError::TokenNotFound)
+        }
+    };
+    let peer = req.extensions().get::<super::Peer>().cloned();
+    tracing::info!(vm = %vm.id, token = %stream.token, client = ?peer.as_ref().map(|p| p.to_string()), "shim attached");
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run(vm, stream, attach, TokioIo::new(upgraded)).await,
+            Err(e) => {
+                tracing::debug!(vm = %vm.id, token = %stream.token, error = %e, "attach upgrade failed");
+                stream.release(attach, Vec::new());
+            }
+        }
+    });
+    let mut resp = HttpResponse::new(HttpBody::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("Upgrade"),
+    );
+    resp.headers_mut().insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static(STREAM_UPGRADE),
+    );
+    resp
+}
+
+/// Control messages from the shim (a superset of `cc_proxy_api::stream::ControlMessage`).
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum ShimControl {
+    Signal { signal: i32 },
+    Resize { rows: u16, cols: u16 },
+    Detach,
+    Close,
+}
+
+async fn run(vm: Arc<Vm>, stream: Arc<Stream>, attach: u64, io: TokioIo<hyper::upgrade::Upgraded>) {
+    let (rd, wr) = tokio::io::split(io);
+    let gone = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        vm.clone(),
+        stream.clone(),
+        attach,
+        FramedWrite::new(wr, StreamCodec),
+        gone.clone(),
+    ));
+    let mut reader = FramedRead::new(rd, StreamCodec);
+    let mut close = false;
+    loop {
+        let frame = tokio::select! {
+            _ = gone.cancelled() => break,
+            f = reader.next() => f,
+        };
+        let frame = match frame {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "malformed frame from shim; closing");
+                break;
+            }
+            None => break,
+        };
+        match frame.channel {
+            Channel::Stdin => {
+                if let Err(e) = vm.send_stdin(stream.stdio, frame.payload).await {
+                    tracing::debug!(vm = %vm.id, token = %stream.token, error = %e, "stdin not delivered");
+                    break;
+                }
+            }
+            Channel::Control => match serde_json::from_slice::<ShimControl>(&frame.payload) {
+                Ok(ShimControl::Signal { signal }) => {
+                    if let Err(e) = rpc::stream::signal(&vm, &stream, signal).await {
+                        tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "signal from shim failed");
+                    }
+                }
+                Ok(ShimControl::Resize { rows, cols }) => {
+                    if let Err(e) = rpc::stream::resize(&vm, &stream, rows, cols).await {
+                        tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "resize from shim failed");
+                    }
+                }
+                Ok(ShimControl::Detach) => {
+                    stream.request_detach(attach);
+                    break;
+                }
+                Ok(ShimControl::Close) => {
+                    close = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "bad control message from shim; closing");
+                    break;
+                }
+            },
+            other => {
+                tracing::info!(vm = %vm.id, token = %stream.token, channel = ?other, "shim sent a daemon-only channel; closing");
+                break;
+            }
+        }
+    }
+    if close {
+        vm.free_stream(&stream.token);
+        vm.metrics.detach("close");
+        gone.cancel();
+    } else if !stream.is_detaching(attach) {
+        // EOF or error from the shim: it is gone; keep the token for a re-attach.
+        gone.cancel();
+    }
+    let _ = writer.await;
+}
+
+type Writer = FramedWrite<tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>, StreamCodec>;
+
+async fn write_loop(
+    vm: Arc<Vm>,
+    stream: Arc<Stream>,
+    attach: u64,
+    mut out: Writer,
+    gone: CancellationToken,
+) {
+    loop {
+        let notified = stream.shim_notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match stream.take(attach) {
+            Take::Frames(frames) if frames.is_empty() => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = gone.cancelled() => {
+                        stream.release(attach, Vec::new());
+                        vm.metrics.detach("drop");
+                        tracing::info!(vm = %vm.id, token = %stream.token, "shim went away; token kept for re-attach");
+                        return;
+                    }
+                }
+            }
+            Take::Frames(frames) => {
+                if let Err(unwritten) = write_all(&mut out, frames).await {
+                    stream.release(attach, unwritten);
+                    vm.metrics.detach("drop");
+                    gone.cancel();
+                    return;
+                }
+            }
+            Take::Last(frames) => {
+                let _ = write_all(&mut out, frames).await;
+                let _ = out.close().await;
+                vm.free_stream(&stream.token);
+                gone.cancel();
+                tracing::debug!(vm = %vm.id, token = %stream.token, "stream complete; token freed");
+                return;
+            }
+            Take::Detach => {
+                let ack = Frame::new(
+                    Channel::Control,
+                    Bytes::from_static(br#"{"op":"detached"}"#),
+                );
+                let _ = out.send(ack).await;
+                let _ = out.close().await;
+                stream.release(attach, Vec::new());
+                vm.metrics.detach("detach");
+                tracing::info!(vm = %vm.id, token = %stream.token, "shim detached; token kept");
+                return;
+            }
+            Take::Superseded => return,
+        }
+    }
+}
+
+/// Write a batch; on failure give back every frame of the batch (at-least-once).
+async fn write_all(out: &mut Writer, frames: Vec<Frame>) -> Result<(), Vec<Frame>> {
+    for f in &frames {
+        if out.feed(f.clone()).await.is_err() {
+            return Err(frames);
+        }
+    }
+    if out.flush().await.is_err() {
+        return Err(frames);
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The daemon: the client socket's accept loop, protocol detection, and graceful shutdown.
+//!
+//! Every accepted connection is classified by its first bytes ([`detect`]): HTTP (JSON-RPC over HTTP/1.1,
+//! HTTP/2 or WebSocket, and shim stream attach, see [`http`]) or the legacy v2 binary protocol ([`legacy`]).
+//! Both share the one [`Proxy`] state, so a VM registered through one is usable from the other.
+
+pub mod attach;
+pub mod detect;
+pub mod http;
+pub mod legacy;
+pub mod listener;
+pub mod notify;
+pub mod rpc;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cc_proxy_api::types::Event;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::task::TaskTracker;
+
+use crate::admin::metrics::{ProtocolLabel, METRICS};
+use crate::logging::LogHandle;
+use crate::vm::state::StateDir;
+use crate::vm::{Registry, VmConfig};
+
+/// How long in-flight requests may take to finish after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Largest JSON-RPC request body.
+pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
+
+/// State shared by every connection.
+pub struct Proxy {
+    pub registry: Arc<Registry>,
+    /// The socket path, as the legacy protocol reports it in `io.URL`.
+    pub socket: std::path::PathBuf,
+    pub started: Instant,
+    pub log: LogHandle,
+    next_client: AtomicU64,
+}
+
+/// Who is on the other end of a client connection (from SO_PEERCRED).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// A per-daemon connection number.
+    pub id: u64,
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(
+                f,
+                "#{} pid={} uid={} gid={}",
+                self.id, pid, self.uid, self.gid
+            ),
+            None => write!(f, "#{} uid={} gid={}", self.id, self.uid, self.gid),
+        }
+    }
+}
+
+/// Daemon settings from the command line.
+pub struct DaemonConfig {
+    pub socket: std::path::PathBuf,
+    pub socket_group: Option<String>,
+    pub state_dir: std::path::PathBuf,
+    pub admin_addr: String,
+    pub vm: VmConfig,
+}
+
+/// Run the daemon until SIGTERM/SIGINT. Returns the process exit status.
+pub async fn run(
+    config: DaemonConfig,
+    activated: Option<std::os::unix::net::UnixListener>,
+    log: LogHandle,
+) -> i32 {
+    let started = Instant::now();
+    let listener = match activated {
+        Some(l) => {
+            let path = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+                .unwrap_or_else(|| config.socket.clone());
+            listener::Listener {
+                listener: l,
+                path,
+                created: false,
+            }
+        }
+        None => match listener::bind(&config.socket, config.socket_group.as_deref()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("cc-proxy: {e}");
+                return 1;
+            }
+        },
+    };
+    let activated = !listener.created;
+    if let Err(e) = listener.listener.set_nonblocking(true) {
+        eprintln!("cc-proxy: cannot use the socket: {e}");
+        return 1;
+    }
+    let unix = match UnixListener::from_std(listener.listener) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cc-proxy: cannot use the socket: {e}");
+            return 1;
+        }
+    };
+
+    let state = match StateDir::open(&config.state_dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(dir = %config.state_dir.display(), error = %e,
+                "cannot use the state directory; registered VMs will not survive a restart");
+            None
+        }
+    };
+    let (events, _) = tokio::sync::broadcast::channel::<Event>(1024);
+    let registry = Registry::new(state, config.vm.clone(), events);
+    let proxy = Arc::new(Proxy {
+        registry: registry.clone(),
+        socket: listener.path.clone(),
+        started,
+        log,
+        next_client: AtomicU64::new(1),
+    });
+
+    let (stop_handle, server_handle) = jsonrpsee::server::stop_channel();
+    let http = http::HttpServer::new(proxy.clone(), stop_handle.clone());
+
+    let admin = crate::admin::start(&config.admin_addr, proxy.clone());
+
+    let mut sigterm = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cc-proxy: cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+    let mut sigint = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cc-proxy: cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+
+    tracing::info!(socket = %listener.path.display(), activated, "listening");
+    notify::ready(&format!("serving {}", listener.path.display()));
+    notify::spawn_watchdog();
+    {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            registry.recover().await;
+            let (vms, lost) = registry.counts();
+            if vms > 0 {
+                tracing::info!(vms, lost, "recovery finished");
+            }
+            notify::status(&format!("{vms} VMs ({lost} lost)"));
+        });
+    }
+
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            accepted = unix.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let proxy = proxy.clone();
+                    let http = http.clone();
+                    tracker.spawn(async move { handle_connection(proxy, http, stream).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    tracing::info!("shutting down: draining connections");
+    notify::stopping();
+    drop(unix);
+    if listener.created {
+        let _ = std::fs::remove_file(&listener.path);
+    }
+    registry.shutdown();
+    let _ = server_handle.stop();
+    tracker.close();
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+        _ = sigterm.recv() => tracing::warn!("second signal: exiting at once"),
+        _ = sigint.recv() => tracing::warn!("second signal: exiting at once"),
+    }
+    drop(admin);
+    tracing::info!("stopped");
+    0
+}
+
+async fn handle_connection(
+    proxy: Arc<Proxy>,
+    http: http::HttpServer,
+    stream: tokio::net::UnixStream,
+) {
+    let id = proxy.next_client.fetch_add(1, Ordering::Relaxed);
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            id,
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        },
+        Err(_) => Peer {
+            id,
+            pid: None,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        },
+    };
+    let (protocol, conn) = match detect::detect(stream).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(client = %peer, error = %e, "connection closed before its protocol was known");
+            return;
+        }
+    };
+    let label = ProtocolLabel {
+        protocol: protocol.name().into(),
+    };
+    METRICS.client_connections.get_or_create(&label).inc();
+    METRICS.client_connections_open.get_or_create(&label).inc();
+    tracing::debug!(client = %peer, protocol = protocol.name(), "client connected");
+    match protocol {
+        detect::Protocol::Http => http.serve(conn, peer.clone()).await,
+        detect::Protocol::Legacy => legacy::serve(proxy, conn, peer.clone()).await,
+    }
+    METRICS.client_connections_open.get_or_create(&label).dec();
+    tracing::debug!(client = %peer, "client disconnected");
+}

@@ -1,0 +1,54 @@
+//! `events.subscribe {vm?}` (WebSocket): VM registered/unregistered/lost and process exits, as they happen.
+
+use std::sync::Arc;
+
+use cc_proxy_api::methods;
+use jsonrpsee::RpcModule;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::server::Proxy;
+
+#[derive(Deserialize, Default)]
+struct Filter {
+    #[serde(default)]
+    vm: Option<String>,
+}
+
+pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
+    let _ = m.register_subscription(
+        methods::EVENTS_SUBSCRIBE,
+        methods::EVENTS_NOTIFICATION,
+        methods::EVENTS_UNSUBSCRIBE,
+        |params, pending, proxy, _| async move {
+            let filter: Filter = params.parse().unwrap_or_default();
+            let mut rx = proxy.registry.events().subscribe();
+            let Ok(sink) = pending.accept().await else {
+                return;
+            };
+            loop {
+                let event = tokio::select! {
+                    _ = sink.closed() => return,
+                    e = rx.recv() => e,
+                };
+                match event {
+                    Ok(event) => {
+                        if filter.vm.as_deref().is_some_and(|vm| vm != event.vm()) {
+                            continue;
+                        }
+                        let Ok(msg) = serde_json::value::to_raw_value(&event) else {
+                            continue;
+                        };
+                        if sink.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "events subscriber too slow; events skipped");
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        },
+    );
+}

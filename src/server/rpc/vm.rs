@@ -1,0 +1,53 @@
+//! `vm.register`, `vm.attach`, `vm.unregister`, `vm.list`, `vm.info`.
+
+use std::sync::Arc;
+
+use cc_proxy_api::methods;
+use cc_proxy_api::types::{RegisterParams, RegisterResult, VmId, VmInfo};
+use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::RpcModule;
+
+use super::parse;
+use crate::server::{Peer, Proxy};
+
+pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
+    let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, ext| async move {
+        let p: RegisterParams = parse(&params)?;
+        let client = ext.get::<Peer>().map(|p| p.to_string()).unwrap_or_default();
+        tracing::debug!(vm = %p.id, client = %client, "vm.register");
+        let vm = proxy.registry.register(p).await.inspect_err(|e| {
+            tracing::info!(client = %client, error = %e, "registration failed");
+        })?;
+        Ok::<_, ErrorObjectOwned>(RegisterResult {
+            id: vm.id.clone(),
+            dialect: vm.dialect.name().into(),
+            api_version: vm.api_version,
+        })
+    });
+    let _ = m.register_method(methods::VM_ATTACH, |params, proxy, _| {
+        let p: VmId = parse(&params)?;
+        let vm = proxy.registry.get(&p.id)?;
+        Ok::<_, ErrorObjectOwned>(RegisterResult {
+            id: vm.id.clone(),
+            dialect: vm.dialect.name().into(),
+            api_version: vm.api_version,
+        })
+    });
+    let _ = m.register_method(methods::VM_UNREGISTER, |params, proxy, _| {
+        let p: VmId = parse(&params)?;
+        proxy.registry.unregister(&p.id)?;
+        Ok::<_, ErrorObjectOwned>(())
+    });
+    let _ = m.register_method(methods::VM_LIST, |_, proxy, _| {
+        proxy
+            .registry
+            .list()
+            .iter()
+            .map(|vm| vm.info())
+            .collect::<Vec<VmInfo>>()
+    });
+    let _ = m.register_method(methods::VM_INFO, |params, proxy, _| {
+        let p: VmId = parse(&params)?;
+        Ok::<_, ErrorObjectOwned>(proxy.registry.get(&p.id)?.info())
+    });
+}

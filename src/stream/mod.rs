@@ -1,0 +1,483 @@
+//! Process stdio streams: one per token, carrying one process's output to its shim and its stdin back.
+//!
+//! Roles:
+//! - the VM's I/O reader pushes agent output into the stream ([`Stream::push_output`]) in arrival order;
+//! - the shim connection's writer takes frames out ([`Stream::take`]) and writes them;
+//! - exit reports (an I/O packet in the cc-agent dialect, a control event in hyperstart's) become the last
+//!   frame, but only after the stdout EOF packet, so no output can follow the exit frame.
+//!
+//! No-loss policy: output that arrives while no shim is attached, or faster than the shim reads, is kept in
+//! the stream's queue up to `limit` bytes. A full queue makes the VM's I/O reader wait (backpressure on the
+//! I/O channel, which in turn blocks the writing process in the guest). If the queue stays full for longer
+//! than the stall timeout, the stream is failed loudly (error frame, metric, log) so one stuck shim cannot halt
+//! its VM's other streams forever. Output for a stream whose shim closed it on purpose is discarded and counted.
+
+pub mod token;
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cc_proxy_api::stream::{Channel, Frame};
+use tokio::sync::Notify;
+
+use crate::admin::metrics::VmMetrics;
+pub use token::Token;
+
+/// How long a stream may keep its VM's I/O channel paused before it is failed.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an exit report waits for the stdout EOF packet before it is delivered anyway.
+pub const EXIT_EOF_GRACE: Duration = Duration::from_secs(2);
+
+/// Largest batch of bytes a shim writer takes at once.
+pub const MAX_BATCH: usize = 256 * 1024;
+
+/// Who, if anyone, is reading the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShimState {
+    /// No shim yet, or the previous one went away abruptly: output is kept.
+    Absent,
+    /// A shim is attached; the number tells attachments apart.
+    Attached(u64),
+    /// The shim asked to detach; the writer sends the acknowledgement and stops.
+    Detaching(u64),
+}
+
+/// The process's lifecycle, as the stream sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Allocated; the process has not been started (or its start is in flight).
+    Allocated,
+    Running,
+    /// The last frame (exit or error) is queued.
+    Finished,
+    /// The token was freed; output is discarded.
+    Closed,
+}
+
+struct Inner {
+    queue: VecDeque<Frame>,
+    buffered: usize,
+    shim: ShimState,
+    next_attach: u64,
+    lifecycle: Lifecycle,
+    /// The stdout EOF packet arrived.
+    stdout_eof: bool,
+    /// An exit status waiting for the stdout EOF.
+    pending_exit: Option<i32>,
+    /// Container and process id the agent knows the process by (hyperstart names processes this way).
+    process: Option<(String, String)>,
+    terminal: bool,
+}
+
+/// One process's stdio stream.
+pub struct Stream {
+    pub token: Token,
+    /// Sequence number of stdin and stdout on the VM's I/O channel.
+    pub stdio: u64,
+    /// Sequence number of stderr (`stdio + 1`).
+    pub stderr: u64,
+    /// Most bytes kept before backpressure.
+    limit: usize,
+    inner: Mutex<Inner>,
+    /// Wakes the attached shim's writer: frames queued, detach requested, or the stream ended.
+    wake_shim: Notify,
+    /// Wakes an I/O reader waiting for space in this stream.
+    wake_space: Notify,
+    /// Wakes whoever waits for a shim to attach (the legacy protocol waits before starting a process).
+    wake_attached: Notify,
+    metrics: VmMetrics,
+}
+
+/// What the shim writer got from [`Stream::take`].
+pub enum Take {
+    /// Frames to write (may be empty: nothing yet).
+    Frames(Vec<Frame>),
+    /// Frames to write, and then the stream is over (exit or error frame included).
+    Last(Vec<Frame>),
+    /// The shim asked to detach: write the acknowledgement and stop.
+    Detach,
+    /// This attachment is no longer the current one.
+    Superseded,
+}
+
+/// Why a shim cannot attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachError {
+    Busy,
+    Closed,
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    // A panic while holding this lock is a bug; the data is still consistent enough to carry on.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Stream {
+    pub fn new(token: Token, stdio: u64, limit: usize, metrics: VmMetrics) -> Stream {
+        Stream {
+            token,
+            stdio,
+            stderr: stdio + 1,
+            limit: limit.max(64 * 1024),
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                buffered: 0,
+                shim: ShimState::Absent,
+                next_attach: 1,
+                lifecycle: Lifecycle::Allocated,
+                stdout_eof: false,
+                pending_exit: None,
+                process: None,
+                terminal: false,
+            }),
+            wake_shim: Notify::new(),
+            wake_space: Notify::new(),
+            wake_attached: Notify::new(),
+            metrics,
+        }
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        lock(&self.inner).lifecycle
+    }
+
+    #[allow(dead_code)] // used by the legacy v2 session, which waits for a shim before starting a process
+    pub fn is_attached(&self) -> bool {
+        matches!(lock(&self.inner).shim, ShimState::Attached(_))
+    }
+
+    /// The (container, process id) the agent knows this process by.
+    pub fn process(&self) -> Option<(String, String)> {
+        lock(&self.inner).process.clone()
+    }
+
+    pub fn terminal(&self) -> bool {
+        lock(&self.inner).terminal
+    }
+
+    /// The process is being started with these names.
+    pub fn set_process(&self, container: String, process: String, terminal: bool) {
+        let mut inner = lock(&self.inner);
+        inner.process = Some((container, process));
+        inner.terminal = terminal;
+    }
+
+    /// The agent accepted the start command.
+    pub fn mark_running(&self) {
+        let mut inner = lock(&self.inner);
+        if inner.lifecycle == Lifecycle::Allocated {
+            inner.lifecycle = Lifecycle::Running;
+            self.metrics.streams_open.inc();
+        }
+    }
+
+    /// Queue agent output. Returns false when the stream is now full and the caller must wait for space.
+    pub fn push_output(&self, channel: Channel, data: Bytes) -> bool {
+        let mut inner = lock(&self.inner);
+        if matches!(inner.lifecycle, Lifecycle::Finished | Lifecycle::Closed) {
+            self.metrics.dropped.inc_by(data.len() as u64);
+            return true;
+        }
+        if inner.lifecycle == Lifecycle::Allocated {
+            // Output can only come from a started process; the start reply may still be on its way.
+            inner.lifecycle = Lifecycle::Running;
+            self.metrics.streams_open.inc();
+        }
+        inner.buffered += data.len();
+        self.metrics.buffered.inc_by(data.len() as i64);
+        inner.queue.push_back(Frame::new(channel, data));
+        let has_room = inner.buffered < self.limit;
+        drop(inner);
+        self.wake_shim.notify_one();
+        has_room
+    }
+
+    /// Wait until the stream has room again (or `timeout` passes). Returns false on timeout.
+    pub async fn wait_for_space(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.wake_space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let inner = lock(&self.inner);
+                if inner.buffered < self.limit
+                    || matches!(inner.lifecycle, Lifecycle::Finished | Lifecycle::Closed)
+                {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The stdout EOF packet arrived; an exit waiting for it is delivered now.
+    pub fn stdout_eof(&self) {
+        let mut inner = lock(&self.inner);
+        inner.stdout_eof = true;
+        if let Some(status) = inner.pending_exit.take() {
+            self.finish_locked(&mut inner, Frame::exit(status));
+        }
+    }
+
+    /// True once the stdout EOF packet was seen (the cc-agent dialect's exit code follows it).
+    pub fn saw_stdout_eof(&self) -> bool {
+        lock(&self.inner).stdout_eof
+    }
+
+    /// The process exited. Delivered after the stdout EOF, or after [`EXIT_EOF_GRACE`] without one.
+    /// Returns true when the exit frame was queued now; false when it waits for the EOF.
+    pub fn exited(&self, status: i32) -> bool {
+        let mut inner = lock(&self.inner);
+        if matches!(inner.lifecycle, Lifecycle::Finished | Lifecycle::Closed) {
+            return true;
+        }
+        if inner.stdout_eof {
+            self.finish_locked(&mut inner, Frame::exit(status));
+            true
+        } else {
+            inner.pending_exit = Some(status);
+            false
+        }
+    }
+
+    /// Deliver a pending exit even though no EOF came (the grace period ran out).
+    pub fn flush_pending_exit(&self) {
+        let mut inner = lock(&self.inner);
+        if let Some(status) = inner.pending_exit.take() {
+            self.finish_locked(&mut inner, Frame::exit(status));
+        }
+    }
+
+    /// End the stream with an error frame naming the cause (VM lost, buffer stalled, unregistered).
+    pub fn fail(&self, message: &str) {
+        let mut inner = lock(&self.inner);
+        if matches!(inner.lifecycle, Lifecycle::Finished | Lifecycle::Closed) {
+            return;
+        }
+        self.finish_locked(
+            &mut inner,
+            Frame::new(Channel::Error, Bytes::copy_from_slice(message.as_bytes())),
+        );
+    }
+
+    fn finish_locked(&self, inner: &mut Inner, last: Frame) {
+        if inner.lifecycle == Lifecycle::Running {
+            self.metrics.streams_open.dec();
+        }
+        inner.lifecycle = Lifecycle::Finished;
+        inner.buffered += last.payload.len();
+        self.metrics.buffered.inc_by(last.payload.len() as i64);
+        inner.queue.push_back(last);
+        self.wake_shim.notify_one();
+        self.wake_space.notify_waiters();
+    }
+
+    /// The token was freed: drop what is queued (counted) and refuse further output.
+    pub fn close(&self) {
+        let mut inner = lock(&self.inner);
+        if inner.lifecycle == Lifecycle::Running {
+            self.metrics.streams_open.dec();
+        }
+        inner.lifecycle = Lifecycle::Closed;
+        self.metrics.buffered.dec_by(inner.buffered as i64);
+        self.metrics.dropped.inc_by(inner.buffered as u64);
+        inner.queue.clear();
+        inner.buffered = 0;
+        drop(inner);
+        self.wake_shim.notify_one();
+        self.wake_space.notify_waiters();
+    }
+
+    /// Attach a shim. Returns the attachment number to pass to [`Stream::take`].
+    pub fn attach(&self) -> Result<u64, AttachError> {
+        let mut inner = lock(&self.inner);
+        if inner.lifecycle == Lifecycle::Closed {
+            return Err(AttachError::Closed);
+        }
+        if !matches!(inner.shim, ShimState::Absent) {
+            return Err(AttachError::Busy);
+        }
+        let n = inner.next_attach;
+        inner.next_attach += 1;
+        inner.shim = ShimState::Attached(n);
+        self.metrics.attaches.inc();
+        drop(inner);
+        self.wake_attached.notify_waiters();
+        Ok(n)
+    }
+
+    /// Wait until a shim is attached, up to `timeout`. Returns whether one is.
+    #[allow(dead_code)] // used by the legacy v2 session
+    pub async fn wait_attached(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.wake_attached.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_attached() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.is_attached();
+            }
+        }
+    }
+
+    /// The shim asked for a clean detach that keeps the token: stop after what was written.
+    pub fn request_detach(&self, attach: u64) {
+        let mut inner = lock(&self.inner);
+        if inner.shim == ShimState::Attached(attach) {
+            inner.shim = ShimState::Detaching(attach);
+        }
+        drop(inner);
+        self.wake_shim.notify_one();
+    }
+
+    /// True while the attachment `attach` is finishing a requested detach.
+    pub fn is_detaching(&self, attach: u64) -> bool {
+        lock(&self.inner).shim == ShimState::Detaching(attach)
+    }
+
+    /// The attachment `attach` is over (detached, or its connection dropped). Returns `unwritten` frames to
+    /// the front of the queue so the next attachment gets them.
+    pub fn release(&self, attach: u64, unwritten: Vec<Frame>) {
+        let mut inner = lock(&self.inner);
+        for f in unwritten.into_iter().rev() {
+            inner.buffered += f.payload.len();
+            self.metrics.buffered.inc_by(f.payload.len() as i64);
+            inner.queue.push_front(f);
+        }
+        if matches!(inner.shim, ShimState::Attached(n) | ShimState::Detaching(n) if n == attach) {
+            inner.shim = ShimState::Absent;
+        }
+    }
+
+    /// Take up to [`MAX_BATCH`] bytes of frames for the attachment `attach`.
+    pub fn take(&self, attach: u64) -> Take {
+        let mut inner = lock(&self.inner);
+        match inner.shim {
+            ShimState::Attached(n) if n == attach => {}
+            ShimState::Detaching(n) if n == attach => return Take::Detach,
+            _ => return Take::Superseded,
+        }
+        if inner.lifecycle == Lifecycle::Closed {
+            return Take::Last(Vec::new());
+        }
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        while let Some(f) = inner.queue.front() {
+            if !frames.is_empty() && bytes + f.payload.len() > MAX_BATCH {
+                break;
+            }
+            bytes += f.payload.len();
+            if let Some(f) = inner.queue.pop_front() {
+                frames.push(f);
+            }
+        }
+        let was_full = inner.buffered >= self.limit;
+        inner.buffered -= bytes;
+        self.metrics.buffered.dec_by(bytes as i64);
+        let last = inner.lifecycle == Lifecycle::Finished && inner.queue.is_empty();
+        drop(inner);
+        if was_full && bytes > 0 {
+            self.wake_space.notify_waiters();
+        }
+        if last {
+            Take::Last(frames)
+        } else {
+            Take::Frames(frames)
+        }
+    }
+
+    /// Wait for something for the shim writer to do. Call with the future created before [`Stream::take`].
+    pub fn shim_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake_shim.notified()
+    }
+
+    /// Bytes queued for the shim.
+    pub fn buffered(&self) -> usize {
+        lock(&self.inner).buffered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream() -> Stream {
+        Stream::new(Token::generate(), 3, 64 * 1024, VmMetrics::new("unit-test"))
+    }
+
+    fn payloads(t: Take) -> (Vec<Vec<u8>>, bool) {
+        match t {
+            Take::Frames(f) => (f.into_iter().map(|f| f.payload.to_vec()).collect(), false),
+            Take::Last(f) => (f.into_iter().map(|f| f.payload.to_vec()).collect(), true),
+            _ => panic!("unexpected take"),
+        }
+    }
+
+    #[test]
+    fn output_before_attach_is_kept_in_order() {
+        let s = stream();
+        s.push_output(Channel::Stdout, Bytes::from_static(b"a"));
+        s.push_output(Channel::Stderr, Bytes::from_static(b"b"));
+        let n = s.attach().unwrap();
+        assert_eq!(
+            payloads(s.take(n)),
+            (vec![b"a".to_vec(), b"b".to_vec()], false)
+        );
+    }
+
+    #[test]
+    fn exit_waits_for_stdout_eof() {
+        let s = stream();
+        let n = s.attach().unwrap();
+        assert!(!s.exited(3));
+        assert_eq!(payloads(s.take(n)), (vec![], false));
+        s.push_output(Channel::Stdout, Bytes::from_static(b"late"));
+        s.stdout_eof();
+        let (frames, last) = payloads(s.take(n));
+        assert!(last);
+        assert_eq!(frames, vec![b"late".to_vec(), 3i32.to_be_bytes().to_vec()]);
+    }
+
+    #[test]
+    fn second_attach_is_busy_and_release_restores_frames() {
+        let s = stream();
+        let n = s.attach().unwrap();
+        assert_eq!(s.attach(), Err(AttachError::Busy));
+        s.push_output(Channel::Stdout, Bytes::from_static(b"x"));
+        let Take::Frames(frames) = s.take(n) else {
+            panic!()
+        };
+        s.release(n, frames);
+        let m = s.attach().unwrap();
+        assert!(matches!(s.take(n), Take::Superseded));
+        assert_eq!(payloads(s.take(m)), (vec![b"x".to_vec()], false));
+    }
+
+    #[test]
+    fn full_buffer_reports_backpressure() {
+        let s = stream();
+        assert!(s.push_output(Channel::Stdout, Bytes::from(vec![0u8; 32 * 1024])));
+        assert!(!s.push_output(Channel::Stdout, Bytes::from(vec![0u8; 32 * 1024])));
+        let n = s.attach().unwrap();
+        let _ = s.take(n);
+        assert_eq!(s.buffered(), 0);
+    }
+
+    #[test]
+    fn closed_stream_refuses_attach_and_drops_output() {
+        let s = stream();
+        s.close();
+        assert_eq!(s.attach(), Err(AttachError::Closed));
+        assert!(s.push_output(Channel::Stdout, Bytes::from_static(b"gone")));
+        assert_eq!(s.buffered(), 0);
+    }
+}

@@ -1,0 +1,106 @@
+//! The registration handshake on a fresh control channel: wait for READY, then GETVERSION picks the dialect.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cc_proxy_protocol::{code, parse_version, ControlCodec, ControlFrame, Dialect};
+use futures::{SinkExt, StreamExt};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::error::ProxyError;
+use crate::transport::{BoxRead, BoxWrite};
+
+pub type ControlReader = FramedRead<BoxRead, ControlCodec>;
+pub type ControlWriter = FramedWrite<BoxWrite, ControlCodec>;
+
+/// Read frames until one with a code in `want`, skipping flow-control credit (NEXT) and async events.
+async fn next_of(
+    vm: &str,
+    reader: &mut ControlReader,
+    want: &[u32],
+) -> Result<ControlFrame, ProxyError> {
+    loop {
+        match reader.next().await {
+            Some(Ok(frame)) if want.contains(&frame.code) => return Ok(frame),
+            Some(Ok(frame)) => {
+                tracing::debug!(
+                    vm,
+                    code = frame.code,
+                    "skipping agent message during handshake"
+                );
+            }
+            Some(Err(e)) => {
+                return Err(ProxyError::Protocol {
+                    vm: vm.into(),
+                    reason: e.to_string(),
+                })
+            }
+            None => {
+                return Err(ProxyError::Unreachable(format!(
+                    "VM {vm:?}: the agent closed the control channel during the handshake"
+                )))
+            }
+        }
+    }
+}
+
+/// Wait for READY (unless `expect_ready` is false, as after a daemon restart where the agent may not send it
+/// again), then ask GETVERSION. Returns the dialect and API version.
+pub async fn handshake(
+    vm: &str,
+    reader: &mut ControlReader,
+    writer: &mut ControlWriter,
+    timeout: Duration,
+    expect_ready: bool,
+) -> Result<(Dialect, u32), ProxyError> {
+    if expect_ready {
+        match tokio::time::timeout(timeout, next_of(vm, reader, &[code::READY])).await {
+            Ok(r) => {
+                r?;
+            }
+            Err(_) => {
+                return Err(ProxyError::ReadyTimeout {
+                    vm: vm.into(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+    writer
+        .send(ControlFrame {
+            code: code::GETVERSION,
+            payload: Bytes::new(),
+        })
+        .await
+        .map_err(|e| ProxyError::Unreachable(format!("VM {vm:?}: writing GETVERSION: {e}")))?;
+    let reply =
+        match tokio::time::timeout(timeout, next_of(vm, reader, &[code::ACK, code::ERROR])).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ProxyError::CommandTimeout {
+                    vm: vm.into(),
+                    command: "version".into(),
+                    after: timeout,
+                })
+            }
+        };
+    if reply.code == code::ERROR {
+        return Err(ProxyError::Agent {
+            vm: vm.into(),
+            command: "version".into(),
+            message: String::from_utf8_lossy(&reply.payload).into_owned(),
+        });
+    }
+    let version = parse_version(&reply.payload).ok_or_else(|| ProxyError::Protocol {
+        vm: vm.into(),
+        reason: format!(
+            "GETVERSION reply of {} bytes, expected 4",
+            reply.payload.len()
+        ),
+    })?;
+    let dialect = Dialect::from_api_version(version).ok_or(ProxyError::UnsupportedAgent {
+        vm: vm.into(),
+        version,
+    })?;
+    Ok((dialect, version))
+}

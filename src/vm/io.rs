@@ -1,0 +1,157 @@
+//! A VM's I/O channel: one reader task demultiplexing agent output to streams by sequence number, and one
+//! writer task multiplexing every shim's stdin onto the channel.
+//!
+//! Exit reports on this channel (cc-agent dialect): after a process's last output the agent sends an empty
+//! packet on its stdio sequence (EOF) and then a packet whose one data byte is the exit status. In the
+//! hyperstart dialect the EOF comes here and the status comes as a control event (see [`super::actor`]).
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use cc_proxy_api::stream::Channel;
+use cc_proxy_protocol::{encode_io, Dialect, IoCodec, IoFrame, MAX_STDIN_PACKET};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+
+use super::Vm;
+use crate::logging::escape_bytes;
+use crate::stream::STALL_TIMEOUT;
+use crate::transport::{BoxRead, BoxWrite};
+
+/// Stdin packets queued per VM before shims wait (backpressure toward the shims).
+pub const IO_QUEUE: usize = 256;
+
+/// Bytes the writer gathers from the queue into one write.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Read buffer of the I/O reader; agents send at most 64 KiB per packet on vsock.
+const READ_BUFFER: usize = 128 * 1024;
+
+/// Longest escaped dump of one packet at `--log debug`.
+const DUMP_BYTES: usize = 256;
+
+/// A packet for the agent: stdin data for `seq`, or (empty) the close of its stdin.
+#[derive(Debug)]
+pub struct IoOut {
+    pub seq: u64,
+    pub data: Bytes,
+}
+
+pub fn spawn(vm: Arc<Vm>, read: BoxRead, write: BoxWrite, rx: mpsc::Receiver<IoOut>) {
+    tokio::spawn(reader(vm.clone(), read));
+    tokio::spawn(writer(vm, write, rx));
+}
+
+async fn reader(vm: Arc<Vm>, read: BoxRead) {
+    let mut frames = FramedRead::with_capacity(read, IoCodec::default(), READ_BUFFER);
+    loop {
+        let next = tokio::select! {
+            _ = vm.lost.cancelled() => return,
+            _ = vm.stop.cancelled() => return,
+            next = frames.next() => next,
+        };
+        match next {
+            Some(Ok(frame)) => route(&vm, frame).await,
+            Some(Err(e)) => {
+                return vm.mark_lost(format!("malformed I/O frame from the agent: {e}"))
+            }
+            None => return vm.mark_lost("the agent closed the I/O channel"),
+        }
+    }
+}
+
+/// Deliver one agent packet to its stream, waiting (backpressure) while that stream is full.
+async fn route(vm: &Arc<Vm>, frame: IoFrame) {
+    vm.metrics.io_in_packets.inc();
+    vm.metrics.io_in_bytes.inc_by(frame.data.len() as u64 + 12);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(vm = %vm.id, seq = frame.seq, direction = "from_agent", len = frame.data.len(),
+            data = %escape_bytes(&frame.data, DUMP_BYTES), "io");
+    }
+    let Some(stream) = vm.stream_by_seq(frame.seq) else {
+        if frame.seq > 2 && !frame.data.is_empty() {
+            // Sequences 1 and 2 are the null session, discarded by design. Anything else belongs to a token
+            // that was freed (closed on purpose): counted, logged at debug.
+            vm.metrics.dropped.inc_by(frame.data.len() as u64);
+            tracing::debug!(vm = %vm.id, seq = frame.seq, len = frame.data.len(), "output for a closed stream discarded");
+        }
+        return;
+    };
+    let has_room = if frame.seq == stream.stdio {
+        if frame.data.is_empty() {
+            stream.stdout_eof();
+            true
+        } else if vm.dialect == Dialect::CcAgent && frame.data.len() == 1 && stream.saw_stdout_eof()
+        {
+            vm.process_exited(&stream, i32::from(frame.data[0]));
+            true
+        } else {
+            stream.push_output(Channel::Stdout, frame.data)
+        }
+    } else if frame.data.is_empty() {
+        true // stderr EOF carries nothing we need
+    } else {
+        stream.push_output(Channel::Stderr, frame.data)
+    };
+    if !has_room {
+        vm.metrics.backpressure.inc();
+        tracing::debug!(vm = %vm.id, token = %stream.token, "stream buffer full: pausing the I/O channel");
+        if !stream.wait_for_space(STALL_TIMEOUT).await {
+            vm.metrics.stream_failures.inc();
+            tracing::warn!(vm = %vm.id, token = %stream.token, buffered = stream.buffered(),
+                "stream failed: its shim read nothing for {STALL_TIMEOUT:?} while the buffer was full");
+            stream.fail(&format!(
+                "output buffer full for {STALL_TIMEOUT:?} without the shim reading; the stream was failed to keep the VM's other streams moving"
+            ));
+        }
+    }
+}
+
+async fn writer(vm: Arc<Vm>, mut write: BoxWrite, mut rx: mpsc::Receiver<IoOut>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let first = tokio::select! {
+            _ = vm.lost.cancelled() => return,
+            _ = vm.stop.cancelled() => return,
+            msg = rx.recv() => match msg { Some(m) => m, None => return },
+        };
+        encode(&vm, &first, &mut buf);
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(m) => encode(&vm, &m, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write.write_all(&buf).await {
+            return vm.mark_lost(format!("I/O channel write failed: {e}"));
+        }
+        buf.clear();
+        if buf.capacity() > 1 << 20 {
+            buf = BytesMut::with_capacity(64 * 1024);
+        }
+    }
+}
+
+/// Append the packets for one stdin message, split at the agents' packet limit.
+fn encode(vm: &Vm, msg: &IoOut, buf: &mut BytesMut) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(vm = %vm.id, seq = msg.seq, direction = "to_agent", len = msg.data.len(),
+            data = %escape_bytes(&msg.data, DUMP_BYTES), "io");
+    }
+    let mut packets = 0u64;
+    if msg.data.is_empty() {
+        let _ = encode_io(msg.seq, &[], buf);
+        packets = 1;
+    } else {
+        for chunk in msg.data.chunks(MAX_STDIN_PACKET) {
+            let _ = encode_io(msg.seq, chunk, buf);
+            packets += 1;
+        }
+    }
+    vm.metrics.io_out_packets.inc_by(packets);
+    vm.metrics
+        .io_out_bytes
+        .inc_by(msg.data.len() as u64 + 12 * packets);
+}

@@ -1,0 +1,458 @@
+//! The registry of every VM on the host: registration (connect, READY, GETVERSION), lookup, unregistration,
+//! and recovery from the state directory after a restart.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use cc_proxy_api::types::{Event, RegisterParams};
+use cc_proxy_protocol::{ControlCodec, Dialect};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::state::{StateDir, VmRecord};
+use super::{actor, handshake, io, StreamTable, Vm, VmConfig, VmState};
+use crate::admin::metrics::{StateLabel, VmMetrics, METRICS};
+use crate::error::ProxyError;
+use crate::stream::{Stream, Token};
+use crate::transport::Endpoint;
+
+/// Default wait for the agent's READY.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most VMs one daemon serves.
+pub const MAX_VMS: usize = 65_536;
+/// How often changed VM state is written to the state directory.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+pub struct Registry {
+    vms: RwLock<HashMap<String, Arc<Vm>>>,
+    /// Ids whose registration is in progress, so two clients cannot register one id twice.
+    registering: Mutex<HashSet<String>>,
+    state: Option<StateDir>,
+    config: VmConfig,
+    events: broadcast::Sender<Event>,
+    /// Set once recovery at startup finished (the admin `/ready` waits for it).
+    recovered: AtomicBool,
+    shutting_down: AtomicBool,
+    pub registrations: AtomicU64,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Check a VM id: 1-128 characters of `[A-Za-z0-9._-]`, not `.` or `..` (it names a state file).
+pub fn validate_id(id: &str) -> Result<(), ProxyError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProxyError::invalid(
+            "id",
+            "a VM id is 1 to 128 characters of A-Z a-z 0-9 . _ -",
+        ))
+    }
+}
+
+impl Registry {
+    pub fn new(
+        state: Option<StateDir>,
+        config: VmConfig,
+        events: broadcast::Sender<Event>,
+    ) -> Arc<Registry> {
+        let reg = Arc::new(Registry {
+            vms: RwLock::new(HashMap::new()),
+            registering: Mutex::new(HashSet::new()),
+            state,
+            config,
+            events,
+            recovered: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            registrations: AtomicU64::new(0),
+        });
+        if reg.state.is_some() {
+            let weak = Arc::downgrade(&reg);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(FLUSH_EVERY);
+                loop {
+                    tick.tick().await;
+                    let Some(reg) = weak.upgrade() else { return };
+                    reg.flush();
+                }
+            });
+        }
+        reg
+    }
+
+    pub fn events(&self) -> &broadcast::Sender<Event> {
+        &self.events
+    }
+
+    pub fn is_recovered(&self) -> bool {
+        self.recovered.load(Ordering::Acquire)
+    }
+
+    /// Write every changed VM's record.
+    pub fn flush(&self) {
+        let Some(state) = &self.state else { return };
+        let vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
+        for vm in vms {
+            if vm.dirty.swap(false, Ordering::AcqRel) {
+                if let Err(e) = state.save(&vm.record()) {
+                    tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state");
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Vm>, ProxyError> {
+        read(&self.vms)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ProxyError::VmNotFound(id.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Vm>> {
+        let mut vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
+        vms.sort_by(|a, b| a.id.cmp(&b.id));
+        vms
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        let vms = read(&self.vms);
+        let lost = vms.values().filter(|v| v.is_lost()).count();
+        (vms.len(), lost)
+    }
+
+    /// Find the VM and stream of a token.
+    pub fn find_token(&self, token: &Token) -> Option<(Arc<Vm>, Arc<Stream>)> {
+        let vms = read(&self.vms);
+        vms.values()
+            .find_map(|vm| vm.stream_by_token(token).map(|s| (vm.clone(), s)))
+    }
+
+    /// Register a VM: connect its channels, wait for READY, pick the dialect, start its tasks.
+    pub async fn register(self: &Arc<Self>, params: RegisterParams) -> Result<Arc<Vm>, ProxyError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(ProxyError::ShuttingDown);
+        }
+        validate_id(&params.id)?;
+        let control = Endpoint::parse(&params.control).map_err(ProxyError::from_transport)?;
+        let io = Endpoint::parse(&params.io).map_err(ProxyError::from_transport)?;
+        let console = params
+            .console
+            .as_deref()
+            .map(Endpoint::parse)
+            .transpose()
+            .map_err(ProxyError::from_transport)?;
+        let timeout = Duration::from_millis(
+            params
+                .timeout_ms
+                .unwrap_or(DEFAULT_READY_TIMEOUT.as_millis() as u64)
+                .max(1),
+        );
+        {
+            let vms = read(&self.vms);
+            if vms.contains_key(&params.id) {
+                return Err(ProxyError::VmExists(params.id));
+            }
+            if vms.len() >= MAX_VMS {
+                return Err(ProxyError::Limit(format!("{MAX_VMS} VMs registered")));
+            }
+            if !lock(&self.registering).insert(params.id.clone()) {
+                return Err(ProxyError::VmExists(params.id));
+            }
+        }
+        let record = VmRecord {
+            id: params.id.clone(),
+            control: control.to_string(),
+            io: io.to_string(),
+            console: console.as_ref().map(|c| c.to_string()),
+            next_seq: 3,
+            streams: Vec::new(),
+        };
+        let result = self
+            .connect(&record, control, io, console, timeout, false)
+            .await;
+        lock(&self.registering).remove(&params.id);
+        let vm = result?;
+        if let Some(state) = &self.state {
+            if let Err(e) = state.save(&vm.record()) {
+                tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state; it will not survive a restart");
+            }
+        }
+        write(&self.vms).insert(vm.id.clone(), vm.clone());
+        self.registrations.fetch_add(1, Ordering::Relaxed);
+        METRICS
+            .vms
+            .get_or_create(&StateLabel {
+                state: "ready".into(),
+            })
+            .inc();
+        tracing::info!(vm = %vm.id, dialect = vm.dialect.name(), api_version = vm.api_version,
+            control = %vm.control_uri, io = %vm.io_uri, "VM registered");
+        let _ = self.events.send(Event::VmRegistered { vm: vm.id.clone() });
+        Ok(vm)
+    }
+
+    /// Connect both channels and run the handshake; on success the VM's tasks are running.
+    async fn connect(
+        &self,
+        record: &VmRecord,
+        control: Endpoint,
+        io: Endpoint,
+        console: Option<Endpoint>,
+        timeout: Duration,
+        recovered: bool,
+    ) -> Result<Arc<Vm>, ProxyError> {
+        let (ctl, iochan) = tokio::join!(control.connect(timeout), io.connect(timeout));
+        let ctl = ctl.map_err(ProxyError::from_transport)?;
+        let iochan = iochan.map_err(ProxyError::from_transport)?;
+        let (cr, cw) = ctl.into_split();
+        let mut reader = FramedRead::new(cr, ControlCodec::default());
+        let mut writer = FramedWrite::new(cw, ControlCodec::default());
+        let (dialect, api_version) =
+            handshake::handshake(&record.id, &mut reader, &mut writer, timeout, !recovered).await?;
+        let metrics = VmMetrics::new(&record.id);
+        metrics.connected();
+        let (calls_tx, calls_rx) = mpsc::channel(actor::MAX_QUEUED);
+        let (io_tx, io_rx) = mpsc::channel(io::IO_QUEUE);
+        let vm = Arc::new(Vm {
+            id: record.id.clone(),
+            control_uri: record.control.clone(),
+            io_uri: record.io.clone(),
+            console_uri: record.console.clone(),
+            dialect,
+            api_version,
+            registered: Instant::now(),
+            recovered,
+            calls: calls_tx,
+            io_out: io_tx,
+            state: Mutex::new(VmState::Ready),
+            lost: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            streams: Mutex::new(StreamTable {
+                next_seq: record.next_seq.max(3),
+                ..Default::default()
+            }),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            commands: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            metrics,
+            config: self.config.clone(),
+            events: self.events.clone(),
+        });
+        for s in &record.streams {
+            if vm.restore_stream(s).is_none() {
+                tracing::warn!(vm = %vm.id, "skipping a malformed recorded token");
+            }
+        }
+        let (ir, iw) = iochan.into_split();
+        actor::spawn(vm.clone(), calls_rx, reader, writer);
+        io::spawn(vm.clone(), ir, iw, io_rx);
+        if let Some(console) = console {
+            spawn_console(vm.clone(), console);
+        }
+        Ok(vm)
+    }
+
+    /// Reconnect every VM recorded in the state directory. VMs that cannot be reached are listed as lost.
+    pub async fn recover(self: &Arc<Self>) {
+        let Some(state) = &self.state else {
+            self.recovered.store(true, Ordering::Release);
+            return;
+        };
+        let records = state.load_all();
+        let mut tasks = Vec::new();
+        for record in records {
+            let reg = self.clone();
+            tasks.push(tokio::spawn(async move { reg.recover_one(record).await }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.recovered.store(true, Ordering::Release);
+    }
+
+    async fn recover_one(self: &Arc<Self>, record: VmRecord) {
+        let parsed = (|| {
+            validate_id(&record.id)?;
+            let c = Endpoint::parse(&record.control).map_err(ProxyError::from_transport)?;
+            let i = Endpoint::parse(&record.io).map_err(ProxyError::from_transport)?;
+            let k = record
+                .console
+                .as_deref()
+                .map(Endpoint::parse)
+                .transpose()
+                .map_err(ProxyError::from_transport)?;
+            Ok::<_, ProxyError>((c, i, k))
+        })();
+        let result = match parsed {
+            Ok((c, i, k)) => {
+                self.connect(&record, c, i, k, DEFAULT_READY_TIMEOUT, true)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(vm) => {
+                tracing::info!(vm = %vm.id, tokens = record.streams.len(), "VM recovered after restart");
+                METRICS
+                    .vms
+                    .get_or_create(&StateLabel {
+                        state: "ready".into(),
+                    })
+                    .inc();
+                write(&self.vms).insert(vm.id.clone(), vm);
+            }
+            Err(e) => {
+                tracing::warn!(vm = %record.id, error = %e, "VM could not be recovered; listed as lost");
+                let vm = lost_vm(
+                    &record,
+                    &self.config,
+                    &self.events,
+                    format!("recovery after restart failed: {e}"),
+                );
+                METRICS
+                    .vms
+                    .get_or_create(&StateLabel {
+                        state: "lost".into(),
+                    })
+                    .inc();
+                write(&self.vms).insert(vm.id.clone(), vm);
+            }
+        }
+    }
+
+    /// Unregister: stop the VM's tasks, end its streams with an error, free its tokens, forget its state.
+    pub fn unregister(&self, id: &str) -> Result<(), ProxyError> {
+        let vm = write(&self.vms)
+            .remove(id)
+            .ok_or_else(|| ProxyError::VmNotFound(id.to_string()))?;
+        let state = if vm.is_lost() { "lost" } else { "ready" };
+        METRICS
+            .vms
+            .get_or_create(&StateLabel {
+                state: state.into(),
+            })
+            .dec();
+        vm.stop(&format!("VM {id} was unregistered"), true);
+        vm.metrics.remove();
+        if let Some(st) = &self.state {
+            st.remove(id);
+        }
+        tracing::info!(vm = %id, "VM unregistered");
+        let _ = self
+            .events
+            .send(Event::VmUnregistered { vm: id.to_string() });
+        Ok(())
+    }
+
+    /// Daemon exit: stop taking registrations, stop every VM's tasks, keep streams and state for a restart.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.flush();
+        for vm in read(&self.vms).values() {
+            vm.stop("cc-proxy is stopping", false);
+        }
+    }
+}
+
+/// A VM known from the state directory whose agent could not be reached: listed as lost, with no tasks.
+fn lost_vm(
+    record: &VmRecord,
+    config: &VmConfig,
+    events: &broadcast::Sender<Event>,
+    reason: String,
+) -> Arc<Vm> {
+    let (calls, _) = mpsc::channel(1);
+    let (io_out, _) = mpsc::channel(1);
+    let lost = CancellationToken::new();
+    lost.cancel();
+    let vm = Arc::new(Vm {
+        id: record.id.clone(),
+        control_uri: record.control.clone(),
+        io_uri: record.io.clone(),
+        console_uri: record.console.clone(),
+        dialect: Dialect::Hyperstart,
+        api_version: 0,
+        registered: Instant::now(),
+        recovered: true,
+        calls,
+        io_out,
+        state: Mutex::new(VmState::Lost(reason)),
+        lost,
+        stop: CancellationToken::new(),
+        streams: Mutex::new(StreamTable {
+            next_seq: record.next_seq.max(3),
+            ..Default::default()
+        }),
+        dirty: std::sync::atomic::AtomicBool::new(false),
+        commands: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        metrics: VmMetrics::new(&record.id),
+        config: config.clone(),
+        events: events.clone(),
+    });
+    for s in &record.streams {
+        vm.restore_stream(s);
+    }
+    vm
+}
+
+/// Longest console line logged as one; longer ones are split.
+const MAX_CONSOLE_LINE: usize = 4096;
+
+/// Log the guest console's lines at debug with `source=guest`.
+fn spawn_console(vm: Arc<Vm>, console: Endpoint) {
+    use tokio::io::AsyncReadExt;
+    tokio::spawn(async move {
+        let conn = match console.connect(Duration::from_secs(5)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(vm = %vm.id, error = %e, "cannot open the console");
+                return;
+            }
+        };
+        let (mut r, _w) = conn.into_split();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = tokio::select! {
+                _ = vm.stop.cancelled() => return,
+                n = r.read(&mut chunk) => n,
+            };
+            let n = match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&chunk[..n]);
+            while let Some(pos) = pending
+                .iter()
+                .position(|&b| b == b'\n')
+                .or_else(|| (pending.len() >= MAX_CONSOLE_LINE).then_some(MAX_CONSOLE_LINE))
+            {
+                let line: Vec<u8> = pending.drain(..pos.min(pending.len())).collect();
+                if pending.first() == Some(&b'\n') {
+                    pending.remove(0);
+                }
+                let text = crate::logging::escape_bytes(&line, MAX_CONSOLE_LINE);
+                tracing::debug!(vm = %vm.id, source = "guest", "{text}");
+            }
+        }
+    });
+}
