@@ -5,6 +5,7 @@
 
 pub mod metrics;
 mod process;
+pub mod tap;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -110,6 +110,7 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                 let mut stream = client.attach(&token).await?;
                 Ok(relay(&mut stream).await)
             }
+            Command::Tap { vm, limit } => Ok(super::tap::run(&socket, vm, limit, json).await),
             Command::Attach { token } => {
                 let mut stream = client.attach(&token).await?;
                 Ok(relay(&mut stream).await)

@@ -1,6 +1,7 @@
 //! Command-line interface: the daemon's options, and the client subcommands that talk to a running daemon.
 
 pub mod commands;
+pub mod tap;
 
 use std::path::PathBuf;
 
@@ -125,6 +126,14 @@ pub enum Command {
     Attach { token: String },
     /// Print the daemon's version and features.
     Version,
+    /// Watch live events (agent commands, process starts and exits, attaches, VM state), one line each.
+    Tap {
+        /// Only this VM's events.
+        vm: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -23,6 +23,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::{rpc, Proxy};
+use crate::admin::tap::TapEvent;
 use crate::error::ProxyError;
 use crate::stream::{AttachError, Stream, Take, Token};
 use crate::vm::Vm;
@@ -83,6 +84,10 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
     };
     let peer = req.extensions().get::<super::Peer>().cloned();
     tracing::info!(vm = %vm.id, token = %stream.token, client = ?peer.as_ref().map(|p| p.to_string()), "shim attached");
+    crate::admin::tap::emit(|| TapEvent::StreamAttached {
+        vm: vm.id.clone(),
+        token: stream.token.short().to_string(),
+    });
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -180,7 +185,7 @@ async fn run(vm: Arc<Vm>, stream: Arc<Stream>, attach: u64, io: TokioIo<hyper::u
     }
     if close {
         vm.free_stream(&stream.token);
-        vm.metrics.detach("close");
+        vm.shim_detached(&stream.token, "close");
         gone.cancel();
     } else if !stream.is_detaching(attach) {
         // EOF or error from the shim: it is gone; keep the token for a re-attach.
@@ -208,7 +213,7 @@ async fn write_loop(
                     _ = &mut notified => {}
                     _ = gone.cancelled() => {
                         stream.release(attach, Vec::new());
-                        vm.metrics.detach("drop");
+                        vm.shim_detached(&stream.token, "drop");
                         tracing::info!(vm = %vm.id, token = %stream.token, "shim went away; token kept for re-attach");
                         return;
                     }
@@ -217,7 +222,7 @@ async fn write_loop(
             Take::Frames(frames) => {
                 if let Err(unwritten) = write_all(&mut out, frames).await {
                     stream.release(attach, unwritten);
-                    vm.metrics.detach("drop");
+                    vm.shim_detached(&stream.token, "drop");
                     gone.cancel();
                     return;
                 }
@@ -238,7 +243,7 @@ async fn write_loop(
                 let _ = out.send(ack).await;
                 let _ = out.close().await;
                 stream.release(attach, Vec::new());
-                vm.metrics.detach("detach");
+                vm.shim_detached(&stream.token, "detach");
                 tracing::info!(vm = %vm.id, token = %stream.token, "shim detached; token kept");
                 return;
             }

@@ -225,6 +225,12 @@ fn finish(vm: &Vm, call: Call, result: Result<Bytes, ProxyError>, _sent: Option<
         }
     }
     vm.metrics.command(&call.name, outcome, seconds);
+    crate::admin::tap::emit(|| crate::admin::tap::TapEvent::AgentCommand {
+        vm: vm.id.clone(),
+        command: call.name.clone(),
+        result: outcome.to_string(),
+        latency_us: (seconds * 1e6) as u64,
+    });
     tracing::debug!(vm = %vm.id, command = %call.name, result = outcome, ms = seconds * 1000.0, "agent command done");
     let _ = call.reply.send(result);
 }

@@ -125,6 +125,11 @@ impl Vm {
             .inc();
         self.metrics.lost();
         self.lost.cancel();
+        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::VmState {
+            vm: self.id.clone(),
+            state: "lost".into(),
+            reason: Some(reason.clone()),
+        });
         for s in self.all_streams() {
             s.fail(&format!("VM {} lost: {reason}", self.id));
         }
@@ -242,6 +247,16 @@ impl Vm {
         true
     }
 
+    /// A shim left a stream: count it and tell the tap.
+    pub fn shim_detached(&self, token: &Token, kind: &str) {
+        self.metrics.detach(kind);
+        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::StreamDetached {
+            vm: self.id.clone(),
+            token: token.short().to_string(),
+            kind: kind.to_string(),
+        });
+    }
+
     /// A process finished: queue its exit frame (now or after the stdout EOF) and publish the event.
     pub fn process_exited(self: &Arc<Self>, stream: &Arc<Stream>, status: i32) {
         tracing::debug!(vm = %self.id, token = %stream.token, status, "process exited");
@@ -252,6 +267,11 @@ impl Vm {
                 s.flush_pending_exit();
             });
         }
+        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessExited {
+            vm: self.id.clone(),
+            token: stream.token.short().to_string(),
+            status,
+        });
         let _ = self.events.send(Event::ProcessExited {
             vm: self.id.clone(),
             token: stream.token.as_str().to_string(),

@@ -205,6 +205,11 @@ impl Registry {
             .inc();
         tracing::info!(vm = %vm.id, dialect = vm.dialect.name(), api_version = vm.api_version,
             control = %vm.control_uri, io = %vm.io_uri, "VM registered");
+        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::VmState {
+            vm: vm.id.clone(),
+            state: "ready".into(),
+            reason: None,
+        });
         let _ = self.events.send(Event::VmRegistered { vm: vm.id.clone() });
         Ok(vm)
     }
@@ -356,6 +361,11 @@ impl Registry {
             st.remove(id);
         }
         tracing::info!(vm = %id, "VM unregistered");
+        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::VmState {
+            vm: id.to_string(),
+            state: "unregistered".into(),
+            reason: None,
+        });
         let _ = self
             .events
             .send(Event::VmUnregistered { vm: id.to_string() });

@@ -161,6 +161,11 @@ pub async fn forward(
         Ok(reply) => {
             if let Some(s) = &stream {
                 s.mark_running();
+                crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessStarted {
+                    vm: vm.id.clone(),
+                    token: s.token.short().to_string(),
+                    process: process_id.clone().unwrap_or_default(),
+                });
                 tracing::info!(vm = %vm.id, token = %s.token, command = name, process = ?process_id, "process started");
             }
             Ok((reply, stream, process_id))

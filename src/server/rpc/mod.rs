@@ -4,6 +4,7 @@ pub mod agent;
 pub mod events;
 pub mod proxy;
 pub mod stream;
+pub mod tap;
 pub mod vm;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub fn module(proxy: Arc<Proxy>) -> RpcModule<Arc<Proxy>> {
     agent::register(&mut m);
     stream::register(&mut m);
     events::register(&mut m);
+    tap::register(&mut m);
     m
 }
 

@@ -45,7 +45,7 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         let p: TokenParam = parse(&params)?;
         let (vm, stream) = find(proxy, &p.token)?;
         vm.free_stream(&stream.token);
-        vm.metrics.detach("close");
+        vm.shim_detached(&stream.token, "close");
         Ok::<_, ErrorObjectOwned>(())
     });
 }
