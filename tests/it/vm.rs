@@ -563,6 +563,10 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
         Some(0),
         "a stream cut by power-off must not look like success"
     );
+    assert!(
+        !ended.stderr.is_empty(),
+        "a stream cut by power-off must say why on stderr"
+    );
     eprintln!(
         "[{transport:?}] stream after power-off: {} stderr {:?}",
         ended.status,
@@ -572,6 +576,12 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
     loop {
         let state = proxy.vm_state(&id);
         if state == "lost" {
+            let info = proxy.rpc("vm.info", json!({"id": id})).unwrap_or_default();
+            let reason = info
+                .get("lost_reason")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            assert!(!reason.is_empty(), "a lost VM names its reason: {info}");
             break;
         }
         assert!(
