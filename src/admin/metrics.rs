@@ -133,7 +133,7 @@ impl Metrics {
             self.vm_lost.clone(),
         );
         r.register(
-            "io",
+            "io_bytes",
             "I/O channel traffic in bytes by direction",
             self.io_bytes.clone(),
         );

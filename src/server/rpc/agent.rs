@@ -166,7 +166,7 @@ pub async fn forward(
                     token: s.token.short().to_string(),
                     process: process_id.clone().unwrap_or_default(),
                 });
-                tracing::info!(vm = %vm.id, token = %s.token, command = name, process = ?process_id, "process started");
+                tracing::info!(vm = %vm.id, token = %s.token, command = name, process = process_id.as_deref().unwrap_or(""), "process started");
             }
             Ok((reply, stream, process_id))
         }
