@@ -342,10 +342,17 @@ impl Proxy {
 
     /// Spawns `cc-proxy exec VM -- ARGS` with piped stdio.
     fn spawn_exec(&self, vm: &str, args: &[&str]) -> Child {
+        self.spawn_exec_with(vm, &[], args)
+    }
+
+    /// Spawns `cc-proxy exec VM FLAGS -- ARGS` with piped stdio.
+    fn spawn_exec_with(&self, vm: &str, flags: &[&str], args: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_cc-proxy"))
             .arg("--socket")
             .arg(&self.socket)
-            .args(["exec", vm, "--"])
+            .args(["exec", vm])
+            .args(flags)
+            .arg("--")
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -503,6 +510,35 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
     // A process killed by a signal reports 128 + signal.
     let killed = proxy.exec(&id, &["sh", "-c", "kill -9 $$"], b"", EXEC_TIMEOUT);
     assert_eq!(killed.code(), Some(137), "stderr: {}", killed.stderr_str());
+
+    // On a terminal: the guest's pty, stderr merged into stdout.
+    let mut child =
+        proxy.spawn_exec_with(&id, &["--tty"], &["sh", "-c", "tty; echo on-stderr >&2"]);
+    let tty = collect(&mut child, b"", EXEC_TIMEOUT).expect("exec --tty timed out");
+    assert_eq!(tty.code(), Some(0), "stderr: {}", tty.stderr_str());
+    let screen = tty.stdout_str();
+    assert!(screen.contains("/dev/pts/"), "tty printed {screen:?}");
+    assert!(
+        screen.contains("on-stderr"),
+        "stderr not merged: {screen:?}"
+    );
+
+    // Several processes at once share the VM's one I/O channel without mixing their output.
+    let children: Vec<(usize, Child)> = (1..=4usize)
+        .map(|n| {
+            let script = format!("seq {n} {n} {}", n * 20000);
+            (n, proxy.spawn_exec(&id, &["sh", "-c", &script]))
+        })
+        .collect();
+    for (n, mut child) in children {
+        let out = collect(&mut child, b"", EXEC_TIMEOUT).expect("parallel exec timed out");
+        assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr_str());
+        let expected: String = (1..=20000).map(|i| format!("{}\n", i * n)).collect();
+        assert!(
+            out.stdout_str() == expected,
+            "process {n}: output mixed up or cut"
+        );
+    }
 
     // 10 MiB one way through stdout, intact: the guest hashes a random file, then streams it.
     let t = Instant::now();
