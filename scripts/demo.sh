@@ -35,16 +35,15 @@ echo "==> starting cc-proxy on $sock (admin on 127.0.0.1:$admin_port)"
 proxy_pid=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 
-rpc() {
-    echo "--> $1"
-    curl -s --unix-socket "$sock" -H 'content-type: application/json' -d "$1" http://localhost/
-    echo
-}
+ccp() { "$BIN/cc-proxy" --socket "$sock" "$@"; }
 
-echo; echo "==> JSON-RPC: the daemon's version, then register the VM 'demo'"
-rpc '{"jsonrpc":"2.0","id":1,"method":"proxy.version"}'
-rpc "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"vm.register\",\"params\":{\"id\":\"demo\",\"control\":\"hvsock://$work/vm.sock:2718\",\"io\":\"hvsock://$work/vm.sock:2719\"}}"
-rpc '{"jsonrpc":"2.0","id":3,"method":"agent.call","params":{"vm":"demo","command":"ping"}}'
+echo; echo "==> the daemon's version (JSON-RPC proxy.version; with curl:"
+echo "    curl --unix-socket $sock -d '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"proxy.version\"}' http://localhost/)"
+ccp call proxy.version
+echo; echo "==> register the VM 'demo' (vm.register)"
+ccp vm register demo --control "hvsock://$work/vm.sock:2718" --io "hvsock://$work/vm.sock:2719"
+echo; echo "==> forward an agent command (agent.call ping)"
+ccp call agent.call '{"vm":"demo","command":"ping"}'
 
 run() {
     echo; echo "\$ cc-proxy exec demo -- $*"
@@ -63,10 +62,16 @@ STDIN=$work/input run tr a-z A-Z
 run sh -c 'kill -9 $$'
 
 echo; echo "==> cc-proxy vm list"
-"$BIN/cc-proxy" --socket "$sock" vm list
+ccp vm list
 
-echo; echo "==> metrics (curl http://127.0.0.1:$admin_port/metrics, a selection)"
-curl -s "http://127.0.0.1:$admin_port/metrics" | grep -E '^cc_proxy_(vms|agent_commands_total|io_bytes_total|shim_attaches_total)' | head -20
+echo; echo "==> metrics (GET http://127.0.0.1:$admin_port/metrics, a selection)"
+metrics() {
+    exec 3<>"/dev/tcp/127.0.0.1/$admin_port"
+    printf 'GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
+    cat <&3
+    exec 3<&-
+}
+metrics | grep -E '^cc_proxy_(vms|agent_commands_total|io_bytes_total|shim_attaches_total|streams_open)' | head -20
 
 echo; echo "==> stopping cc-proxy (SIGTERM)"
 kill -TERM "$proxy_pid"

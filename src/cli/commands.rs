@@ -70,6 +70,54 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                 }
                 Ok(0)
             }
+            Command::Call { method, params } => {
+                let params: serde_json::Value = match params.as_deref() {
+                    None => serde_json::json!({}),
+                    Some(text) => serde_json::from_str(text)
+                        .map_err(|e| ClientError::Decode(format!("params are not JSON: {e}")))?,
+                };
+                let result: serde_json::Value = client.call(&method, params).await?;
+                print_json(&result);
+                Ok(0)
+            }
+            Command::Vm {
+                command:
+                    VmCommand::Register {
+                        id,
+                        control,
+                        io,
+                        console,
+                        timeout_ms,
+                    },
+            } => {
+                let r = client
+                    .register(&cc_proxy_api::types::RegisterParams {
+                        id,
+                        control,
+                        io,
+                        console,
+                        timeout_ms,
+                    })
+                    .await?;
+                if json {
+                    print_json(&r);
+                } else {
+                    println!(
+                        "registered {} ({} dialect, API {})",
+                        r.id, r.dialect, r.api_version
+                    );
+                }
+                Ok(0)
+            }
+            Command::Vm {
+                command: VmCommand::Unregister { id },
+            } => {
+                client.unregister(&id).await?;
+                if !json {
+                    println!("unregistered {id}");
+                }
+                Ok(0)
+            }
             Command::Vm {
                 command: VmCommand::Info { id },
             } => {

@@ -126,6 +126,13 @@ pub enum Command {
     Attach { token: String },
     /// Print the daemon's version and features.
     Version,
+    /// Make a raw JSON-RPC call and print its result: `cc-proxy call vm.info '{"id":"vm1"}'`.
+    Call {
+        /// The method, e.g. `proxy.health`.
+        method: String,
+        /// The params as JSON (default `{}`).
+        params: Option<String>,
+    },
     /// Watch live events (agent commands, process starts and exits, attaches, VM state), one line each.
     Tap {
         /// Only this VM's events.
@@ -140,6 +147,21 @@ pub enum Command {
 pub enum VmCommand {
     /// List registered VMs.
     List,
+    /// Register a VM's agent endpoints (URIs: unix://, vsock://, hvsock://, tcp://).
+    Register {
+        id: String,
+        #[arg(long)]
+        control: String,
+        #[arg(long)]
+        io: String,
+        #[arg(long)]
+        console: Option<String>,
+        /// How long to wait for the agent's READY.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Unregister a VM: its streams end and its tokens are freed.
+    Unregister { id: String },
     /// Show one VM.
     Info { id: String },
 }
