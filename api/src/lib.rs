@@ -4,6 +4,7 @@
 //! - [`error`]: the stable numeric error codes carried in JSON-RPC error objects.
 //! - [`types`]: request and response shapes of every method.
 //! - [`stream`]: the binary framing a shim speaks after attaching to a process's stdio.
+//! - [`legacy`]: the frame codec and payloads of the legacy cc-proxy v2 binary protocol.
 //! - [`client`]: an async Rust client for all of the above over the AF_UNIX socket.
 //!
 //! Everything here is also specified in `docs/api.md`, so clients in other languages can be written from the
@@ -13,6 +14,7 @@
 
 pub mod client;
 pub mod error;
+pub mod legacy;
 pub mod methods;
 pub mod stream;
 pub mod types;
