@@ -10,7 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VmLabel {
@@ -117,9 +117,10 @@ impl Metrics {
             "Agent commands by command and result",
             self.agent_commands.clone(),
         );
-        r.register(
-            "agent_command_duration_seconds",
+        r.register_with_unit(
+            "agent_command_duration",
             "Agent command latency from queueing to reply",
+            Unit::Seconds,
             self.agent_command_duration.clone(),
         );
         r.register(
@@ -128,13 +129,14 @@ impl Metrics {
             self.agent_connects.clone(),
         );
         r.register(
-            "vm_lost",
+            "vm_losses",
             "Times a VM's agent connection was lost",
             self.vm_lost.clone(),
         );
-        r.register(
-            "io_bytes",
-            "I/O channel traffic in bytes by direction",
+        r.register_with_unit(
+            "io",
+            "I/O channel traffic by direction, frame headers included",
+            Unit::Bytes,
             self.io_bytes.clone(),
         );
         r.register(
@@ -147,13 +149,14 @@ impl Metrics {
             "Streams whose process has not finished",
             self.streams_open.clone(),
         );
-        r.register(
-            "stream_buffered_bytes",
-            "Output bytes waiting for a shim",
+        r.register_with_unit(
+            "stream_buffered",
+            "Output waiting for a shim",
+            Unit::Bytes,
             self.stream_buffered_bytes.clone(),
         );
         r.register(
-            "stream_backpressure",
+            "stream_backpressure_events",
             "Times a full stream buffer paused a VM's I/O channel",
             self.stream_backpressure.clone(),
         );
@@ -162,9 +165,10 @@ impl Metrics {
             "Streams failed because their buffer stayed full",
             self.stream_failures.clone(),
         );
-        r.register(
-            "stream_dropped_bytes",
-            "Output bytes for closed streams, discarded",
+        r.register_with_unit(
+            "stream_dropped",
+            "Output for streams already closed, discarded",
+            Unit::Bytes,
             self.stream_dropped_bytes.clone(),
         );
         r.register(

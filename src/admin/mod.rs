@@ -1,25 +1,59 @@
 //! The admin HTTP server, for operators and Prometheus: `/metrics`, `/ready`, `/live`, `/proxy-log-level`.
 //!
 //! It runs on its own thread with its own single-threaded runtime, so a slow scrape never competes with the
-//! data plane's worker threads, and the data plane's load never delays a liveness probe.
+//! data plane's worker threads, and the data plane's load never delays a liveness probe. Every input is
+//! bounded: connections (at most [`MAX_ADMIN_CONNECTIONS`] at once), the time to send request headers, and
+//! the body of a log-level change. Other parts of the daemon (the mesh) add their metrics with
+//! [`add_metrics_source`].
+//!
+//! `/metrics` speaks both exposition formats: OpenMetrics 1.0 to a scraper that asks for it in `Accept`
+//! (Prometheus does), the classic text format 0.0.4 to everyone else (curl, promtool).
 
 pub mod metrics;
 mod process;
 pub mod tap;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
 
 use crate::server::Proxy;
 
-/// Largest body accepted by `PUT /proxy-log-level`.
+/// Largest body accepted by `PUT /proxy-log-level`; a filter is a short line.
 const MAX_LOG_LEVEL_BODY: usize = 4096;
+/// Admin connections served at once; more are closed on accept. Prometheus and a few operators need far
+/// fewer; the bound keeps a misbehaving client from exhausting the daemon's file descriptors.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Time a client has to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an admin connection may live; a scrape takes milliseconds.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Something that adds metrics to each scrape (e.g. the mesh's families).
+pub type MetricsSource = Box<dyn Fn(&mut Registry) + Send + Sync>;
+
+static SOURCES: RwLock<Vec<MetricsSource>> = RwLock::new(Vec::new());
+
+/// Have every later scrape include the metrics `source` registers. Call it once per source, at startup.
+// No caller until the mesh lands; the admin tests use it.
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn add_metrics_source(source: MetricsSource) {
+    SOURCES
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(source);
+}
 
 /// Keeps the admin thread alive; dropping it stops the server.
 pub struct AdminHandle {
@@ -39,7 +73,10 @@ pub fn start(addr: &str, proxy: Arc<Proxy>) -> Option<AdminHandle> {
         }
     };
     let local = std_listener.local_addr().ok()?;
-    let _ = std_listener.set_nonblocking(true);
+    if let Err(e) = std_listener.set_nonblocking(true) {
+        tracing::warn!(addr, error = %e, "cannot start the admin server; metrics are unavailable");
+        return None;
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("cc-proxy-admin".into())
@@ -69,23 +106,43 @@ async fn serve(
     proxy: Arc<Proxy>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-        return;
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve the admin listener");
+            return;
+        }
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut stop => return,
-            a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin connection refused: too many open");
+            continue;
         };
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, std::convert::Infallible>(route(req, proxy, peer).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
     }
 }
@@ -93,7 +150,81 @@ async fn serve(
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
+}
+
+/// True for loopback peers, including IPv4 loopback seen through an IPv6 socket (`::ffff:127.0.0.1`).
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// Whether the client asked for OpenMetrics in its `Accept` header.
+fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// Encode every metric family of the daemon (and of added sources) as OpenMetrics text.
+pub fn encode_openmetrics() -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    metrics::METRICS.register(&mut registry);
+    process::register(&mut registry);
+    for source in SOURCES.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        source(&mut registry);
+    }
+    let mut out = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Rewrite OpenMetrics text into the classic Prometheus text format 0.0.4.
+///
+/// The samples are the same; what differs is metadata: a counter family is named with its `_total` suffix,
+/// `# UNIT` and `# EOF` do not exist, and types the old format lacks become `untyped` (or `gauge` for
+/// `info` and `stateset`, whose samples are plain numbers).
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, t)| *t == "counter")
+        .map(|(n, _)| n)
+        .collect();
+    let rename = |name: &str| {
+        if counters.contains(name) {
+            format!("{name}_total")
+        } else {
+            name.to_string()
+        }
+    };
+    let mut out = String::with_capacity(om.len() + 256);
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(&format!("# HELP {} {help}\n", rename(name)));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let kind = match kind {
+                "counter" | "gauge" | "histogram" | "summary" => kind,
+                "info" | "stateset" => "gauge",
+                _ => "untyped",
+            };
+            out.push_str(&format!("# TYPE {} {kind}\n", rename(name)));
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 async fn route(
@@ -103,24 +234,23 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
-            let mut registry = prometheus_client::registry::Registry::default();
-            metrics::METRICS.register(&mut registry);
-            process::register(&mut registry);
-            let mut out = String::with_capacity(16 * 1024);
-            if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            let openmetrics = wants_openmetrics(&req);
+            let Ok(om) = encode_openmetrics() else {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
-            }
-            let mut r = text(StatusCode::OK, out);
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
+            };
+            let (body, kind) = if openmetrics {
+                (om, OPENMETRICS)
+            } else {
+                (openmetrics_to_text(&om), TEXT_FORMAT)
+            };
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
             r
         }
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
+            // Recovery starts only once the socket is listening, so "recovered" implies "serving".
             if proxy.registry.is_recovered() {
                 text(StatusCode::OK, "ready\n")
             } else {
@@ -134,7 +264,8 @@ async fn route(
             text(StatusCode::OK, format!("{}\n", proxy.log.current()))
         }
         (&Method::PUT, "/proxy-log-level") => {
-            if !peer.ip().is_loopback() {
+            if !is_loopback(peer.ip()) {
+                tracing::warn!(%peer, "log level change refused: not from loopback");
                 return text(
                     StatusCode::FORBIDDEN,
                     "log level changes are accepted from loopback only\n",
@@ -147,10 +278,19 @@ async fn route(
                 Ok(b) => b.to_bytes(),
                 Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
             };
-            let filter = String::from_utf8_lossy(&body).trim().to_string();
-            match proxy.log.set(&filter) {
+            let Ok(filter) = std::str::from_utf8(&body) else {
+                return text(StatusCode::BAD_REQUEST, "the filter is not UTF-8\n");
+            };
+            let filter = filter.trim();
+            if filter.is_empty() {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "send a filter in the body, e.g. `debug` or `warn,cc_proxy::vm=debug`\n",
+                );
+            }
+            match proxy.log.set(filter) {
                 Ok(()) => {
-                    tracing::warn!(filter = %filter, "log level changed");
+                    tracing::warn!(filter = %filter, %peer, "log level changed");
                     text(StatusCode::OK, format!("{filter}\n"))
                 }
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
@@ -159,6 +299,56 @@ async fn route(
         (_, "/metrics" | "/live" | "/ready" | "/proxy-log-level") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /ready, /live or /proxy-log-level\n",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counters_with_total_and_drops_openmetrics_only_lines() {
+        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\n# UNIT a_requests \n\
+                  a_requests_total{vm=\"x\"} 3\n# HELP b_bytes Bytes.\n# TYPE b_bytes gauge\n\
+                  # UNIT b_bytes bytes\nb_bytes 7\n# TYPE c_info info\nc_info{v=\"1\"} 1\n# EOF\n";
+        let t = openmetrics_to_text(om);
+        assert_eq!(
+            t,
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\n\
+             a_requests_total{vm=\"x\"} 3\n# HELP b_bytes Bytes.\n# TYPE b_bytes gauge\nb_bytes 7\n\
+             # TYPE c_info gauge\nc_info{v=\"1\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn mapped_ipv4_loopback_counts_as_loopback() {
+        assert!(is_loopback(
+            "127.0.0.1".parse().unwrap_or(IpAddr::from([0; 4]))
+        ));
+        assert!(is_loopback("::1".parse().unwrap_or(IpAddr::from([0; 4]))));
+        assert!(is_loopback(
+            "::ffff:127.0.0.1".parse().unwrap_or(IpAddr::from([0; 4]))
+        ));
+        assert!(!is_loopback(
+            "192.0.2.2".parse().unwrap_or(IpAddr::from([127, 0, 0, 1]))
+        ));
+    }
+
+    #[test]
+    fn scrape_includes_added_sources() {
+        add_metrics_source(Box::new(|r: &mut Registry| {
+            r.register(
+                "test_source_marker",
+                "A marker",
+                prometheus_client::metrics::gauge::ConstGauge::new(1i64),
+            );
+        }));
+        let om = encode_openmetrics().unwrap_or_default();
+        assert!(om.contains("test_source_marker 1"), "{om}");
+        assert!(om.ends_with("# EOF\n"));
     }
 }

@@ -1,17 +1,24 @@
 //! The on-demand tap: live events for operators (`tap.observe`, `cc-proxy tap`).
 //!
-//! Emitting costs one atomic load while nobody taps: events are built only when a tap is open. Each tap
-//! reads from a bounded broadcast channel; a tap that falls behind loses the oldest events (counted in
-//! `cc_proxy_tap_dropped_events_total`) and never slows the data path.
+//! Emitting costs one atomic load while nobody taps: events are built only when a tap is open. Events go
+//! into one bounded broadcast ring ([`TAP_BUFFER`]) stamped with the time they happened; each tap reads the
+//! ring from its own task, so the data path never waits for a tapper. A tap that falls behind the ring, is
+//! over its rate, or whose client does not read, loses events: they are counted in
+//! `cc_proxy_tap_dropped_events_total` and reported to that tapper as a `dropped` event
+//! (see `server/rpc/tap.rs`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-/// Events buffered for taps before the slowest one starts losing events.
+/// Events buffered for taps before the slowest one starts losing events. A tap task drains the ring as
+/// fast as it can filter; 4096 events (about 1 MiB) absorb a burst of a few milliseconds of busy host.
 pub const TAP_BUFFER: usize = 4096;
+/// Taps open at once; one more is refused with a limit error.
+pub const MAX_TAPS: usize = 32;
 
 /// One observed event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -77,10 +84,20 @@ impl TapEvent {
     }
 }
 
+/// One event with the time it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct Observed {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    #[serde(flatten)]
+    pub event: TapEvent,
+}
+
 /// The process-wide tap.
 pub struct Tap {
+    /// Open taps; zero makes [`emit`] a single load.
     taps: AtomicUsize,
-    tx: broadcast::Sender<Arc<TapEvent>>,
+    tx: broadcast::Sender<Arc<Observed>>,
 }
 
 pub static TAP: LazyLock<Tap> = LazyLock::new(|| Tap {
@@ -98,24 +115,99 @@ pub fn enabled() -> bool {
 #[inline]
 pub fn emit(make: impl FnOnce() -> TapEvent) {
     if enabled() {
-        let _ = TAP.tx.send(Arc::new(make()));
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let _ = TAP.tx.send(Arc::new(Observed {
+            ts_ms,
+            event: make(),
+        }));
     }
 }
 
 /// An open tap; closing it (drop) makes emitting free again once no tap is left.
 pub struct TapSubscription {
-    pub rx: broadcast::Receiver<Arc<TapEvent>>,
+    pub rx: broadcast::Receiver<Arc<Observed>>,
 }
 
-pub fn subscribe() -> TapSubscription {
-    TAP.taps.fetch_add(1, Ordering::Relaxed);
-    TapSubscription {
-        rx: TAP.tx.subscribe(),
+/// Why a tap could not be opened.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TapError {
+    #[error("{MAX_TAPS} taps are open already")]
+    TooManyTaps,
+}
+
+/// Open a tap, unless [`MAX_TAPS`] are open already.
+pub fn subscribe() -> Result<TapSubscription, TapError> {
+    let taken = TAP
+        .taps
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_TAPS).then_some(n + 1)
+        });
+    if taken.is_err() {
+        return Err(TapError::TooManyTaps);
     }
+    Ok(TapSubscription {
+        rx: TAP.tx.subscribe(),
+    })
 }
 
 impl Drop for TapSubscription {
     fn drop(&mut self) {
-        TAP.taps.fetch_sub(1, Ordering::Relaxed);
+        TAP.taps.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_flow_only_while_tapped_serialize_flat_and_taps_are_bounded() {
+        let built = std::sync::atomic::AtomicBool::new(false);
+        emit(|| {
+            built.store(true, Ordering::Relaxed);
+            TapEvent::VmState {
+                vm: "a".into(),
+                state: "ready".into(),
+                reason: None,
+            }
+        });
+        assert!(
+            !built.load(Ordering::Relaxed),
+            "built an event with no tap open"
+        );
+
+        let Ok(mut tap) = subscribe() else {
+            panic!("cannot open a tap");
+        };
+        emit(|| TapEvent::ProcessExited {
+            vm: "vm1".into(),
+            token: "t".into(),
+            status: 3,
+        });
+        let Ok(got) = tap.rx.try_recv() else {
+            panic!("no event")
+        };
+        let v = serde_json::to_value(&*got).unwrap_or_default();
+        assert_eq!(v["event"], "process_exited");
+        assert_eq!(v["vm"], "vm1");
+        assert_eq!(v["status"], 3);
+        assert!(v["ts_ms"].as_u64().unwrap_or(0) > 0);
+        drop(tap);
+        assert!(!enabled());
+
+        // The number of taps is bounded.
+        let mut open = Vec::new();
+        while let Ok(t) = subscribe() {
+            open.push(t);
+        }
+        assert!(open.len() <= MAX_TAPS);
+        assert_eq!(subscribe().err(), Some(TapError::TooManyTaps));
+        open.pop();
+        assert!(subscribe().is_ok());
+        open.clear();
+        assert!(!enabled());
     }
 }

@@ -1,19 +1,46 @@
-//! `tap.observe {vm?, filter?, limit?}` (WebSocket): live [`TapEvent`]s as notifications `tap.event`.
+//! `tap.observe {vm?, filter?, limit?, rate?}` (WebSocket): live tap events as `tap.event` notifications.
 //!
-//! `filter` is a list of event names (`agent_command`, `process_started`, `process_exited`,
-//! `stream_attached`, `stream_detached`, `vm_state`); `limit` closes the tap after that many events.
+//! `vm` keeps one VM's events; `filter` is a list of event names (`agent_command`, `process_started`,
+//! `process_exited`, `stream_attached`, `stream_detached`, `vm_state`); `limit` ends the tap after that many
+//! events; `rate` lowers the per-tap bound on events per second (default and maximum [`DEFAULT_RATE`]).
+//!
+//! Each notification is one JSON object: `ts_ms`, `event` and the event's fields. Events this tapper lost
+//! (over its rate, its client not reading, or behind the shared ring) are counted and, as soon as there is
+//! room, reported in order as `{"ts_ms": .., "event": "dropped", "count": N}`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use jsonrpsee::RpcModule;
+use jsonrpsee::core::server::TrySendError;
+use jsonrpsee::{PendingSubscriptionSink, RpcModule, SubscriptionSink};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::admin::metrics::METRICS;
-use crate::admin::tap::{self, TapEvent};
+use crate::admin::tap::{self, Observed, TapEvent};
+use crate::error::ProxyError;
 use crate::server::Proxy;
 
-#[derive(Deserialize, Default)]
+/// Events per second one tap receives at most (a terminal cannot show more); also the burst allowance.
+pub const DEFAULT_RATE: u32 = 1000;
+/// Notifications of one tap waiting in its connection's send buffer; past this the tapper's client is too
+/// slow and events are dropped instead of queued.
+pub const TAP_QUEUE: usize = 256;
+/// How often a pending `dropped` report is retried when no event comes to carry it.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+const EVENT_NAMES: [&str; 6] = [
+    "agent_command",
+    "process_started",
+    "process_exited",
+    "stream_attached",
+    "stream_detached",
+    "vm_state",
+];
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
 struct TapParams {
     #[serde(default)]
     vm: Option<String>,
@@ -21,9 +48,32 @@ struct TapParams {
     filter: Option<Vec<String>>,
     #[serde(default)]
     limit: Option<u64>,
+    #[serde(default)]
+    rate: Option<u32>,
 }
 
 impl TapParams {
+    fn check(&self) -> Result<(), ProxyError> {
+        if let Some(f) = &self.filter {
+            if let Some(bad) = f.iter().find(|n| !EVENT_NAMES.contains(&n.as_str())) {
+                return Err(ProxyError::invalid(
+                    "filter",
+                    format!("unknown event {bad:?}; known: {}", EVENT_NAMES.join(", ")),
+                ));
+            }
+        }
+        if self.rate == Some(0) || self.rate.is_some_and(|r| r > DEFAULT_RATE) {
+            return Err(ProxyError::invalid(
+                "rate",
+                format!("events per second, 1 to {DEFAULT_RATE}"),
+            ));
+        }
+        if self.limit == Some(0) {
+            return Err(ProxyError::invalid("limit", "at least 1"));
+        }
+        Ok(())
+    }
+
     fn wants(&self, e: &TapEvent) -> bool {
         self.vm.as_deref().is_none_or(|vm| vm == e.vm())
             && self
@@ -33,49 +83,242 @@ impl TapParams {
     }
 }
 
+/// A token bucket: `rate` tokens a second, holding at most one second's worth.
+struct RateBound {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateBound {
+    fn new(rate: u32) -> RateBound {
+        RateBound {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What happened to one notification handed to the sink.
+enum Sent {
+    Yes,
+    NoRoom,
+    Closed,
+}
+
+/// One tapper's delivery state: its sink, its rate bound and the events it lost but was not told about.
+struct Delivery {
+    sink: SubscriptionSink,
+    bound: RateBound,
+    unreported: u64,
+    sent: u64,
+}
+
+impl Delivery {
+    /// Hand `msg` to the connection unless this tap already has [`TAP_QUEUE`] notifications waiting there.
+    fn offer(&mut self, msg: Box<RawValue>) -> Sent {
+        let waiting = self
+            .sink
+            .max_capacity()
+            .saturating_sub(self.sink.capacity());
+        if waiting >= TAP_QUEUE {
+            return Sent::NoRoom;
+        }
+        match self.sink.try_send(msg) {
+            Ok(()) => Sent::Yes,
+            Err(TrySendError::Full(_)) => Sent::NoRoom,
+            Err(TrySendError::Closed(_)) => Sent::Closed,
+        }
+    }
+
+    fn lose(&mut self, n: u64) {
+        self.unreported += n;
+        METRICS.tap_dropped.inc_by(n);
+    }
+
+    /// Tell the tapper how many events it lost, if any and if there is room; false once the client left.
+    fn report(&mut self) -> bool {
+        if self.unreported == 0 {
+            return true;
+        }
+        let Ok(msg) = serde_json::value::to_raw_value(&serde_json::json!({
+            "ts_ms": now_ms(),
+            "event": "dropped",
+            "count": self.unreported,
+        })) else {
+            return true;
+        };
+        match self.offer(msg) {
+            Sent::Yes => {
+                self.unreported = 0;
+                true
+            }
+            Sent::NoRoom => true,
+            Sent::Closed => false,
+        }
+    }
+
+    /// Deliver one wanted event; false once the client left.
+    fn deliver(&mut self, e: &Observed) -> bool {
+        if !self.bound.take(Instant::now()) {
+            self.lose(1);
+            return true;
+        }
+        if !self.report() {
+            return false;
+        }
+        let Ok(msg) = serde_json::value::to_raw_value(e) else {
+            return true;
+        };
+        match self.offer(msg) {
+            Sent::Yes => {
+                self.sent += 1;
+                true
+            }
+            Sent::NoRoom => {
+                self.lose(1);
+                true
+            }
+            Sent::Closed => false,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn observe(params: TapParams, pending: PendingSubscriptionSink) {
+    if let Err(e) = params.check() {
+        pending.reject(e).await;
+        return;
+    }
+    let mut tap = match tap::subscribe() {
+        Ok(t) => t,
+        Err(e) => {
+            pending.reject(ProxyError::Limit(e.to_string())).await;
+            return;
+        }
+    };
+    let Ok(sink) = pending.accept().await else {
+        return;
+    };
+    tracing::info!(vm = ?params.vm, filter = ?params.filter, "tap opened");
+    let mut d = Delivery {
+        sink,
+        bound: RateBound::new(params.rate.unwrap_or(DEFAULT_RATE)),
+        unreported: 0,
+        sent: 0,
+    };
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            _ = d.sink.closed() => break,
+            _ = tick.tick() => {
+                if !d.report() {
+                    break;
+                }
+                continue;
+            }
+            e = tap.rx.recv() => e,
+        };
+        match event {
+            Ok(e) if params.wants(&e.event) => {
+                if !d.deliver(&e) {
+                    break;
+                }
+                if params.limit.is_some_and(|l| d.sent >= l) {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            // The ring overwrote events this tap had not read; they may or may not have been wanted, so the
+            // report counts them all.
+            Err(RecvError::Lagged(n)) => d.lose(n),
+            Err(RecvError::Closed) => break,
+        }
+    }
+    tracing::info!(sent = d.sent, "tap closed");
+}
+
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
-    let _ = m.register_subscription(
+    let registered = m.register_subscription(
         "tap.observe",
         "tap.event",
         "tap.unobserve",
         |params, pending, _, _| async move {
-            let p: TapParams = match params.parse() {
-                Ok(p) => p,
-                Err(e) => {
-                    pending.reject(e).await;
-                    return;
+            let p: TapParams = if params.is_object() {
+                match params.parse() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        pending.reject(e).await;
+                        return;
+                    }
                 }
-            };
-            let mut tap = tap::subscribe();
-            let Ok(sink) = pending.accept().await else {
+            } else if params.as_str().is_none_or(|s| s.trim().is_empty()) {
+                TapParams::default()
+            } else {
+                pending
+                    .reject(ProxyError::invalid(
+                        "params",
+                        "an object {vm?, filter?, limit?, rate?}",
+                    ))
+                    .await;
                 return;
             };
-            let mut sent = 0u64;
-            loop {
-                let event = tokio::select! {
-                    _ = sink.closed() => return,
-                    e = tap.rx.recv() => e,
-                };
-                match event {
-                    Ok(e) if p.wants(&e) => {
-                        let Ok(msg) = serde_json::value::to_raw_value(&*e) else {
-                            continue;
-                        };
-                        if sink.send(msg).await.is_err() {
-                            return;
-                        }
-                        sent += 1;
-                        if p.limit.is_some_and(|l| sent >= l) {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(n)) => {
-                        METRICS.tap_dropped.inc_by(n);
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-            }
+            observe(p, pending).await;
         },
     );
+    if let Err(e) = registered {
+        tracing::error!(error = %e, "cannot register tap.observe");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_bound_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut b = RateBound::new(5);
+        let burst = (0..20).filter(|_| b.take(start)).count();
+        assert_eq!(burst, 5);
+        let later = start + Duration::from_millis(1000);
+        let next = (0..20).filter(|_| b.take(later)).count();
+        assert_eq!(next, 5);
+    }
+
+    #[test]
+    fn params_are_checked() {
+        let bad: TapParams =
+            serde_json::from_value(serde_json::json!({"filter": ["nope"]})).unwrap_or_default();
+        assert!(bad.check().is_err());
+        let rate: TapParams =
+            serde_json::from_value(serde_json::json!({"rate": 0})).unwrap_or_default();
+        assert!(rate.check().is_err());
+        assert!(serde_json::from_value::<TapParams>(serde_json::json!({"vm": 1})).is_err());
+        let ok: TapParams = serde_json::from_value(
+            serde_json::json!({"vm": "a", "filter": ["agent_command"], "limit": 3, "rate": 10}),
+        )
+        .unwrap_or_default();
+        assert!(ok.check().is_ok());
+    }
 }
