@@ -144,7 +144,6 @@ impl Stream {
         lock(&self.inner).lifecycle
     }
 
-    #[allow(dead_code)] // used by the legacy v2 session, which waits for a shim before starting a process
     pub fn is_attached(&self) -> bool {
         matches!(lock(&self.inner).shim, ShimState::Attached(_))
     }
@@ -313,7 +312,6 @@ impl Stream {
     }
 
     /// Wait until a shim is attached, up to `timeout`. Returns whether one is.
-    #[allow(dead_code)] // used by the legacy v2 session
     pub async fn wait_attached(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

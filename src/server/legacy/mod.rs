@@ -1,0 +1,177 @@
+//! Legacy v2 sessions: Clear Containers runtimes and shims speaking the original cc-proxy's binary protocol
+//! (`cc_proxy_api::legacy`) on the shared socket, detected by the first bytes `00 02`.
+//!
+//! A session reads one frame at a time and answers each command with one response, in order:
+//! - [`commands`]: RegisterVM, AttachVM, UnregisterVM and Hyper, which a runtime sends. They use the same
+//!   registry, VM actors and tokens as the JSON-RPC API, so a VM registered by one is visible to the other.
+//! - [`shim`]: ConnectShim turns the connection into one process's shim; its output is written as stream
+//!   frames and its exit as a ProcessExited notification; stdin, Signal and DisconnectShim come back.
+//! - log stream frames, from any client, are written into the daemon's own log.
+//!
+//! A protocol error (a malformed frame, a frame a client may not send, an invalid log entry) closes only the
+//! offending connection, with a log line saying why. A command that fails gets an error response and the
+//! session goes on.
+
+mod commands;
+mod shim;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cc_proxy_api::legacy::{
+    Command, Frame, FrameError, LegacyCodec, LogEntry, Message, StreamKind,
+};
+use futures::{SinkExt, StreamExt};
+use tokio::io::WriteHalf;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::detect::RewindUnix;
+use super::{Peer, Proxy};
+use crate::vm::Vm;
+
+/// The write side of a session, shared by the command handler and a shim's output task.
+pub(crate) type Writer = Arc<tokio::sync::Mutex<FramedWrite<WriteHalf<RewindUnix>, LegacyCodec>>>;
+
+/// Why a session is closed. Each is logged with the client's identity.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("malformed frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("a client may not send {0}")]
+    Forbidden(&'static str),
+    #[error("stdin frame from a client that is not a shim")]
+    StdinFromNonShim,
+    #[error("invalid log entry: {0}")]
+    Log(String),
+    #[error("cannot write to the client: {0}")]
+    Write(FrameError),
+}
+
+/// What the session does after a frame.
+enum Flow {
+    Continue,
+    /// Close the connection without a response (DisconnectShim).
+    Close,
+}
+
+/// One legacy client connection.
+struct Session {
+    proxy: Arc<Proxy>,
+    peer: Peer,
+    out: Writer,
+    /// The VM this client registered or attached to (Hyper commands go to it).
+    vm: Option<Arc<Vm>>,
+    /// Set once ConnectShim succeeded.
+    shim: Option<shim::Shim>,
+}
+
+/// Serve one legacy v2 connection until the client leaves or breaks the protocol.
+pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix, peer: Peer) {
+    let (rd, wr) = tokio::io::split(conn);
+    let mut reader = FramedRead::new(rd, LegacyCodec::default());
+    let mut session = Session {
+        proxy,
+        peer,
+        out: Arc::new(tokio::sync::Mutex::new(FramedWrite::new(
+            wr,
+            LegacyCodec::default(),
+        ))),
+        vm: None,
+        shim: None,
+    };
+    loop {
+        let result = match reader.next().await {
+            None => break,
+            Some(Err(FrameError::Io(e))) => {
+                tracing::debug!(client = %session.peer, error = %e, "legacy client read failed");
+                break;
+            }
+            Some(Err(e)) => Err(SessionError::Frame(e)),
+            Some(Ok(frame)) => session.handle(frame).await,
+        };
+        match result {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Close) => break,
+            Err(e) => {
+                tracing::warn!(client = %session.peer, error = %e, "closing legacy connection: protocol error");
+                break;
+            }
+        }
+    }
+    session.end().await;
+}
+
+impl Session {
+    async fn handle(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        match frame.message {
+            Message::Command(command) => {
+                tracing::debug!(client = %self.peer, command = command.name(), len = frame.payload.len(), "legacy command");
+                let reply = match command {
+                    Command::ConnectShim => return self.connect_shim(&frame.payload).await,
+                    Command::DisconnectShim => return self.disconnect_shim().await,
+                    Command::Signal => self.signal(&frame.payload).await,
+                    other => self.command(other, &frame.payload).await,
+                };
+                let response = match reply {
+                    Ok(payload) => Frame::ok(command, payload),
+                    Err(e) => {
+                        tracing::info!(client = %self.peer, command = command.name(), error = %e, "legacy command failed");
+                        Frame::error(command, &e.to_string())
+                    }
+                };
+                self.send(response).await?;
+                Ok(Flow::Continue)
+            }
+            Message::Response { .. } => Err(SessionError::Forbidden("response frames")),
+            Message::Notification(_) => Err(SessionError::Forbidden("notification frames")),
+            Message::Stream(StreamKind::Stdout) => Err(SessionError::Forbidden("stdout frames")),
+            Message::Stream(StreamKind::Stderr) => Err(SessionError::Forbidden("stderr frames")),
+            Message::Stream(StreamKind::Stdin) => {
+                let Some(shim) = &self.shim else {
+                    return Err(SessionError::StdinFromNonShim);
+                };
+                shim.stdin(frame.payload).await;
+                Ok(Flow::Continue)
+            }
+            Message::Stream(StreamKind::Log) => {
+                self.log(&frame.payload)?;
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    /// Write one frame now.
+    async fn send(&self, frame: Frame) -> Result<(), SessionError> {
+        self.out
+            .lock()
+            .await
+            .send(frame)
+            .await
+            .map_err(SessionError::Write)
+    }
+
+    /// A log entry from a runtime or shim, written into the daemon's log at its level.
+    fn log(&self, payload: &Bytes) -> Result<(), SessionError> {
+        let entry: LogEntry =
+            serde_json::from_slice(payload).map_err(|e| SessionError::Log(e.to_string()))?;
+        entry
+            .validate()
+            .map_err(|e| SessionError::Log(e.to_string()))?;
+        let container = entry.container_id.as_deref().unwrap_or("");
+        let (source, client, msg) = (&entry.source, &self.peer, &entry.msg);
+        match entry.level.as_str() {
+            "debug" => tracing::debug!(source = %source, container, client = %client, "{msg}"),
+            "info" => tracing::info!(source = %source, container, client = %client, "{msg}"),
+            "warn" => tracing::warn!(source = %source, container, client = %client, "{msg}"),
+            _ => tracing::error!(source = %source, container, client = %client, "{msg}"),
+        }
+        Ok(())
+    }
+
+    /// The connection is over: a shim that left without DisconnectShim keeps its token for a later reclaim.
+    async fn end(&mut self) {
+        if let Some(shim) = self.shim.take() {
+            shim.abandon(&self.peer).await;
+        }
+    }
+}

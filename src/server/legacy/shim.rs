@@ -1,0 +1,317 @@
+//! The shim side of a legacy session: after ConnectShim the connection carries one process's stdio.
+//!
+//! - An output task takes frames from the token's stream and writes them: stdout and stderr as stream frames,
+//!   the exit as a ProcessExited notification. The protocol has no error frame for shims, so a stream that
+//!   fails (VM lost, unregistered, stalled) ends with ProcessExited [`FAILED_EXIT_CODE`] and a log line
+//!   naming the cause: a shim never sees a bare EOF.
+//! - Frames the task could not write when the shim vanished go back to the stream; the token stays valid and
+//!   a new connection can reclaim it with ConnectShim.
+//! - DisconnectShim frees the token and closes the connection without a response.
+//! - Signal: SIGWINCH with a size becomes a window resize; other signals go to the process. SIGKILL or SIGTERM
+//!   before the process started is answered with ProcessExited(0), then the response.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cc_proxy_api::legacy::{self, Command, Frame, Message, StreamKind, SIGNAL_LIMIT, SIGWINCH};
+use cc_proxy_api::stream::{self as shimstream, Channel};
+use futures::SinkExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::commands::{parse, CommandError};
+use super::{Flow, Session, SessionError, Writer};
+use crate::server::rpc;
+use crate::stream::{AttachError, Lifecycle, Stream, Take, Token};
+use crate::vm::Vm;
+
+/// The exit code a shim gets when its stream ends without an exit status (VM lost, token freed elsewhere).
+pub const FAILED_EXIT_CODE: u8 = 255;
+
+const SIGKILL: i64 = 9;
+const SIGTERM: i64 = 15;
+
+/// A connection that is a shim.
+pub(super) struct Shim {
+    vm: Arc<Vm>,
+    stream: Arc<Stream>,
+    /// Stops the output task when the shim leaves.
+    gone: CancellationToken,
+    output: JoinHandle<OutputEnd>,
+}
+
+/// How the output task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutputEnd {
+    /// The session stopped it.
+    Stopped,
+    /// Writing failed; the unwritten frames went back to the stream.
+    WriteFailed,
+    /// The exit notification was written; the stream is complete.
+    Finished,
+    /// Another attachment took over.
+    Superseded,
+}
+
+impl Shim {
+    /// Stdin for the process; empty closes its stdin. Ignored once the stream is over.
+    pub(super) async fn stdin(&self, data: Bytes) {
+        if matches!(
+            self.stream.lifecycle(),
+            Lifecycle::Finished | Lifecycle::Closed
+        ) {
+            tracing::debug!(vm = %self.vm.id, token = %self.stream.token, len = data.len(), "stdin after the stream ended; ignored");
+            return;
+        }
+        if let Err(e) = self.vm.send_stdin(self.stream.stdio, data).await {
+            tracing::debug!(vm = %self.vm.id, token = %self.stream.token, error = %e, "stdin not delivered");
+        }
+    }
+
+    /// Stop the output task and say how it ended.
+    async fn stop(self) -> (Arc<Vm>, Arc<Stream>, OutputEnd) {
+        self.gone.cancel();
+        let end = self.output.await.unwrap_or(OutputEnd::Stopped);
+        (self.vm, self.stream, end)
+    }
+
+    /// The connection went away without DisconnectShim: keep the token for a reclaim.
+    pub(super) async fn abandon(self, peer: &crate::server::Peer) {
+        let (vm, stream, end) = self.stop().await;
+        if end == OutputEnd::Stopped {
+            vm.shim_detached(&stream.token, "drop");
+            tracing::info!(vm = %vm.id, token = %stream.token, client = %peer, "legacy shim went away; token kept for a reclaim");
+        }
+    }
+}
+
+impl Session {
+    /// ConnectShim: attach to the token's stream, answer, then start writing its output.
+    pub(super) async fn connect_shim(&mut self, payload: &[u8]) -> Result<Flow, SessionError> {
+        match self.try_connect_shim(payload) {
+            Ok((vm, stream, attach)) => {
+                self.send(Frame::ok(Command::ConnectShim, Bytes::new()))
+                    .await
+                    .inspect_err(|_| stream.release(attach, Vec::new()))?;
+                tracing::info!(vm = %vm.id, token = %stream.token, client = %self.peer, "legacy shim connected");
+                crate::admin::tap::emit(|| crate::admin::tap::TapEvent::StreamAttached {
+                    vm: vm.id.clone(),
+                    token: stream.token.short().to_string(),
+                });
+                let gone = CancellationToken::new();
+                let output = tokio::spawn(output_loop(
+                    vm.clone(),
+                    stream.clone(),
+                    attach,
+                    self.out.clone(),
+                    gone.clone(),
+                ));
+                self.shim = Some(Shim {
+                    vm,
+                    stream,
+                    gone,
+                    output,
+                });
+            }
+            Err(e) => {
+                tracing::info!(client = %self.peer, error = %e, "legacy ConnectShim failed");
+                self.send(Frame::error(Command::ConnectShim, &e.to_string()))
+                    .await?;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn try_connect_shim(
+        &self,
+        payload: &[u8],
+    ) -> Result<(Arc<Vm>, Arc<Stream>, u64), CommandError> {
+        if self.shim.is_some() {
+            return Err(CommandError::AlreadyShim);
+        }
+        let p: legacy::ConnectShim = parse(payload)?;
+        let (vm, stream) = Token::parse(&p.token)
+            .and_then(|t| self.proxy.registry.find_token(&t))
+            .ok_or(CommandError::UnknownToken)?;
+        let attach = stream.attach().map_err(|e| match e {
+            AttachError::Busy => CommandError::ShimBusy,
+            AttachError::Closed => CommandError::UnknownToken,
+        })?;
+        Ok((vm, stream, attach))
+    }
+
+    /// DisconnectShim: free the token and close the connection (no response).
+    pub(super) async fn disconnect_shim(&mut self) -> Result<Flow, SessionError> {
+        let Some(shim) = self.shim.take() else {
+            self.send(Frame::error(
+                Command::DisconnectShim,
+                &CommandError::NotShim.to_string(),
+            ))
+            .await?;
+            return Ok(Flow::Continue);
+        };
+        let (vm, stream, end) = shim.stop().await;
+        vm.free_stream(&stream.token);
+        if end == OutputEnd::Stopped {
+            vm.shim_detached(&stream.token, "close");
+        }
+        tracing::info!(vm = %vm.id, token = %stream.token, client = %self.peer, "legacy shim disconnected; token freed");
+        Ok(Flow::Close)
+    }
+
+    /// Signal: a signal or (SIGWINCH) a window size for the shim's process.
+    pub(super) async fn signal(&mut self, payload: &[u8]) -> Result<Bytes, CommandError> {
+        let Some(shim) = &self.shim else {
+            return Err(CommandError::NotShim);
+        };
+        let p: legacy::Signal = parse(payload)?;
+        let n = p.signal_number;
+        if !(0..SIGNAL_LIMIT).contains(&n) {
+            return Err(CommandError::Signal(format!(
+                "{n} is not between 0 and {}",
+                SIGNAL_LIMIT - 1
+            )));
+        }
+        if n == SIGWINCH {
+            let (Ok(cols), Ok(rows)) = (u16::try_from(p.columns), u16::try_from(p.rows)) else {
+                return Err(CommandError::Signal(
+                    "columns and rows must be between 1 and 65535".into(),
+                ));
+            };
+            if cols == 0 || rows == 0 {
+                return Err(CommandError::Signal(
+                    "SIGWINCH needs non-zero columns and rows".into(),
+                ));
+            }
+            rpc::stream::resize(&shim.vm, &shim.stream, rows, cols).await?;
+            return Ok(Bytes::new());
+        }
+        if p.columns != 0 || p.rows != 0 {
+            return Err(CommandError::Signal(
+                "columns and rows must be 0 for a signal other than SIGWINCH".into(),
+            ));
+        }
+        if (n == SIGKILL || n == SIGTERM) && shim.stream.lifecycle() == Lifecycle::Allocated {
+            // The process never started: to the shim it has ended, successfully.
+            tracing::info!(vm = %shim.vm.id, token = %shim.stream.token, signal = n, "signal before the process started; reporting exit 0");
+            self.out
+                .lock()
+                .await
+                .send(Frame::process_exited(0))
+                .await
+                .map_err(|e| CommandError::Signal(format!("cannot notify the shim: {e}")))?;
+            return Ok(Bytes::new());
+        }
+        // n < 31 always fits.
+        rpc::stream::signal(&shim.vm, &shim.stream, n as i32).await?;
+        Ok(Bytes::new())
+    }
+}
+
+/// Write the stream's output to the shim until the stream ends, the shim leaves, or a write fails.
+async fn output_loop(
+    vm: Arc<Vm>,
+    stream: Arc<Stream>,
+    attach: u64,
+    out: Writer,
+    gone: CancellationToken,
+) -> OutputEnd {
+    loop {
+        let notified = stream.shim_notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match stream.take(attach) {
+            Take::Frames(frames) if frames.is_empty() => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = gone.cancelled() => {
+                        stream.release(attach, Vec::new());
+                        return OutputEnd::Stopped;
+                    }
+                }
+            }
+            Take::Frames(frames) => {
+                if let Err(unwritten) = write_batch(&vm, &stream, &out, frames, false).await {
+                    stream.release(attach, unwritten);
+                    vm.shim_detached(&stream.token, "drop");
+                    return OutputEnd::WriteFailed;
+                }
+            }
+            Take::Last(frames) => {
+                if let Err(unwritten) = write_batch(&vm, &stream, &out, frames, true).await {
+                    // Keep the token: a reclaiming shim gets the rest, exit included.
+                    stream.release(attach, unwritten);
+                    vm.shim_detached(&stream.token, "drop");
+                    return OutputEnd::WriteFailed;
+                }
+                vm.free_stream(&stream.token);
+                tracing::debug!(vm = %vm.id, token = %stream.token, "legacy stream complete; token freed");
+                return OutputEnd::Finished;
+            }
+            Take::Detach => {
+                stream.release(attach, Vec::new());
+                return OutputEnd::Stopped;
+            }
+            Take::Superseded => return OutputEnd::Superseded,
+        }
+    }
+}
+
+/// Translate and write a batch. `last`: the stream is over, so make sure the shim gets an exit notification.
+/// On failure every frame of the batch is given back (at-least-once across a reclaim).
+async fn write_batch(
+    vm: &Vm,
+    stream: &Stream,
+    out: &Writer,
+    frames: Vec<shimstream::Frame>,
+    last: bool,
+) -> Result<(), Vec<shimstream::Frame>> {
+    let mut legacy_frames = Vec::with_capacity(frames.len() + 1);
+    let mut exit_written = false;
+    for f in &frames {
+        match f.channel {
+            Channel::Stdout | Channel::Stderr => {
+                let kind = if f.channel == Channel::Stdout {
+                    StreamKind::Stdout
+                } else {
+                    StreamKind::Stderr
+                };
+                for chunk in f.payload.chunks(legacy::MAX_PAYLOAD) {
+                    legacy_frames.push(Frame::new(
+                        Message::Stream(kind),
+                        f.payload.slice_ref(chunk),
+                    ));
+                }
+            }
+            Channel::Exit => {
+                let status = f.exit_status().unwrap_or(i32::from(FAILED_EXIT_CODE));
+                let code = u8::try_from(status).unwrap_or(FAILED_EXIT_CODE);
+                legacy_frames.push(Frame::process_exited(code));
+                exit_written = true;
+            }
+            Channel::Error => {
+                let reason = String::from_utf8_lossy(&f.payload);
+                tracing::warn!(vm = %vm.id, token = %stream.token, reason = %reason, code = FAILED_EXIT_CODE,
+                    "legacy shim's stream failed; reporting it as an exit");
+                legacy_frames.push(Frame::process_exited(FAILED_EXIT_CODE));
+                exit_written = true;
+            }
+            Channel::Stdin | Channel::Control => {}
+        }
+    }
+    if last && !exit_written {
+        tracing::warn!(vm = %vm.id, token = %stream.token, code = FAILED_EXIT_CODE,
+            "legacy shim's stream was closed before the process's exit was known; reporting it as an exit");
+        legacy_frames.push(Frame::process_exited(FAILED_EXIT_CODE));
+    }
+    let mut w = out.lock().await;
+    for f in legacy_frames {
+        if w.feed(f).await.is_err() {
+            return Err(frames);
+        }
+    }
+    if w.flush().await.is_err() {
+        return Err(frames);
+    }
+    Ok(())
+}
