@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -105,6 +106,16 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Makes `cmd`'s child receive `signal` when the thread that spawned it dies, so a test run killed outright
+/// leaves no daemon or VM behind (boot.sh also watches our pid, as a second line).
+fn die_with_parent(cmd: &mut Command, signal: Signal) -> &mut Command {
+    // SAFETY: the closure runs in the forked child before exec; it makes one prctl call, which is
+    // async-signal-safe, and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from))
+    }
+}
+
 /// The last `lines` lines of a log file, for failure messages.
 fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
@@ -130,7 +141,8 @@ impl Vm {
             .expect("create a VM work dir");
         let log = fs::File::create(work.path().join("boot.log")).expect("create boot.log");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm/boot.sh");
-        let boot = Command::new("bash")
+        let mut cmd = Command::new("bash");
+        let boot = die_with_parent(&mut cmd, Signal::SIGTERM)
             .arg(script)
             .arg("--workdir")
             .arg(work.path())
@@ -254,7 +266,8 @@ impl Proxy {
             .expect("create a daemon dir");
         let socket = dir.path().join("proxy.sock");
         let log = fs::File::create(dir.path().join("proxy.log")).expect("create proxy.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cc-proxy"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cc-proxy"));
+        let mut child = die_with_parent(&mut cmd, Signal::SIGKILL)
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
