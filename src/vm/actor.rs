@@ -60,8 +60,15 @@ struct InFlight {
     deadline: Instant,
 }
 
-pub fn spawn(vm: Arc<Vm>, rx: mpsc::Receiver<Call>, reader: ControlReader, writer: ControlWriter) {
-    tokio::spawn(run(vm, rx, reader, writer));
+/// Start the actor; `deferred` are unsolicited messages the handshake received before the VM existed.
+pub fn spawn(
+    vm: Arc<Vm>,
+    rx: mpsc::Receiver<Call>,
+    reader: ControlReader,
+    writer: ControlWriter,
+    deferred: Vec<ControlFrame>,
+) {
+    tokio::spawn(run(vm, rx, reader, writer, deferred));
 }
 
 async fn run(
@@ -69,9 +76,15 @@ async fn run(
     mut rx: mpsc::Receiver<Call>,
     mut reader: ControlReader,
     mut writer: ControlWriter,
+    deferred: Vec<ControlFrame>,
 ) {
     let mut queue: VecDeque<Call> = VecDeque::new();
     let mut inflight: Option<InFlight> = None;
+    for frame in deferred {
+        if let Some(reason) = on_frame(&vm, frame, &mut inflight) {
+            vm.mark_lost(reason);
+        }
+    }
     let mut last_activity = Instant::now();
     let end = 'actor: loop {
         // Put the next live call on the wire when the channel is idle.

@@ -13,21 +13,39 @@ use crate::transport::{BoxRead, BoxWrite};
 pub type ControlReader = FramedRead<BoxRead, ControlCodec>;
 pub type ControlWriter = FramedWrite<BoxWrite, ControlCodec>;
 
-/// Read frames until one with a code in `want`, skipping flow-control credit (NEXT) and async events.
+/// Most unsolicited messages kept during one handshake.
+const MAX_DEFERRED: usize = 1024;
+
+/// What the handshake learned.
+pub struct Handshake {
+    pub dialect: Dialect,
+    pub api_version: u32,
+    /// Unsolicited messages (e.g. exit events an agent replays after a reconnect) that arrived before the
+    /// GETVERSION reply, in order; the actor handles them first.
+    pub deferred: Vec<ControlFrame>,
+}
+
+/// Read frames until one with a code in `want`. Flow-control credit (NEXT) and READY are skipped; anything
+/// else is kept in `deferred`.
 async fn next_of(
     vm: &str,
     reader: &mut ControlReader,
     want: &[u32],
+    deferred: &mut Vec<ControlFrame>,
 ) -> Result<ControlFrame, ProxyError> {
     loop {
         match reader.next().await {
             Some(Ok(frame)) if want.contains(&frame.code) => return Ok(frame),
+            Some(Ok(frame)) if frame.code == code::NEXT || frame.code == code::READY => {}
             Some(Ok(frame)) => {
                 tracing::debug!(
                     vm,
                     code = frame.code,
-                    "skipping agent message during handshake"
+                    "agent message during the handshake kept for later"
                 );
+                if deferred.len() < MAX_DEFERRED {
+                    deferred.push(frame);
+                }
             }
             Some(Err(e)) => {
                 return Err(ProxyError::Protocol {
@@ -45,16 +63,19 @@ async fn next_of(
 }
 
 /// Wait for READY (unless `expect_ready` is false, as after a daemon restart where the agent may not send it
-/// again), then ask GETVERSION. Returns the dialect and API version.
+/// again), then ask GETVERSION.
 pub async fn handshake(
     vm: &str,
     reader: &mut ControlReader,
     writer: &mut ControlWriter,
     timeout: Duration,
     expect_ready: bool,
-) -> Result<(Dialect, u32), ProxyError> {
+) -> Result<Handshake, ProxyError> {
+    let mut deferred = Vec::new();
     if expect_ready {
-        match tokio::time::timeout(timeout, next_of(vm, reader, &[code::READY])).await {
+        match tokio::time::timeout(timeout, next_of(vm, reader, &[code::READY], &mut deferred))
+            .await
+        {
             Ok(r) => {
                 r?;
             }
@@ -73,17 +94,21 @@ pub async fn handshake(
         })
         .await
         .map_err(|e| ProxyError::Unreachable(format!("VM {vm:?}: writing GETVERSION: {e}")))?;
-    let reply =
-        match tokio::time::timeout(timeout, next_of(vm, reader, &[code::ACK, code::ERROR])).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(ProxyError::CommandTimeout {
-                    vm: vm.into(),
-                    command: "version".into(),
-                    after: timeout,
-                })
-            }
-        };
+    let reply = match tokio::time::timeout(
+        timeout,
+        next_of(vm, reader, &[code::ACK, code::ERROR], &mut deferred),
+    )
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ProxyError::CommandTimeout {
+                vm: vm.into(),
+                command: "version".into(),
+                after: timeout,
+            })
+        }
+    };
     if reply.code == code::ERROR {
         return Err(ProxyError::Agent {
             vm: vm.into(),
@@ -91,16 +116,20 @@ pub async fn handshake(
             message: String::from_utf8_lossy(&reply.payload).into_owned(),
         });
     }
-    let version = parse_version(&reply.payload).ok_or_else(|| ProxyError::Protocol {
+    let api_version = parse_version(&reply.payload).ok_or_else(|| ProxyError::Protocol {
         vm: vm.into(),
         reason: format!(
             "GETVERSION reply of {} bytes, expected 4",
             reply.payload.len()
         ),
     })?;
-    let dialect = Dialect::from_api_version(version).ok_or(ProxyError::UnsupportedAgent {
+    let dialect = Dialect::from_api_version(api_version).ok_or(ProxyError::UnsupportedAgent {
         vm: vm.into(),
-        version,
+        version: api_version,
     })?;
-    Ok((dialect, version))
+    Ok(Handshake {
+        dialect,
+        api_version,
+        deferred,
+    })
 }

@@ -230,8 +230,9 @@ impl Registry {
         let (cr, cw) = ctl.into_split();
         let mut reader = FramedRead::new(cr, ControlCodec::default());
         let mut writer = FramedWrite::new(cw, ControlCodec::default());
-        let (dialect, api_version) =
+        let hs =
             handshake::handshake(&record.id, &mut reader, &mut writer, timeout, !recovered).await?;
+        let (dialect, api_version) = (hs.dialect, hs.api_version);
         let metrics = VmMetrics::new(&record.id);
         metrics.connected();
         let (calls_tx, calls_rx) = mpsc::channel(actor::MAX_QUEUED);
@@ -267,7 +268,7 @@ impl Registry {
             }
         }
         let (ir, iw) = iochan.into_split();
-        actor::spawn(vm.clone(), calls_rx, reader, writer);
+        actor::spawn(vm.clone(), calls_rx, reader, writer, hs.deferred);
         io::spawn(vm.clone(), ir, iw, io_rx);
         if let Some(console) = console {
             spawn_console(vm.clone(), console);
