@@ -3,7 +3,8 @@
 //! Per-VM series are created once at registration ([`VmMetrics`]) so the data path increments plain
 //! atomic counters without label lookups or allocation, and are removed when the VM is unregistered.
 
-use std::sync::LazyLock;
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -220,6 +221,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 #[derive(Clone)]
 pub struct VmMetrics {
     vm: String,
+    /// (command, result) pairs this VM has counted, so [`VmMetrics::remove`] can find their series.
+    commands_seen: Arc<Mutex<HashSet<(String, String)>>>,
     pub io_in_bytes: Counter,
     pub io_out_bytes: Counter,
     pub io_in_packets: Counter,
@@ -265,6 +268,7 @@ impl VmMetrics {
         let attaches = counter(&m.shim_attaches, &vl);
         VmMetrics {
             vm: vm.to_string(),
+            commands_seen: Arc::default(),
             io_in_bytes,
             io_out_bytes,
             io_in_packets,
@@ -281,6 +285,9 @@ impl VmMetrics {
     /// Count one agent command's outcome and latency.
     pub fn command(&self, command: &str, result: &str, seconds: f64) {
         let m = &*METRICS;
+        if let Ok(mut seen) = self.commands_seen.lock() {
+            seen.insert((command.to_string(), result.to_string()));
+        }
         m.agent_commands
             .get_or_create(&CommandLabels {
                 vm: self.vm.clone(),
@@ -346,7 +353,23 @@ impl VmMetrics {
         m.shim_attaches.remove(&vl);
         m.agent_connects.remove(&vl);
         m.vm_lost.remove(&vl);
-        for kind in ["detach", "close", "drop"] {
+        let seen: Vec<(String, String)> = self
+            .commands_seen
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for (command, result) in seen {
+            m.agent_commands.remove(&CommandLabels {
+                vm: self.vm.clone(),
+                command: command.clone(),
+                result,
+            });
+            m.agent_command_duration.remove(&CommandLatencyLabels {
+                vm: self.vm.clone(),
+                command,
+            });
+        }
+        for kind in ["detach", "close", "drop", "done"] {
             m.shim_detaches.remove(&DetachLabels {
                 vm: self.vm.clone(),
                 kind: kind.into(),
