@@ -669,3 +669,50 @@ async fn a_vm_registered_through_json_rpc_is_used_from_v2_and_back() {
     let r = rt.cmd(ATTACH_VM, json!({"containerId": "v2-vm"})).await;
     assert_eq!(r.msg(), "unknown containerID: v2-vm");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_waits_for_the_shim_and_large_stdin_is_split() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&["--dialect", "cc-agent", "--pair"]);
+    let mut rt = V2::connect(&env).await;
+    let tokens = register(&mut rt, "vm", &agent, 1).await;
+
+    // The runtime starts the process before its shim connects: the command waits for the shim.
+    let token = tokens[0].clone();
+    let started = std::time::Instant::now();
+    let runtime = tokio::spawn(async move {
+        let r = hyper(
+            &mut rt,
+            "execcmd",
+            &[&token],
+            exec(&["sh", "-c", "head -c 100000 | wc -c"]),
+        )
+        .await;
+        (r, rt)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!runtime.is_finished(), "execcmd did not wait for the shim");
+    let mut sh = shim(&env, &tokens[0]).await;
+    let (r, mut rt) = runtime.await.expect("runtime task");
+    assert!(!r.error, "{:?}", r.json());
+    assert!(started.elapsed() >= Duration::from_millis(500));
+
+    // 100000 bytes of stdin in one frame reach the process whole.
+    sh.send(T_STREAM, STDIN, &vec![b'x'; 100_000]).await;
+    let (out, _, code) = sh.collect().await;
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "100000");
+    assert_eq!(code, Some(0));
+
+    // Unregistering the VM under a running process's shim ends it with an exit notification.
+    let tokens = tokens_of(
+        &rt.cmd(ATTACH_VM, json!({"containerId": "vm", "numIOStreams": 1}))
+            .await,
+    );
+    let mut sh = shim(&env, &tokens[0]).await;
+    let r = hyper(&mut rt, "execcmd", &[&tokens[0]], exec(&["sleep", "30"])).await;
+    assert!(!r.error);
+    let r = rt.cmd(UNREGISTER_VM, json!({"containerId": "vm"})).await;
+    assert!(!r.error);
+    let (_, _, code) = sh.collect().await;
+    assert_eq!(code, Some(255), "an exit notification, not a bare EOF");
+}
