@@ -86,6 +86,7 @@ fn main() -> ExitCode {
         vm: vm::VmConfig {
             stream_buffer: cli.stream_buffer,
             keepalive: (cli.agent_keepalive > 0).then(|| Duration::from_secs(cli.agent_keepalive)),
+            stall_timeout: Duration::from_secs(cli.stall_timeout.max(1)),
         },
     };
     let code = runtime.block_on(server::run(config, activated, log));

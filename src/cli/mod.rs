@@ -56,6 +56,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
     pub stream_buffer: usize,
 
+    /// Seconds one full stream (a shim not reading) may pause its VM's I/O channel before that stream is
+    /// failed with an error frame, so the VM's other streams keep moving.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub stall_timeout: u64,
+
     /// Client subcommands: machine-readable JSON output instead of tables.
     #[arg(long, global = true)]
     pub json: bool,

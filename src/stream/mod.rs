@@ -9,7 +9,7 @@
 //! No-loss policy: output that arrives while no shim is attached, or faster than the shim reads, is kept in
 //! the stream's queue up to `limit` bytes. A full queue makes the VM's I/O reader wait (backpressure on the
 //! I/O channel, which in turn blocks the writing process in the guest). If the queue stays full for longer
-//! than the stall timeout, the stream is failed loudly (error frame, metric, log) so one stuck shim cannot halt
+//! than the stall timeout (`--stall-timeout`, default 10 s), the stream is failed loudly (error frame, metric, log) so one stuck shim cannot halt
 //! its VM's other streams forever. Output for a stream whose shim closed it on purpose is discarded and counted.
 
 pub mod token;
@@ -24,9 +24,6 @@ use tokio::sync::Notify;
 
 use crate::admin::metrics::VmMetrics;
 pub use token::Token;
-
-/// How long a stream may keep its VM's I/O channel paused before it is failed.
-pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long an exit report waits for the stdout EOF packet before it is delivered anyway.
 pub const EXIT_EOF_GRACE: Duration = Duration::from_secs(2);

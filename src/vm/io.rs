@@ -17,7 +17,6 @@ use tokio_util::codec::FramedRead;
 
 use super::Vm;
 use crate::logging::escape_bytes;
-use crate::stream::STALL_TIMEOUT;
 use crate::transport::{BoxRead, BoxWrite};
 
 /// Stdin packets queued per VM before shims wait (backpressure toward the shims).
@@ -98,12 +97,13 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
     if !has_room {
         vm.metrics.backpressure.inc();
         tracing::debug!(vm = %vm.id, token = %stream.token, "stream buffer full: pausing the I/O channel");
-        if !stream.wait_for_space(STALL_TIMEOUT).await {
+        if !stream.wait_for_space(vm.config.stall_timeout).await {
             vm.metrics.stream_failures.inc();
             tracing::warn!(vm = %vm.id, token = %stream.token, buffered = stream.buffered(),
-                "stream failed: its shim read nothing for {STALL_TIMEOUT:?} while the buffer was full");
+                "stream failed: its shim read nothing for {:?} while the buffer was full", vm.config.stall_timeout);
             stream.fail(&format!(
-                "output buffer full for {STALL_TIMEOUT:?} without the shim reading; the stream was failed to keep the VM's other streams moving"
+                "output buffer full for {:?} without the shim reading; the stream was failed to keep the VM's other streams moving",
+                vm.config.stall_timeout
             ));
         }
     }

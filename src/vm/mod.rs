@@ -39,6 +39,8 @@ pub struct VmConfig {
     pub stream_buffer: usize,
     /// PING idle agents this often (None = never).
     pub keepalive: Option<Duration>,
+    /// How long one full stream may pause the VM's I/O channel before it is failed.
+    pub stall_timeout: Duration,
 }
 
 /// Whether the VM's agent is reachable.
