@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use cc_proxy_api::client::{AttachedStream, Client, ClientError};
-use cc_proxy_api::stream::{Channel, Frame};
+use cc_proxy_api::client::{control_frame, AttachedStream, Client, ClientError};
+use cc_proxy_api::stream::{Channel, ControlMessage, Frame};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 
@@ -156,12 +156,12 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                     .token
                     .ok_or_else(|| ClientError::Decode("no token in the exec result".into()))?;
                 let mut stream = client.attach(&token).await?;
-                Ok(relay(&mut stream).await)
+                Ok(relay(&mut stream, false).await)
             }
             Command::Tap { vm, limit } => Ok(super::tap::run(&socket, vm, limit, json).await),
             Command::Attach { token } => {
                 let mut stream = client.attach(&token).await?;
-                Ok(relay(&mut stream).await)
+                Ok(relay(&mut stream, false).await)
             }
         }
     });
@@ -181,8 +181,28 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 /// Relay this process's stdin to the stream and the stream's output to stdout/stderr until the process exits.
-async fn relay(stream: &mut AttachedStream) -> u8 {
+/// With `tty`, the local terminal is in raw mode meanwhile and its size follows the window (SIGWINCH).
+async fn relay(stream: &mut AttachedStream, tty: bool) -> u8 {
+    let raw = if tty {
+        super::terminal::RawMode::enable()
+    } else {
+        None
+    };
     let (mut sink, mut source) = stream.split();
+    let mut winch = match (
+        &raw,
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()),
+    ) {
+        (Some(_), Ok(s)) => Some(s),
+        _ => None,
+    };
+    if raw.is_some() {
+        if let Some((rows, cols)) = super::terminal::size() {
+            let _ = sink
+                .send(control_frame(&ControlMessage::Resize { rows, cols }))
+                .await;
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
@@ -206,6 +226,11 @@ async fn relay(stream: &mut AttachedStream) -> u8 {
     let mut stderr = std::io::stderr();
     loop {
         tokio::select! {
+            _ = async { winch.as_mut()?.recv().await }, if winch.is_some() => {
+                if let Some((rows, cols)) = super::terminal::size() {
+                    let _ = sink.send(control_frame(&ControlMessage::Resize { rows, cols })).await;
+                }
+            }
             data = rx.recv(), if stdin_open => match data {
                 Some(data) => {
                     stdin_open = !data.is_empty();

@@ -2,6 +2,7 @@
 
 pub mod commands;
 pub mod tap;
+mod terminal;
 
 use std::path::PathBuf;
 
