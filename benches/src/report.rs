@@ -1,0 +1,725 @@
+//! The results of a run: target rows with verdicts, `results.json`, `docs/benchmarks.md` and its SVG charts
+//! (drawn by hand: a bar per figure and a marker at its target).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::latency::{Latency, ModeLatency};
+use crate::procs::Setup;
+use crate::scale::ScaleRun;
+use crate::stats::Summary;
+use crate::throughput::Run;
+use crate::{BenchError, Plan};
+
+/// Where and how the run happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunMeta {
+    pub quick: bool,
+    pub plan: Plan,
+    pub proxy_bin: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub git_commit: String,
+    pub unix_time: u64,
+    pub elapsed_secs: f64,
+}
+
+impl RunMeta {
+    pub fn collect(setup: &Setup, quick: bool, plan: Plan) -> RunMeta {
+        let cmd = |prog: &str, args: &[&str]| {
+            std::process::Command::new(prog)
+                .args(args)
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default()
+        };
+        RunMeta {
+            quick,
+            plan,
+            proxy_bin: setup.proxy_bin.display().to_string(),
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            kernel: cmd("uname", &["-r"]),
+            git_commit: cmd("git", &["rev-parse", "--short", "HEAD"]),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            elapsed_secs: 0.0,
+        }
+    }
+}
+
+/// Paired repetitions of a baseline and the proxied path.
+#[derive(Debug, Clone, Default)]
+pub struct ThroughputPair {
+    pub base: Vec<Run>,
+    pub proxy: Vec<Run>,
+}
+
+impl ThroughputPair {
+    /// Per-repetition ratios proxy / baseline.
+    fn ratios(&self) -> Vec<f64> {
+        self.base
+            .iter()
+            .zip(&self.proxy)
+            .map(|(b, p)| if b.rate > 0.0 { p.rate / b.rate } else { 0.0 })
+            .collect()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let mib = |v: &[Run]| {
+            v.iter()
+                .map(|r| r.rate / (1 << 20) as f64)
+                .collect::<Vec<_>>()
+        };
+        serde_json::json!({
+            "baseline_mib_s": mib(&self.base),
+            "proxy_mib_s": mib(&self.proxy),
+            "baseline_fairness": self.base.iter().map(|r| r.fairness).collect::<Vec<_>>(),
+            "proxy_fairness": self.proxy.iter().map(|r| r.fairness).collect::<Vec<_>>(),
+            "ratio": Summary::of(&self.ratios()),
+        })
+    }
+}
+
+/// Everything measured in one run.
+pub struct Report {
+    pub meta: RunMeta,
+    pub startup_ms: Vec<f64>,
+    pub stdout_single: Option<ThroughputPair>,
+    pub stdout_many: Option<ThroughputPair>,
+    pub stdin: Option<ThroughputPair>,
+    pub latency: Option<Latency>,
+    pub scale: Vec<ScaleRun>,
+    /// Flat `perf report` text per missed row id.
+    pub profiles: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Met,
+    Missed,
+    NotMeasured,
+}
+
+/// One line of the issue's table, measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub id: &'static str,
+    pub what: &'static str,
+    pub baseline: &'static str,
+    /// The figure as text (ratio or value, with spread and context).
+    pub measured: String,
+    pub target: &'static str,
+    pub verdict: Verdict,
+    /// For the charts: the headline value and its target (None when not measured).
+    pub value: Option<f64>,
+    pub goal: f64,
+    pub higher_is_better: bool,
+    pub unit: &'static str,
+}
+
+impl Row {
+    pub fn missed(&self) -> bool {
+        self.verdict == Verdict::Missed
+    }
+
+    pub fn verdict(&self) -> &'static str {
+        match self.verdict {
+            Verdict::Met => "met",
+            Verdict::Missed => "MISSED",
+            Verdict::NotMeasured => "not measured",
+        }
+    }
+
+    /// Which scenario a CPU profile of this row re-runs.
+    pub fn profile_kind(&self) -> Option<&'static str> {
+        match self.id {
+            "stdout-1" | "stdout-64" | "stdin" => Some("throughput"),
+            "ping-http" | "ping-ws" | "ping-legacy" => Some("latency"),
+            "register-rate" => Some("register"),
+            _ => None,
+        }
+    }
+
+    fn not_measured(
+        id: &'static str,
+        what: &'static str,
+        baseline: &'static str,
+        target: &'static str,
+        why: &str,
+    ) -> Row {
+        Row {
+            id,
+            what,
+            baseline,
+            measured: format!("not measured: {why}"),
+            target,
+            verdict: Verdict::NotMeasured,
+            value: None,
+            goal: 0.0,
+            higher_is_better: true,
+            unit: "",
+        }
+    }
+}
+
+fn verdict(ok: bool) -> Verdict {
+    if ok {
+        Verdict::Met
+    } else {
+        Verdict::Missed
+    }
+}
+
+fn mib(bytes_per_s: f64) -> f64 {
+    bytes_per_s / (1 << 20) as f64
+}
+
+fn throughput_row(
+    id: &'static str,
+    what: &'static str,
+    target: &'static str,
+    goal: f64,
+    pair: Option<&ThroughputPair>,
+    fairness_goal: Option<f64>,
+) -> Row {
+    let baseline = "same bytes over the same hvsock transport, direct agent client";
+    let Some(pair) = pair.filter(|p| !p.base.is_empty()) else {
+        return Row::not_measured(id, what, baseline, target, "group not run");
+    };
+    let r = Summary::of(&pair.ratios());
+    let b = Summary::of(&pair.base.iter().map(|x| mib(x.rate)).collect::<Vec<_>>());
+    let p = Summary::of(&pair.proxy.iter().map(|x| mib(x.rate)).collect::<Vec<_>>());
+    let mut measured = format!(
+        "**{:.2}x** (ratios {:.2}..{:.2}, n={}); cc-proxy {:.0} MiB/s ({:.0}..{:.0}) vs direct {:.0} MiB/s ({:.0}..{:.0})",
+        r.median, r.min, r.max, r.n, p.median, p.min, p.max, b.median, b.min, b.max
+    );
+    let mut ok = r.median >= goal;
+    if let Some(fg) = fairness_goal {
+        let worst = pair
+            .proxy
+            .iter()
+            .map(|x| x.fairness)
+            .fold(f64::INFINITY, f64::min);
+        let fair = Summary::of(&pair.proxy.iter().map(|x| x.fairness).collect::<Vec<_>>());
+        let base_fair = Summary::of(&pair.base.iter().map(|x| x.fairness).collect::<Vec<_>>());
+        let _ = write!(
+            measured,
+            "; per-stream min/max rate: median {:.2}, worst {:.2} (direct: median {:.2})",
+            fair.median, worst, base_fair.median
+        );
+        ok &= worst >= fg;
+    }
+    Row {
+        id,
+        what,
+        baseline,
+        measured,
+        target,
+        verdict: verdict(ok),
+        value: Some(r.median),
+        goal,
+        higher_is_better: true,
+        unit: "x",
+    }
+}
+
+fn ping_row(
+    id: &'static str,
+    what: &'static str,
+    target: &'static str,
+    goal_us: f64,
+    lat: Option<&Latency>,
+    mode: Option<&ModeLatency>,
+    why: &str,
+) -> Row {
+    let baseline = "PING sent directly on the agent's control channel";
+    let (Some(lat), Some(m)) = (lat, mode) else {
+        return Row::not_measured(id, what, baseline, target, why);
+    };
+    let added = m.p50_us - lat.direct.p50_us;
+    let tail = if m.p50_us > 0.0 {
+        m.p99_us / m.p50_us
+    } else {
+        0.0
+    };
+    let measured = format!(
+        "added p50 **{added:.1} us**; round trip p50 {:.1} us, p99 {:.1} us (p99/p50 {tail:.2}), block p50s {:.1}..{:.1} us; direct p50 {:.1} us, p99 {:.1} us; n={}",
+        m.p50_us, m.p99_us, m.block_p50_min_us, m.block_p50_max_us, lat.direct.p50_us, lat.direct.p99_us, m.samples
+    );
+    Row {
+        id,
+        what,
+        baseline,
+        measured,
+        target,
+        verdict: verdict(added <= goal_us && tail <= 3.0),
+        value: Some(added),
+        goal: goal_us,
+        higher_is_better: false,
+        unit: "us",
+    }
+}
+
+impl Report {
+    pub fn new(meta: RunMeta) -> Report {
+        Report {
+            meta,
+            startup_ms: Vec::new(),
+            stdout_single: None,
+            stdout_many: None,
+            stdin: None,
+            latency: None,
+            scale: Vec::new(),
+            profiles: BTreeMap::new(),
+        }
+    }
+
+    /// The issue's table, one row per figure (the ping row split by protocol).
+    pub fn rows(&self) -> Vec<Row> {
+        let mut rows = vec![
+            throughput_row(
+                "stdout-1",
+                "stdout throughput, agent to shim, 1 stream, 64 KiB writes",
+                ">= 0.8 of the baseline",
+                0.8,
+                self.stdout_single.as_ref(),
+                None,
+            ),
+            throughput_row(
+                "stdout-64",
+                "the same with 64 concurrent streams across 8 VMs",
+                ">= 0.7 aggregate, min/max per-stream rate >= 0.5",
+                0.7,
+                self.stdout_many.as_ref(),
+                Some(0.5),
+            ),
+            throughput_row(
+                "stdin",
+                "stdin throughput, shim to agent",
+                ">= 0.8",
+                0.8,
+                self.stdin.as_ref(),
+                None,
+            ),
+        ];
+        let lat = self.latency.as_ref();
+        let why = if lat.is_some() {
+            "legacy protocol not available"
+        } else {
+            "group not run"
+        };
+        rows.push(ping_row(
+            "ping-legacy",
+            "ping round trip, legacy v2 protocol",
+            "added p50 <= 20 us; p99 <= 3x p50",
+            20.0,
+            lat,
+            lat.and_then(|l| l.legacy.as_ref()),
+            why,
+        ));
+        rows.push(ping_row(
+            "ping-http",
+            "ping round trip, JSON-RPC over HTTP keep-alive",
+            "added p50 <= 40 us; p99 <= 3x p50",
+            40.0,
+            lat,
+            lat.map(|l| &l.http),
+            "group not run",
+        ));
+        rows.push(ping_row(
+            "ping-ws",
+            "ping round trip, JSON-RPC over WebSocket",
+            "added p50 <= 40 us; p99 <= 3x p50",
+            40.0,
+            lat,
+            lat.map(|l| &l.ws),
+            "group not run",
+        ));
+
+        let vm_runs: Vec<&ScaleRun> = self.scale.iter().collect();
+        if vm_runs.is_empty() {
+            rows.push(Row::not_measured(
+                "vm-memory",
+                "1,000 registered VMs (one multi-VM test agent)",
+                "the idle daemon",
+                "<= 64 KiB RSS per VM",
+                "group not run",
+            ));
+            rows.push(Row::not_measured(
+                "stream-memory",
+                "10,000 open idle streams",
+                "the same daemon before the streams",
+                "<= 4 KiB RSS per stream",
+                "group not run",
+            ));
+            rows.push(Row::not_measured(
+                "register-rate",
+                "registration rate",
+                "-",
+                ">= 2,000 VMs/s",
+                "group not run",
+            ));
+        } else {
+            let per_vm = Summary::of(
+                &vm_runs
+                    .iter()
+                    .map(|r| r.per_vm_bytes / 1024.0)
+                    .collect::<Vec<_>>(),
+            );
+            let idle = Summary::of(
+                &vm_runs
+                    .iter()
+                    .map(|r| r.idle_rss as f64 / (1 << 20) as f64)
+                    .collect::<Vec<_>>(),
+            );
+            rows.push(Row {
+                id: "vm-memory",
+                what: "1,000 registered VMs (one multi-VM test agent)",
+                baseline: "the idle daemon",
+                measured: format!(
+                    "**{:.1} KiB/VM** ({:.1}..{:.1}, n={}); idle daemon RSS {:.1} MiB, {} VMs",
+                    per_vm.median, per_vm.min, per_vm.max, per_vm.n, idle.median, vm_runs[0].vms
+                ),
+                target: "<= 64 KiB RSS per VM",
+                verdict: verdict(per_vm.median <= 64.0),
+                value: Some(per_vm.median),
+                goal: 64.0,
+                higher_is_better: false,
+                unit: "KiB",
+            });
+            match vm_runs.iter().find(|r| r.streams > 0) {
+                Some(s) => rows.push(Row {
+                    id: "stream-memory",
+                    what: "10,000 open idle streams",
+                    baseline: "the same daemon before the streams",
+                    measured: format!(
+                        "**{:.2} KiB/stream** with an idle shim attached to each; {:.2} KiB per allocated token alone; {} streams over {} VMs",
+                        s.per_stream_bytes / 1024.0, s.per_token_bytes / 1024.0, s.streams, s.vms
+                    ),
+                    target: "<= 4 KiB RSS per stream",
+                    verdict: verdict(s.per_stream_bytes / 1024.0 <= 4.0),
+                    value: Some(s.per_stream_bytes / 1024.0),
+                    goal: 4.0,
+                    higher_is_better: false,
+                    unit: "KiB",
+                }),
+                None => rows.push(Row::not_measured("stream-memory", "10,000 open idle streams", "the same daemon before the streams", "<= 4 KiB RSS per stream", "no repetition opened streams")),
+            }
+            let rate = Summary::of(&vm_runs.iter().map(|r| r.register_rate).collect::<Vec<_>>());
+            rows.push(Row {
+                id: "register-rate",
+                what: "registration rate",
+                baseline: "-",
+                measured: format!(
+                    "**{:.0} VMs/s** ({:.0}..{:.0}, n={}), {} VMs over 16 client connections",
+                    rate.median, rate.min, rate.max, rate.n, vm_runs[0].vms
+                ),
+                target: ">= 2,000 VMs/s",
+                verdict: verdict(rate.median >= 2000.0),
+                value: Some(rate.median),
+                goal: 2000.0,
+                higher_is_better: true,
+                unit: "VMs/s",
+            });
+        }
+        if self.startup_ms.is_empty() {
+            rows.push(Row::not_measured(
+                "startup",
+                "start to READY=1",
+                "-",
+                "<= 20 ms",
+                "group not run",
+            ));
+        } else {
+            let s = Summary::of(&self.startup_ms);
+            rows.push(Row {
+                id: "startup",
+                what: "start to READY=1",
+                baseline: "-",
+                measured: format!(
+                    "**{:.1} ms** ({:.1}..{:.1}, n={})",
+                    s.median, s.min, s.max, s.n
+                ),
+                target: "<= 20 ms",
+                verdict: verdict(s.median <= 20.0),
+                value: Some(s.median),
+                goal: 20.0,
+                higher_is_better: false,
+                unit: "ms",
+            });
+        }
+        rows
+    }
+
+    fn json(&self, rows: &[Row]) -> serde_json::Value {
+        serde_json::json!({
+            "meta": self.meta,
+            "rows": rows,
+            "startup_ms": self.startup_ms,
+            "stdout_single": self.stdout_single.as_ref().map(ThroughputPair::json),
+            "stdout_many": self.stdout_many.as_ref().map(ThroughputPair::json),
+            "stdin": self.stdin.as_ref().map(ThroughputPair::json),
+            "latency": self.latency,
+            "scale": self.scale,
+            "profiles": self.profiles,
+        })
+    }
+
+    /// Write the Markdown report, its charts and the JSON results.
+    pub fn write(&self, md: &Path, charts: &Path, json: &Path) -> Result<(), BenchError> {
+        let rows = self.rows();
+        for p in [md, json] {
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d)?;
+            }
+        }
+        std::fs::create_dir_all(charts)?;
+        let text = serde_json::to_string_pretty(&self.json(&rows))
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        std::fs::write(json, text + "\n")?;
+
+        let groups: [(&str, &str, &[&str]); 3] = [
+            (
+                "throughput.svg",
+                "Throughput through cc-proxy / direct (higher is better)",
+                &["stdout-1", "stdout-64", "stdin"],
+            ),
+            (
+                "latency.svg",
+                "Added ping latency, p50 (lower is better)",
+                &["ping-legacy", "ping-http", "ping-ws"],
+            ),
+            (
+                "scale.svg",
+                "Scale and start-up: measured / target (lower is better)",
+                &["vm-memory", "stream-memory", "register-rate", "startup"],
+            ),
+        ];
+        let rel = charts
+            .strip_prefix(md.parent().unwrap_or(Path::new("")))
+            .unwrap_or(charts)
+            .to_path_buf();
+        let mut chart_links = Vec::new();
+        for (file, title, ids) in groups {
+            let bars: Vec<&Row> = ids
+                .iter()
+                .filter_map(|id| rows.iter().find(|r| r.id == *id))
+                .collect();
+            std::fs::write(charts.join(file), svg(title, &bars))?;
+            chart_links.push(format!("![{title}]({}/{file})", rel.display()));
+        }
+        std::fs::write(md, self.markdown(&rows, &chart_links))?;
+        Ok(())
+    }
+
+    fn markdown(&self, rows: &[Row], charts: &[String]) -> String {
+        let m = &self.meta;
+        let mut s = String::new();
+        let _ = writeln!(s, "# Benchmarks\n");
+        let _ = writeln!(
+            s,
+            "Generated by `make bench{}` (`benches/run.sh`, program `cc-proxy-bench`); do not edit by hand. \
+Machine-readable results: `target/bench/results.json`. How the figures are taken: `benches/README.md`.\n",
+            if m.quick { "-quick" } else { "" }
+        );
+        let _ = writeln!(
+            s,
+            "Run: commit `{}`, {} CPUs, kernel {}, {} mode, {} repetitions per throughput figure, {} pings per mode, {:.0} s in total. \
+Every figure is taken side by side with its baseline in the same run; the ratio is the figure, absolute numbers are context \
+(this machine is shared and noisy). Ranges are min..max over repetitions.\n",
+            m.git_commit, m.cpus, m.kernel, if m.quick { "quick" } else { "full" }, m.plan.reps, m.plan.pings, m.elapsed_secs
+        );
+        let _ = writeln!(s, "## Results\n");
+        let _ = writeln!(
+            s,
+            "| what | baseline in the same run | measured | target | verdict |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for r in rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                r.what,
+                r.baseline,
+                r.measured,
+                r.target,
+                r.verdict()
+            );
+        }
+        let _ = writeln!(s);
+        for c in charts {
+            let _ = writeln!(s, "{c}\n");
+        }
+        let missed: Vec<&Row> = rows.iter().filter(|r| r.missed()).collect();
+        let _ = writeln!(s, "## Missed targets\n");
+        if missed.is_empty() {
+            let _ = writeln!(s, "None in this run.\n");
+        }
+        for r in missed {
+            let _ = writeln!(s, "### {} ({})\n", r.what, r.id);
+            let _ = writeln!(s, "Measured {}; target {}.\n", r.measured, r.target);
+            if let Some(note) = analysis(r.id) {
+                let _ = writeln!(s, "{note}\n");
+            }
+            match self.profiles.get(r.id) {
+                Some(p) => {
+                    let _ = writeln!(
+                        s,
+                        "CPU profile of the daemon while the proxied side of this figure ran (`perf record -F 999 -g -p <daemon>`, \
+`perf report --no-children --sort dso,symbol`, self time, entries above 1%):\n\n```\n{p}\n```\n"
+                    );
+                }
+                None if r.profile_kind().is_some() => {
+                    let _ = writeln!(
+                        s,
+                        "No CPU profile in this run (`perf` missing or `--no-profile`).\n"
+                    );
+                }
+                None => {}
+            }
+        }
+        let _ = writeln!(s, "## Method\n");
+        let _ = writeln!(s, "{METHOD}");
+        s
+    }
+}
+
+/// What we know about why a row is missed (filled in from profiles of earlier runs).
+fn analysis(id: &str) -> Option<&'static str> {
+    match id {
+        "stream-memory" => Some(
+            "An idle stream with its shim attached costs the token and stream state plus the shim's upgraded HTTP \
+connection: hyper's connection buffers (read buffer, write buffer), the attach task and its framed reader/writer. \
+The token-only figure in the row shows how much is the stream itself.",
+        ),
+        _ => None,
+    }
+}
+
+const METHOD: &str = "\
+- Processes: the release `target/release/cc-proxy` and `target/release/cc-test-agent` (cc-agent dialect, hybrid vsock \
+sockets, one agent process serving many VMs with `--count`). The daemon logs at `warn`.
+- Throughput baseline: `cc-proxy-bench` itself speaks the agent protocol to another VM of the same agent process \
+(CONNECT, READY, GETVERSION, EXECCMD with a stdio sequence, I/O packets) and runs the same command: \
+`dd if=/dev/zero bs=64K` for stdout, `wc -c` fed from stdin for stdin. Through cc-proxy: `agent.call execcmd` with a \
+stream, attach, read frames to the exit frame (stdin: 64 KiB stdin frames, then an empty one). The clock runs from \
+the start command to the exit status. The baseline writes stdin in 4096-byte packets, the size the protocol asks \
+hosts to split at and the size cc-proxy splits at. Baseline and proxied runs alternate within each repetition.
+- 64 streams: 8 VMs per side, 8 `dd` per VM started together; aggregate = all bytes / time to the last exit; \
+per-stream rate = its bytes / time from the common start to its exit; fairness = slowest / fastest (worst repetition).
+- Ping: `agent.call {\"command\":\"ping\"}` over one HTTP/1.1 keep-alive connection (the `cc-proxy-api` client), \
+the same over one WebSocket, and a legacy v2 `Hyper` ping; baseline: PING on the control channel of another VM of \
+the same agent. Modes alternate in blocks of 100 after 200 warm-up pings each. Added latency = p50 through \
+cc-proxy - p50 direct.
+- Memory: VmRSS of the daemon after the load minus VmRSS of the same daemon idle just before (after 300 ms to settle). \
+VMs are registered over 16 client connections; streams are `stream.allocate` tokens spread over the VMs, each with \
+an attached idle shim connection.
+- Start-up: the daemon is spawned with `NOTIFY_SOCKET` pointing at a datagram socket of the benchmark; time from \
+spawn to the `READY=1` datagram.";
+
+/// A horizontal bar chart: one bar per row, scaled so each row's target sits on the same vertical line.
+fn svg(title: &str, rows: &[&Row]) -> String {
+    const W: f64 = 760.0;
+    const LABEL: f64 = 230.0;
+    const BAR_H: f64 = 26.0;
+    const GAP: f64 = 14.0;
+    let top = 44.0;
+    let h = top + rows.len() as f64 * (BAR_H + GAP) + 30.0;
+    // Bars show value/target (higher-is-better) or value/target too (lower-is-better); the target is 1.0.
+    let scale_max = rows
+        .iter()
+        .filter_map(|r| r.value.map(|v| if r.goal > 0.0 { v / r.goal } else { 0.0 }))
+        .fold(1.25_f64, f64::max)
+        .min(4.0);
+    let plot = W - LABEL - 140.0;
+    let x = |frac: f64| LABEL + plot * (frac.clamp(0.0, scale_max) / scale_max);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif" font-size="13">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="24" font-size="15" font-weight="bold">{}</text>"#,
+        esc(title)
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = top + i as f64 * (BAR_H + GAP);
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{:.1}">{}</text>"#,
+            y + BAR_H * 0.68,
+            esc(r.id)
+        );
+        match r.value {
+            Some(v) => {
+                let frac = if r.goal > 0.0 { v / r.goal } else { 0.0 };
+                let color = match r.verdict {
+                    Verdict::Met => "#3a9d5d",
+                    Verdict::Missed => "#d0463b",
+                    Verdict::NotMeasured => "#999999",
+                };
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{LABEL}" y="{y:.1}" width="{:.1}" height="{BAR_H}" fill="{color}"/>"#,
+                    (x(frac) - LABEL).max(1.0)
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}">{} {} (target {} {})</text>"#,
+                    x(frac) + 6.0,
+                    y + BAR_H * 0.68,
+                    fmt_num(v),
+                    r.unit,
+                    if r.higher_is_better { "&gt;=" } else { "&lt;=" },
+                    fmt_num(r.goal)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{LABEL}" y="{:.1}" fill="#777">not measured</text>"##,
+                    y + BAR_H * 0.68
+                );
+            }
+        }
+    }
+    let tx = x(1.0);
+    let _ = writeln!(
+        s,
+        r##"<line x1="{tx:.1}" y1="{:.1}" x2="{tx:.1}" y2="{:.1}" stroke="#222" stroke-dasharray="4 3"/>"##,
+        top - 6.0,
+        h - 24.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">target</text>"#,
+        tx,
+        h - 8.0
+    );
+    let _ = writeln!(s, "</svg>");
+    s
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
