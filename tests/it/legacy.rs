@@ -716,3 +716,27 @@ async fn start_waits_for_the_shim_and_large_stdin_is_split() {
     let (_, _, code) = sh.collect().await;
     assert_eq!(code, Some(255), "an exit notification, not a bare EOF");
 }
+
+/// cc-shim relays the terminal's input as soon as it is connected, which can be before the runtime started
+/// the process: that stdin must neither be lost silently nor end the stream early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_sent_before_the_process_started() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&["--dialect", "cc-agent", "--pair"]);
+    let mut rt = V2::connect(&env).await;
+    let tokens = register(&mut rt, "vm", &agent, 1).await;
+    let mut sh = shim(&env, &tokens[0]).await;
+    sh.send(T_STREAM, STDIN, b"early\n").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = hyper(
+        &mut rt,
+        "execcmd",
+        &[&tokens[0]],
+        exec(&["sh", "-c", "printf x; sleep 0.2; echo done"]),
+    )
+    .await;
+    assert!(!r.error, "{:?}", r.json());
+    let (out, _, code) = sh.collect().await;
+    assert_eq!(String::from_utf8_lossy(&out), "xdone\n");
+    assert_eq!(code, Some(0));
+}

@@ -41,6 +41,8 @@ enum SessionError {
     Forbidden(&'static str),
     #[error("stdin frame from a client that is not a shim")]
     StdinFromNonShim,
+    #[error("more than {0} bytes of stdin before the process started")]
+    EarlyStdin(usize),
     #[error("invalid log entry: {0}")]
     Log(String),
     #[error("cannot write to the client: {0}")]
@@ -130,7 +132,7 @@ impl Session {
                 let Some(shim) = &self.shim else {
                     return Err(SessionError::StdinFromNonShim);
                 };
-                shim.stdin(frame.payload).await;
+                shim.stdin(frame.payload).await?;
                 Ok(Flow::Continue)
             }
             Message::Stream(StreamKind::Log) => {

@@ -6,16 +6,21 @@
 //!   naming the cause: a shim never sees a bare EOF.
 //! - Frames the task could not write when the shim vanished go back to the stream; the token stays valid and
 //!   a new connection can reclaim it with ConnectShim.
+//! - stdin that arrives before the process started (cc-shim relays input as soon as it is connected) is held,
+//!   bounded, and delivered in order once the process runs.
 //! - DisconnectShim frees the token and closes the connection without a response.
 //! - Signal: SIGWINCH with a size becomes a window resize; other signals go to the process. SIGKILL or SIGTERM
 //!   before the process started is answered with ProcessExited(0), then the response.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use cc_proxy_api::legacy::{self, Command, Frame, Message, StreamKind, SIGNAL_LIMIT, SIGWINCH};
 use cc_proxy_api::stream::{self as shimstream, Channel};
 use futures::SinkExt;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +43,22 @@ pub(super) struct Shim {
     /// Stops the output task when the shim leaves.
     gone: CancellationToken,
     output: JoinHandle<OutputEnd>,
+    /// Stdin waiting for the process to start.
+    early: EarlyStdin,
+}
+
+/// Most stdin bytes held for a process that has not started yet.
+pub const MAX_EARLY_STDIN: usize = 1 << 20;
+
+/// How often held stdin checks whether its process has started.
+const START_POLL: Duration = Duration::from_millis(10);
+
+/// Stdin queued in order behind a process's start, delivered by [`early_stdin_loop`].
+struct EarlyStdin {
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// Bytes (plus one per frame) queued and not yet handed to the VM; bounded by [`MAX_EARLY_STDIN`] while
+    /// the process has not started.
+    pending: Arc<AtomicUsize>,
 }
 
 /// How the output task ended.
@@ -54,23 +75,39 @@ enum OutputEnd {
 }
 
 impl Shim {
-    /// Stdin for the process; empty closes its stdin. Ignored once the stream is over.
-    pub(super) async fn stdin(&self, data: Bytes) {
-        if matches!(
-            self.stream.lifecycle(),
-            Lifecycle::Finished | Lifecycle::Closed
-        ) {
-            tracing::debug!(vm = %self.vm.id, token = %self.stream.token, len = data.len(), "stdin after the stream ended; ignored");
-            return;
+    /// Stdin for the process; empty closes its stdin. Ignored once the stream is over. Stdin that arrives
+    /// before the process started is held (up to [`MAX_EARLY_STDIN`] bytes) and sent once it runs: an agent
+    /// answers data for a sequence it does not know yet with an empty packet, which would end the stream.
+    pub(super) async fn stdin(&self, data: Bytes) -> Result<(), SessionError> {
+        let queued = self.early.pending.load(Ordering::Acquire);
+        if queued == 0 && self.stream.lifecycle() != Lifecycle::Allocated {
+            if matches!(
+                self.stream.lifecycle(),
+                Lifecycle::Finished | Lifecycle::Closed
+            ) {
+                tracing::debug!(vm = %self.vm.id, token = %self.stream.token, len = data.len(), "stdin after the stream ended; ignored");
+                return Ok(());
+            }
+            if let Err(e) = self.vm.send_stdin(self.stream.stdio, data).await {
+                tracing::debug!(vm = %self.vm.id, token = %self.stream.token, error = %e, "stdin not delivered");
+            }
+            return Ok(());
         }
-        if let Err(e) = self.vm.send_stdin(self.stream.stdio, data).await {
-            tracing::debug!(vm = %self.vm.id, token = %self.stream.token, error = %e, "stdin not delivered");
+        let cost = data.len() + 1;
+        if queued + cost > MAX_EARLY_STDIN && self.stream.lifecycle() == Lifecycle::Allocated {
+            return Err(SessionError::EarlyStdin(MAX_EARLY_STDIN));
         }
+        self.early.pending.fetch_add(cost, Ordering::AcqRel);
+        if self.early.tx.send(data).is_err() {
+            self.early.pending.fetch_sub(cost, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Stop the output task and say how it ended.
     async fn stop(self) -> (Arc<Vm>, Arc<Stream>, OutputEnd) {
         self.gone.cancel();
+        drop(self.early);
         let end = self.output.await.unwrap_or(OutputEnd::Stopped);
         (self.vm, self.stream, end)
     }
@@ -99,6 +136,18 @@ impl Session {
                     token: stream.token.short().to_string(),
                 });
                 let gone = CancellationToken::new();
+                let (tx, rx) = mpsc::unbounded_channel();
+                let early = EarlyStdin {
+                    tx,
+                    pending: Arc::new(AtomicUsize::new(0)),
+                };
+                tokio::spawn(early_stdin_loop(
+                    vm.clone(),
+                    stream.clone(),
+                    rx,
+                    early.pending.clone(),
+                    gone.clone(),
+                ));
                 let output = tokio::spawn(output_loop(
                     vm.clone(),
                     stream.clone(),
@@ -111,6 +160,7 @@ impl Session {
                     stream,
                     gone,
                     output,
+                    early,
                 });
             }
             Err(e) => {
@@ -205,6 +255,33 @@ impl Session {
         // n < 31 always fits.
         rpc::stream::signal(&shim.vm, &shim.stream, n as i32).await?;
         Ok(Bytes::new())
+    }
+}
+
+/// Deliver held stdin in order once the process runs; drop it (logged) if the stream ends first.
+async fn early_stdin_loop(
+    vm: Arc<Vm>,
+    stream: Arc<Stream>,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    pending: Arc<AtomicUsize>,
+    gone: CancellationToken,
+) {
+    while let Some(data) = rx.recv().await {
+        let cost = data.len() + 1;
+        while stream.lifecycle() == Lifecycle::Allocated {
+            tokio::select! {
+                _ = gone.cancelled() => return,
+                _ = tokio::time::sleep(START_POLL) => {}
+            }
+        }
+        if stream.lifecycle() == Lifecycle::Running {
+            if let Err(e) = vm.send_stdin(stream.stdio, data).await {
+                tracing::debug!(vm = %vm.id, token = %stream.token, error = %e, "stdin not delivered");
+            }
+        } else {
+            tracing::info!(vm = %vm.id, token = %stream.token, len = data.len(), "stdin sent before the start of a process that never ran; dropped");
+        }
+        pending.fetch_sub(cost, Ordering::AcqRel);
     }
 }
 
