@@ -265,13 +265,21 @@ impl Proxy {
             .tempdir_in("/tmp")
             .expect("create a daemon dir");
         let socket = dir.path().join("proxy.sock");
-        let log = fs::File::create(dir.path().join("proxy.log")).expect("create proxy.log");
+        let child = Self::spawn_daemon(dir.path(), &socket, "proxy.log");
+        Proxy { child, dir, socket }
+    }
+
+    /// Starts `cc-proxy` on `socket` with its state under `dir`, logging to `dir/log_name`, and waits until
+    /// the socket accepts connections.
+    fn spawn_daemon(dir: &Path, socket: &Path, log_name: &str) -> Child {
+        let log_path = dir.join(log_name);
+        let log = fs::File::create(&log_path).expect("create the daemon log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cc-proxy"));
         let mut child = die_with_parent(&mut cmd, Signal::SIGKILL)
             .arg("--socket")
-            .arg(&socket)
+            .arg(socket)
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(dir.join("state"))
             .args([
                 "--log",
                 "debug",
@@ -281,22 +289,28 @@ impl Proxy {
                 "off",
             ])
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup proxy.log"))
+            .stdout(log.try_clone().expect("dup the daemon log"))
             .stderr(log)
             .spawn()
             .expect("spawn cc-proxy");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&socket).is_err() {
+        while UnixStream::connect(socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "cc-proxy exited ({status}):\n{}",
-                    tail(&dir.path().join("proxy.log"), 30)
-                );
+                panic!("cc-proxy exited ({status}):\n{}", tail(&log_path, 30));
             }
             assert!(Instant::now() < deadline, "cc-proxy socket did not appear");
             thread::sleep(Duration::from_millis(50));
         }
-        Proxy { child, dir, socket }
+        child
+    }
+
+    /// SIGTERM (which must drain and exit 0), then a new daemon on the same socket and state dir.
+    fn restart(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20))
+            .expect("cc-proxy did not exit within 20 s of SIGTERM");
+        assert!(status.success(), "cc-proxy exited with {status} on SIGTERM");
+        self.child = Self::spawn_daemon(self.dir.path(), &self.socket, "proxy-restarted.log");
     }
 
     /// One JSON-RPC call over HTTP/1.1 on the daemon's socket: `Ok(result)` or `Err(error object)`.
@@ -396,10 +410,12 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!(
-                "--- cc-proxy log (tail) ---\n{}",
-                tail(&self.dir.path().join("proxy.log"), 40)
-            );
+            for log in ["proxy.log", "proxy-restarted.log"] {
+                let path = self.dir.path().join(log);
+                if path.exists() {
+                    eprintln!("--- {log} (tail) ---\n{}", tail(&path, 40));
+                }
+            }
         }
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
@@ -466,7 +482,7 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
     let started = Instant::now();
     let vm = Vm::boot(art, transport, dialect);
     eprintln!("[{transport:?}] guest ready after {:?}", started.elapsed());
-    let proxy = Proxy::start();
+    let mut proxy = Proxy::start();
     let id = format!("vm-{}", transport.as_arg());
     let registered = proxy.register(&id, &vm);
     eprintln!("[{transport:?}] registered: {registered}");
@@ -552,6 +568,33 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
             "process {n}: output mixed up or cut"
         );
     }
+
+    // A daemon restart keeps the VM: the new daemon reconnects to the live guest from its state dir.
+    proxy.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = proxy.rpc("vm.info", json!({"id": id}));
+        let ready = info.as_ref().is_ok_and(|i| {
+            i.get("state").and_then(Value::as_str) == Some("ready")
+                && i.get("recovered").and_then(Value::as_bool) == Some(true)
+        });
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM not recovered after a restart: {info:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let again = proxy.exec(&id, &["uname", "-r"], b"", EXEC_TIMEOUT);
+    assert_eq!(
+        again.code(),
+        Some(0),
+        "after restart: {}",
+        again.stderr_str()
+    );
+    assert_eq!(again.stdout_str().trim(), art.kernel_release);
 
     // 10 MiB one way through stdout, intact: the guest hashes a random file, then streams it.
     let t = Instant::now();
