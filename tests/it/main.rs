@@ -1,8 +1,10 @@
 //! Integration tests: each module starts the real `cc-proxy` binary and talks to it only through its socket,
 //! ports and signals, with `cc-test-agent` as the VM's agent.
 
+mod agent;
 mod common;
 mod foundation;
-mod vm;
 mod legacy;
 mod observability;
+mod streams;
+mod vm;
