@@ -35,3 +35,10 @@ pub const EVENTS_SUBSCRIBE: &str = "events.subscribe";
 pub const EVENTS_NOTIFICATION: &str = "events.event";
 /// `events.unsubscribe`.
 pub const EVENTS_UNSUBSCRIBE: &str = "events.unsubscribe";
+
+/// `tap.observe {vm?, filter?, limit?}` (WebSocket): notifications `tap.event` with live tap events.
+pub const TAP_OBSERVE: &str = "tap.observe";
+/// The notification method of a tap.
+pub const TAP_NOTIFICATION: &str = "tap.event";
+/// `tap.unobserve`.
+pub const TAP_UNOBSERVE: &str = "tap.unobserve";

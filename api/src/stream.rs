@@ -94,8 +94,13 @@ pub enum ControlMessage {
     Signal { signal: i32 },
     /// Resize the process's terminal.
     Resize { rows: u16, cols: u16 },
-    /// Clean detach: the shim is done; the daemon frees the token and closes the connection.
+    /// Detach and keep the token: the daemon writes everything queued before it, answers
+    /// [`ControlMessage::Detached`] and closes; output produced meanwhile waits for the next attach.
     Detach,
+    /// The shim is done with the stream: the daemon frees the token (later output is discarded) and closes.
+    Close,
+    /// Daemon to shim: the acknowledgement of a [`ControlMessage::Detach`]; the last frame of the attachment.
+    Detached,
 }
 
 /// Why a frame could not be decoded.

@@ -17,7 +17,7 @@ pub struct VersionInfo {
 /// `proxy.health` result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
-    /// `"ok"` while the daemon serves; `"draining"` during shutdown.
+    /// `"ok"` while the daemon serves.
     pub status: String,
     /// Seconds since the daemon started.
     pub uptime_secs: u64,

@@ -49,6 +49,17 @@ fn error_response(status: hyper::StatusCode, err: ProxyError) -> HttpResponse {
 /// Check the request, attach to the stream, and switch protocols.
 pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpResponse {
     use hyper::StatusCode;
+    if req.method() != hyper::Method::POST {
+        let mut resp = error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::invalid("method", "stream attach is POST /v1/streams/<token>"),
+        );
+        resp.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("POST"),
+        );
+        return resp;
+    }
     let wants_upgrade = req
         .headers()
         .get(hyper::header::UPGRADE)
@@ -149,8 +160,8 @@ async fn run(vm: Arc<Vm>, stream: Arc<Stream>, attach: u64, io: TokioIo<hyper::u
         match frame.channel {
             Channel::Stdin => {
                 if let Err(e) = vm.send_stdin(stream.stdio, frame.payload).await {
+                    // The VM is gone: its error frame is on the way to the shim; drop stdin, keep the connection.
                     tracing::debug!(vm = %vm.id, token = %stream.token, error = %e, "stdin not delivered");
-                    break;
                 }
             }
             Channel::Control => match serde_json::from_slice::<ShimControl>(&frame.payload) {
@@ -231,6 +242,7 @@ async fn write_loop(
                 let _ = write_all(&mut out, frames).await;
                 let _ = out.close().await;
                 vm.free_stream(&stream.token);
+                vm.shim_detached(&stream.token, "done");
                 gone.cancel();
                 tracing::debug!(vm = %vm.id, token = %stream.token, "stream complete; token freed");
                 return;

@@ -39,6 +39,8 @@ pub struct Proxy {
     pub socket: std::path::PathBuf,
     pub started: Instant,
     pub log: LogHandle,
+    /// Cancelled when the daemon starts shutting down; long-lived sessions end on it.
+    pub shutdown: tokio_util::sync::CancellationToken,
     next_client: AtomicU64,
 }
 
@@ -131,6 +133,7 @@ pub async fn run(
         socket: listener.path.clone(),
         started,
         log,
+        shutdown: tokio_util::sync::CancellationToken::new(),
         next_client: AtomicU64::new(1),
     });
 
@@ -195,6 +198,7 @@ pub async fn run(
     if listener.created {
         let _ = std::fs::remove_file(&listener.path);
     }
+    proxy.shutdown.cancel();
     registry.shutdown();
     let _ = server_handle.stop();
     tracker.close();

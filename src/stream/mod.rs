@@ -83,6 +83,8 @@ pub struct Stream {
     wake_shim: Notify,
     /// Wakes an I/O reader waiting for space in this stream.
     wake_space: Notify,
+    /// Wakes stdin writers waiting for the process to start.
+    wake_started: Notify,
     /// Wakes whoever waits for a shim to attach (the legacy protocol waits before starting a process).
     wake_attached: Notify,
     metrics: VmMetrics,
@@ -132,6 +134,7 @@ impl Stream {
             }),
             wake_shim: Notify::new(),
             wake_space: Notify::new(),
+            wake_started: Notify::new(),
             wake_attached: Notify::new(),
             metrics,
         }
@@ -167,6 +170,22 @@ impl Stream {
         if inner.lifecycle == Lifecycle::Allocated {
             inner.lifecycle = Lifecycle::Running;
             self.metrics.streams_open.inc();
+        }
+        drop(inner);
+        self.wake_started.notify_waiters();
+    }
+
+    /// Wait until the process was started (or the stream ended). Stdin is held until then: an agent answers
+    /// data for a sequence it does not know yet with an empty packet, which would read as the stdout EOF.
+    pub async fn wait_started(&self) {
+        loop {
+            let notified = self.wake_started.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lifecycle() != Lifecycle::Allocated {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -267,6 +286,7 @@ impl Stream {
             self.metrics.streams_open.dec();
         }
         inner.lifecycle = Lifecycle::Finished;
+        self.wake_started.notify_waiters();
         inner.buffered += last.payload.len();
         self.metrics.buffered.inc_by(last.payload.len() as i64);
         inner.queue.push_back(last);
@@ -281,6 +301,7 @@ impl Stream {
             self.metrics.streams_open.dec();
         }
         inner.lifecycle = Lifecycle::Closed;
+        self.wake_started.notify_waiters();
         self.metrics.buffered.dec_by(inner.buffered as i64);
         self.metrics.dropped.inc_by(inner.buffered as u64);
         inner.queue.clear();
@@ -393,6 +414,34 @@ impl Stream {
     /// Wait for something for the shim writer to do. Call with the future created before [`Stream::take`].
     pub fn shim_notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.wake_shim.notified()
+    }
+
+    /// What is queued for the shim and whether the stdout EOF arrived (saved at shutdown).
+    pub fn snapshot(&self) -> (Vec<Frame>, bool) {
+        let inner = lock(&self.inner);
+        (inner.queue.iter().cloned().collect(), inner.stdout_eof)
+    }
+
+    /// Put back what [`Stream::snapshot`] saved before a restart.
+    pub fn restore(&self, frames: Vec<Frame>, stdout_eof: bool) {
+        for f in frames {
+            match f.channel {
+                Channel::Stdout | Channel::Stderr => {
+                    self.push_output(f.channel, f.payload);
+                }
+                Channel::Exit => {
+                    self.stdout_eof();
+                    if let Some(status) = f.exit_status() {
+                        self.exited(status);
+                    }
+                }
+                Channel::Error => self.fail(&String::from_utf8_lossy(&f.payload)),
+                Channel::Stdin | Channel::Control => {}
+            }
+        }
+        if stdout_eof {
+            self.stdout_eof();
+        }
     }
 
     /// Bytes queued for the shim.

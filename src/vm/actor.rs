@@ -94,7 +94,8 @@ async fn run(
                 continue; // the client went away; don't spend the agent's time on it
             }
             if Instant::now() >= call.deadline {
-                finish(&vm, call, Err(timeout_error(&vm, None)), None);
+                let err = timeout_error(&vm, Some(&call));
+                finish(&vm, call, Err(err), None);
                 continue;
             }
             if tracing::enabled!(tracing::Level::DEBUG) {

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use cc_proxy_api::types::{Event, VmInfo};
 use cc_proxy_protocol::Dialect;
 use tokio::sync::{broadcast, mpsc};
@@ -179,6 +180,18 @@ impl Vm {
         if rec.started {
             stream.mark_running();
         }
+        let frames = rec
+            .pending
+            .iter()
+            .filter_map(|p| {
+                let channel = cc_proxy_api::stream::Channel::from_byte(p.channel)?;
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(&p.data)
+                    .ok()?;
+                Some(cc_proxy_api::stream::Frame::new(channel, data))
+            })
+            .collect();
+        stream.restore(frames, rec.stdout_eof);
         let mut table = lock(&self.streams);
         table.by_seq.insert(rec.stdio, stream.clone());
         table.by_seq.insert(rec.stdio + 1, stream.clone());
@@ -335,13 +348,20 @@ impl Vm {
         }
     }
 
-    /// Queue stdin for the process on `seq` (empty data closes its stdin).
+    /// Queue stdin for the process on `seq` (empty data closes its stdin). Waits until the process started.
     pub async fn send_stdin(
         &self,
         seq: u64,
         data: bytes::Bytes,
     ) -> Result<(), crate::error::ProxyError> {
-        if self.is_lost() {
+        if let Some(stream) = self.stream_by_seq(seq) {
+            tokio::select! {
+                _ = stream.wait_started() => {}
+                _ = self.lost.cancelled() => {}
+                _ = self.stop.cancelled() => {}
+            }
+        }
+        if self.is_lost() || self.stop.is_cancelled() {
             return Err(self.gone_error());
         }
         self.io_out
@@ -367,7 +387,12 @@ impl Vm {
             id: self.id.clone(),
             state,
             lost_reason,
-            dialect: self.dialect.name().to_string(),
+            // A VM that could not be reached after a restart never told us its dialect.
+            dialect: if self.api_version == 0 {
+                "unknown".into()
+            } else {
+                self.dialect.name().to_string()
+            },
             api_version: self.api_version,
             control: self.control_uri.clone(),
             io: self.io_uri.clone(),
@@ -381,8 +406,8 @@ impl Vm {
         }
     }
 
-    /// The record to persist.
-    pub fn record(&self) -> state::VmRecord {
+    /// The record to persist; `with_pending` includes queued output (at shutdown).
+    pub fn record(&self, with_pending: bool) -> state::VmRecord {
         let table = lock(&self.streams);
         let streams = table
             .by_token
@@ -392,6 +417,19 @@ impl Vm {
                     .process()
                     .map(|(c, p)| (Some(c), Some(p)))
                     .unwrap_or((None, None));
+                let (pending, stdout_eof) = if with_pending {
+                    let (frames, eof) = s.snapshot();
+                    let pending = frames
+                        .into_iter()
+                        .map(|f| state::PendingFrame {
+                            channel: f.channel as u8,
+                            data: base64::engine::general_purpose::STANDARD.encode(&f.payload),
+                        })
+                        .collect();
+                    (pending, eof)
+                } else {
+                    (Vec::new(), s.saw_stdout_eof())
+                };
                 state::StreamRecord {
                     token: s.token.as_str().to_string(),
                     stdio: s.stdio,
@@ -399,6 +437,8 @@ impl Vm {
                     process,
                     terminal: s.terminal(),
                     started: s.lifecycle() != crate::stream::Lifecycle::Allocated,
+                    pending,
+                    stdout_eof,
                 }
             })
             .collect();
@@ -420,10 +460,11 @@ impl Vm {
             for s in self.all_streams() {
                 s.fail(reason);
             }
-            let tokens: Vec<Token> = lock(&self.streams).by_token.keys().cloned().collect();
-            for t in tokens {
-                self.free_stream(&t);
-            }
+            // Forget the tokens without clearing the streams: an attached shim still drains its error frame.
+            let mut table = lock(&self.streams);
+            table.by_token.clear();
+            table.by_seq.clear();
+            table.by_process.clear();
         }
     }
 }

@@ -112,7 +112,7 @@ impl Registry {
         let vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
         for vm in vms {
             if vm.dirty.swap(false, Ordering::AcqRel) {
-                if let Err(e) = state.save(&vm.record()) {
+                if let Err(e) = state.save(&vm.record(false)) {
                     tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state");
                 }
             }
@@ -165,10 +165,28 @@ impl Registry {
                 .unwrap_or(DEFAULT_READY_TIMEOUT.as_millis() as u64)
                 .max(1),
         );
+        let (control_uri, io_uri) = (control.to_string(), io.to_string());
+        if control_uri == io_uri {
+            return Err(ProxyError::invalid(
+                "io",
+                "the control and I/O channels must be different endpoints",
+            ));
+        }
         {
             let vms = read(&self.vms);
             if vms.contains_key(&params.id) {
                 return Err(ProxyError::VmExists(params.id));
+            }
+            // Connecting to another VM's channels would take them over from it.
+            if let Some(other) = vms.values().find(|v| {
+                [&v.control_uri, &v.io_uri]
+                    .iter()
+                    .any(|u| **u == control_uri || **u == io_uri)
+            }) {
+                return Err(ProxyError::invalid(
+                    "control",
+                    format!("the endpoint is already used by VM {:?}", other.id),
+                ));
             }
             if vms.len() >= MAX_VMS {
                 return Err(ProxyError::Limit(format!("{MAX_VMS} VMs registered")));
@@ -191,7 +209,7 @@ impl Registry {
         lock(&self.registering).remove(&params.id);
         let vm = result?;
         if let Some(state) = &self.state {
-            if let Err(e) = state.save(&vm.record()) {
+            if let Err(e) = state.save(&vm.record(false)) {
                 tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state; it will not survive a restart");
             }
         }
@@ -373,12 +391,20 @@ impl Registry {
         Ok(())
     }
 
-    /// Daemon exit: stop taking registrations, stop every VM's tasks, keep streams and state for a restart.
+    /// Daemon exit: stop taking registrations, stop every VM's tasks, and save every VM with the output still
+    /// queued for shims, so a restarted daemon delivers it.
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        self.flush();
-        for vm in read(&self.vms).values() {
+        let vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
+        for vm in &vms {
             vm.stop("cc-proxy is stopping", false);
+        }
+        if let Some(state) = &self.state {
+            for vm in &vms {
+                if let Err(e) = state.save(&vm.record(true)) {
+                    tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state at shutdown");
+                }
+            }
         }
     }
 }
@@ -420,7 +446,12 @@ fn lost_vm(
         events: events.clone(),
     });
     for s in &record.streams {
-        vm.restore_stream(s);
+        if let Some(stream) = vm.restore_stream(s) {
+            stream.fail(&format!(
+                "VM {} could not be reconnected after a restart",
+                vm.id
+            ));
+        }
     }
     vm
 }

@@ -33,6 +33,22 @@ pub struct StreamRecord {
     pub terminal: bool,
     #[serde(default)]
     pub started: bool,
+    /// Output (and a final exit or error) queued for the shim when the daemon stopped; written only at a
+    /// graceful shutdown, so a restart delivers it instead of dropping it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingFrame>,
+    /// The stdout EOF packet had arrived.
+    #[serde(default)]
+    pub stdout_eof: bool,
+}
+
+/// One queued stream frame, as saved at shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingFrame {
+    /// The stream channel byte (`cc_proxy_api::stream::Channel`).
+    pub channel: u8,
+    /// The payload, base64.
+    pub data: String,
 }
 
 /// The state directory.
@@ -118,6 +134,11 @@ mod tests {
                 process: Some("p".into()),
                 terminal: false,
                 started: true,
+                pending: vec![PendingFrame {
+                    channel: 1,
+                    data: "aGk=".into(),
+                }],
+                stdout_eof: false,
             }],
         };
         st.save(&rec).unwrap();

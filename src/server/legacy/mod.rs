@@ -82,7 +82,12 @@ pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix, peer: Peer) {
         shim: None,
     };
     loop {
-        let result = match reader.next().await {
+        let next = tokio::select! {
+            // The daemon is stopping: end the session like a dropped connection (tokens are kept).
+            _ = session.proxy.shutdown.cancelled() => break,
+            next = reader.next() => next,
+        };
+        let result = match next {
             None => break,
             Some(Err(FrameError::Io(e))) => {
                 tracing::debug!(client = %session.peer, error = %e, "legacy client read failed");

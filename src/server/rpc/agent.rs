@@ -24,6 +24,12 @@ use crate::vm::Vm;
 
 /// Default reply deadline of an agent command.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Agent-to-host messages, refused as commands.
+const HOST_BOUND: &[u32] = &[code::ACK, code::ERROR, code::NEXT];
+
+/// Largest command payload: real agents refuse control messages above 64 KiB on vsock.
+pub const MAX_COMMAND_PAYLOAD: usize = 65536 - cc_proxy_protocol::CONTROL_HEADER_LEN;
+
 /// Longest deadline a client may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -46,6 +52,12 @@ pub enum StreamUse {
 async fn call(proxy: &Proxy, p: AgentCallParams) -> Result<AgentCallResult, ProxyError> {
     let vm = proxy.registry.get(&p.vm)?;
     let code = command_code(&vm, &p.command)?;
+    if HOST_BOUND.contains(&code) || code == vm.dialect.process_async_event_code() {
+        return Err(ProxyError::invalid(
+            "command",
+            format!("{} is a message agents send, not a command", p.command),
+        ));
+    }
     let timeout = p
         .timeout_ms
         .map(Duration::from_millis)
@@ -157,6 +169,18 @@ pub async fn forward(
     } else {
         Bytes::from(serde_json::to_vec(&data).unwrap_or_default())
     };
+    if payload.len() > MAX_COMMAND_PAYLOAD {
+        if let (Some(s), true) = (&stream, fresh) {
+            vm.free_stream(&s.token);
+        }
+        return Err(ProxyError::invalid(
+            "data",
+            format!(
+                "{} bytes exceed the agents' limit of {MAX_COMMAND_PAYLOAD}",
+                payload.len()
+            ),
+        ));
+    }
     match vm.call(code, name, payload, timeout).await {
         Ok(reply) => {
             if let Some(s) = &stream {

@@ -21,7 +21,13 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         methods::EVENTS_NOTIFICATION,
         methods::EVENTS_UNSUBSCRIBE,
         |params, pending, proxy, _| async move {
-            let filter: Filter = params.parse().unwrap_or_default();
+            let filter: Filter = match params.parse::<Option<Filter>>() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(e) => {
+                    pending.reject(e).await;
+                    return;
+                }
+            };
             let mut rx = proxy.registry.events().subscribe();
             let Ok(sink) = pending.accept().await else {
                 return;
