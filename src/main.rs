@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             stream_buffer: cli.stream_buffer,
             keepalive: (cli.agent_keepalive > 0).then(|| Duration::from_secs(cli.agent_keepalive)),
             stall_timeout: Duration::from_secs(cli.stall_timeout.max(1)),
+            vm_buffer: cli.vm_buffer,
         },
     };
     let code = runtime.block_on(server::run(config, activated, log));

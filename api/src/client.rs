@@ -287,24 +287,29 @@ pub struct Collected {
     pub error: Option<String>,
 }
 
-/// Send `stdin` (then close it when `close_stdin`), and read the stream to its end.
+/// Send `stdin` (then close it when `close_stdin`), and read the stream to its end. A process that already
+/// finished may have closed the stream before its stdin was written: its output and exit are still read.
 pub async fn run_stream(
     stream: &mut AttachedStream,
     stdin: &[u8],
     close_stdin: bool,
 ) -> std::io::Result<Collected> {
+    let mut sent = Ok(());
     for chunk in stdin.chunks(64 * 1024) {
-        stream
+        sent = stream
             .send(Frame::new(
                 crate::stream::Channel::Stdin,
                 Bytes::copy_from_slice(chunk),
             ))
-            .await?;
+            .await;
+        if sent.is_err() {
+            break;
+        }
     }
-    if close_stdin {
-        stream
+    if close_stdin && sent.is_ok() {
+        let _ = stream
             .send(Frame::new(crate::stream::Channel::Stdin, Bytes::new()))
-            .await?;
+            .await;
     }
     collect(stream).await
 }

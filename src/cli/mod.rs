@@ -57,6 +57,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
     pub stream_buffer: usize,
 
+    /// Bytes buffered across one VM's streams before a stream past its own bound pauses the VM's I/O channel.
+    /// Until then a stream whose shim is slow or absent borrows from this budget and the other streams flow.
+    #[arg(long, default_value_t = 32 << 20, value_name = "BYTES")]
+    pub vm_buffer: usize,
+
     /// Seconds one full stream (a shim not reading) may pause its VM's I/O channel before that stream is
     /// failed with an error frame, so the VM's other streams keep moving.
     #[arg(long, default_value_t = 10, value_name = "SECS")]

@@ -7,10 +7,13 @@
 //!   frame, but only after the stdout EOF packet, so no output can follow the exit frame.
 //!
 //! No-loss policy: output that arrives while no shim is attached, or faster than the shim reads, is kept in
-//! the stream's queue up to `limit` bytes. A full queue makes the VM's I/O reader wait (backpressure on the
-//! I/O channel, which in turn blocks the writing process in the guest). If the queue stays full for longer
-//! than the stall timeout (`--stall-timeout`, default 10 s), the stream is failed loudly (error frame, metric, log) so one stuck shim cannot halt
-//! its VM's other streams forever. Output for a stream whose shim closed it on purpose is discarded and counted.
+//! the stream's queue. Each stream has its own bound (`--stream-buffer`, default 4 MiB); past it, the stream
+//! borrows from its VM's budget (`--vm-buffer`, default 32 MiB across the VM's streams), so a stalled shim does
+//! not hold up the VM's other streams. When the VM's budget is spent too, the VM's I/O reader waits for the
+//! full stream to drain (backpressure on the I/O channel, which blocks the writing processes in the guest). If
+//! it stays full for longer than the stall timeout (`--stall-timeout`, default 10 s), that stream is failed
+//! loudly (error frame, metric, log) so one stuck shim cannot halt its VM forever. Output for a stream whose
+//! shim closed it on purpose is discarded and counted.
 
 pub mod token;
 

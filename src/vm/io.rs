@@ -94,7 +94,10 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
     } else {
         stream.push_output(Channel::Stderr, frame.data)
     };
-    if !has_room {
+    // Past its own bound a stream borrows from the VM's budget, so a stalled shim does not hold up the VM's
+    // other streams; only when the VM's budget is spent too does the I/O channel pause (backpressure).
+    let vm_buffered = usize::try_from(vm.metrics.buffered.get()).unwrap_or(0);
+    if !has_room && vm_buffered > vm.config.vm_buffer {
         vm.metrics.backpressure.inc();
         tracing::debug!(vm = %vm.id, token = %stream.token, "stream buffer full: pausing the I/O channel");
         if !stream.wait_for_space(vm.config.stall_timeout).await {

@@ -42,6 +42,8 @@ pub struct VmConfig {
     pub keepalive: Option<Duration>,
     /// How long one full stream may pause the VM's I/O channel before it is failed.
     pub stall_timeout: Duration,
+    /// Bytes buffered across a VM's streams before a stream past its own bound pauses the I/O channel.
+    pub vm_buffer: usize,
 }
 
 /// Whether the VM's agent is reachable.
