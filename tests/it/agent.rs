@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use cc_proxy_api::client::{run_stream, Client};
+use cc_proxy_api::client::{collect, run_stream, Client};
 use cc_proxy_api::error as code;
 use cc_proxy_api::types::VmInfo;
 use jsonrpsee::core::client::{Subscription, SubscriptionClientT};
@@ -204,6 +204,26 @@ async fn fifty_concurrent_clients_are_all_answered() {
     let mut env = Env::start().await;
     let agent = env.agent(&[]);
     env.register("busy", &agent, None).await;
+    // Processes exiting meanwhile make the hyperstart agent send PROCESSASYNCEVENT between commands and
+    // replies: none of them may be taken for a reply.
+    let mut procs = Vec::new();
+    for p in 0..10 {
+        let socket = env.socket.clone();
+        procs.push(tokio::spawn(async move {
+            let c = Client::new(&socket);
+            let script = format!("sleep 0.{p}; exit {p}");
+            let r = c
+                .exec("busy", &["sh".into(), "-c".into(), script], false)
+                .await
+                .expect("exec");
+            let mut s = c.attach(&r.token.expect("token")).await.expect("attach");
+            let out = tokio::time::timeout(Duration::from_secs(20), collect(&mut s))
+                .await
+                .expect("exit delivered")
+                .expect("io");
+            (p, out.status)
+        }));
+    }
     let mut tasks = Vec::new();
     for i in 0..50 {
         let socket = env.socket.clone();
@@ -219,9 +239,49 @@ async fn fifty_concurrent_clients_are_all_answered() {
         let (i, v) = t.await.expect("join").expect("every call is answered");
         if i % 2 == 1 {
             assert_eq!(v["data_base64"], "AAAQlA==", "call {i}: {v}");
+        } else {
+            assert_eq!(v["data"], Value::Null, "ping {i}: {v}");
         }
     }
-    assert!(info(&env, "busy").await.commands >= 50);
+    for t in procs {
+        let (p, status) = t.await.expect("join");
+        assert_eq!(status, Some(p), "process {p}");
+    }
+    assert!(info(&env, "busy").await.commands >= 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_a_websocket_subscriber() {
+    let mut env = Env::start().await;
+    let (_ws, mut sub) = subscribe_events(&env).await;
+    for (args, label, _) in SETUPS {
+        let agent = env.agent(args);
+        env.register(label, &agent, None).await;
+        let ev = next_event(&mut sub, Duration::from_secs(5), |e| {
+            e["event"] == "vm_registered" && e["vm"] == label
+        })
+        .await;
+        assert!(ev.is_some(), "{label}: no vm_registered");
+        let r = env
+            .client
+            .exec(label, &["sh".into(), "-c".into(), "exit 7".into()], false)
+            .await
+            .expect("exec");
+        let token = r.token.expect("token");
+        let ev = next_event(&mut sub, Duration::from_secs(10), |e| {
+            e["event"] == "process_exited" && e["token"] == token.as_str()
+        })
+        .await
+        .unwrap_or_else(|| panic!("{label}: no process_exited"));
+        assert_eq!(ev["status"], 7, "{label}: {ev}");
+        assert_eq!(ev["vm"], label, "{label}: {ev}");
+        env.client.unregister(label).await.expect("unregister");
+        let ev = next_event(&mut sub, Duration::from_secs(5), |e| {
+            e["event"] == "vm_unregistered" && e["vm"] == label
+        })
+        .await;
+        assert!(ev.is_some(), "{label}: no vm_unregistered");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
