@@ -702,3 +702,157 @@ async fn debug_log_dumps_raw_io() {
         "no dump of the input:\n{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abruptly_dropped_shim_can_reattach_without_gaps() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&["--pair"]);
+    env.register("drop", &agent, None).await;
+    let n = 300u32;
+    let token = start(
+        &env.client,
+        "drop",
+        &format!("i=1; while [ $i -le {n} ]; do echo $i; i=$((i+1)); [ $((i % 30)) = 0 ] && sleep 0.05; done; exit 0"),
+        false,
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut s = attach(&env, &token).await;
+    while !String::from_utf8_lossy(&seen).lines().any(|l| l == "40") {
+        let f = tokio::time::timeout(SHORT, s.next())
+            .await
+            .expect("output")
+            .expect("open")
+            .expect("frame");
+        seen.extend_from_slice(&f.payload);
+    }
+    // No detach: the connection just goes away, as when a shim crashes.
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match env.client.attach(&token).await {
+            Ok(s) => break s,
+            // The daemon may not have noticed the drop yet.
+            Err(e) if e.code() == Some(code::STREAM_BUSY) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("re-attach: {e}"),
+        }
+    };
+    let out = tokio::time::timeout(SHORT, collect(&mut s))
+        .await
+        .expect("end")
+        .expect("io");
+    assert_eq!((out.status, &out.error), (Some(0), &None));
+    seen.extend_from_slice(&out.stdout);
+    // Delivery across an abrupt drop is at-least-once: numbers may repeat at the seam, never go missing or
+    // go backwards past the seam.
+    let got: Vec<u32> = String::from_utf8_lossy(&seen)
+        .lines()
+        .map(|l| l.parse().expect("a whole number per line"))
+        .collect();
+    let mut uniq = got.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    assert_eq!(uniq, (1..=n).collect::<Vec<u32>>(), "gaps after re-attach");
+    assert!(
+        got.len() - n as usize <= 4096,
+        "too many repeats: {}",
+        got.len()
+    );
+    assert_no_tokens(&env, "drop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_stream_requests_are_refused() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&[]);
+    env.register("inv", &agent, None).await;
+    let code_of = |v: &Value| v.pointer("/error/code").and_then(Value::as_i64);
+    let invalid = Some(i64::from(code::INVALID_ARGUMENT));
+
+    let r = env
+        .rpc(
+            "agent.call",
+            json!({"vm": "inv", "command": "ping", "streams": 1}),
+        )
+        .await;
+    assert_eq!(code_of(&r), invalid, "stream on ping: {r}");
+    let r = env
+        .rpc(
+            "agent.call",
+            json!({"vm": "inv", "command": "execcmd", "streams": 2,
+                   "data": {"container": "hyperstart", "process": {"args": ["true"]}}}),
+        )
+        .await;
+    assert_eq!(code_of(&r), invalid, "two streams: {r}");
+    let r = env
+        .rpc(
+            "agent.call",
+            json!({"vm": "inv", "command": "execcmd", "streams": 1, "data": {"process": {"args": ["true"]}}}),
+        )
+        .await;
+    assert_eq!(code_of(&r), invalid, "no container: {r}");
+    assert_eq!(
+        tokens(&env, "inv").await,
+        0,
+        "refused starts leave no token"
+    );
+
+    // Signal or resize before the process is started.
+    let alloc: Value = env
+        .client
+        .call("stream.allocate", json!({"vm": "inv"}))
+        .await
+        .expect("allocate");
+    let token = alloc["token"].as_str().expect("token");
+    let r = env
+        .rpc("stream.signal", json!({"token": token, "signal": 15}))
+        .await;
+    assert_eq!(code_of(&r), invalid, "signal before start: {r}");
+    let r = env
+        .rpc(
+            "stream.resize",
+            json!({"token": token, "rows": 1, "cols": 1}),
+        )
+        .await;
+    assert_eq!(code_of(&r), invalid, "resize before start: {r}");
+
+    // A process id already running in the container (hyperstart names processes by id).
+    let data =
+        json!({"container": "hyperstart", "process": {"id": "dup", "args": ["sleep", "30"]}});
+    let r = env
+        .rpc(
+            "agent.call",
+            json!({"vm": "inv", "command": "execcmd", "streams": 1, "data": data}),
+        )
+        .await;
+    let first = r["result"]["token"]
+        .as_str()
+        .expect("first start")
+        .to_string();
+    let r = env
+        .rpc(
+            "agent.call",
+            json!({"vm": "inv", "command": "execcmd", "streams": 1, "data": data}),
+        )
+        .await;
+    assert_eq!(code_of(&r), invalid, "duplicate process id: {r}");
+    let r = env
+        .rpc("stream.signal", json!({"token": first, "signal": 99}))
+        .await;
+    assert_eq!(code_of(&r), invalid, "signal 99: {r}");
+
+    // Unregistering the VM ends its attached stream with an error frame and frees its tokens.
+    let mut s = attach(&env, &first).await;
+    env.client.unregister("inv").await.expect("unregister");
+    let out = tokio::time::timeout(SHORT, collect(&mut s))
+        .await
+        .expect("stream ends")
+        .expect("io");
+    assert!(out.error.is_some() && out.status.is_none(), "{out:?}");
+    assert_eq!(
+        attach_code(env.client.attach(&first).await),
+        Some(code::TOKEN_NOT_FOUND)
+    );
+}
