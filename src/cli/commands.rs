@@ -158,7 +158,22 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                 let mut stream = client.attach(&token).await?;
                 Ok(relay(&mut stream, false).await)
             }
-            Command::Tap { vm, limit } => Ok(super::tap::run(&socket, vm, limit, json).await),
+            Command::Tap {
+                vm,
+                limit,
+                filter,
+                rate,
+            } => Ok(super::tap::run(
+                &socket,
+                super::tap::TapOptions {
+                    vm,
+                    limit,
+                    filter,
+                    rate,
+                },
+                json,
+            )
+            .await),
             Command::Attach { token } => {
                 let mut stream = client.attach(&token).await?;
                 Ok(relay(&mut stream, false).await)

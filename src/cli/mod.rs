@@ -151,6 +151,13 @@ pub enum Command {
         /// Stop after this many events.
         #[arg(long)]
         limit: Option<u64>,
+        /// Only these events (comma-separated): agent_command, process_started, process_exited,
+        /// stream_attached, stream_detached, vm_state.
+        #[arg(long, value_delimiter = ',')]
+        filter: Vec<String>,
+        /// Most events per second (1 to 1000).
+        #[arg(long)]
+        rate: Option<u32>,
     },
 }
 

@@ -288,12 +288,13 @@ pub fn format_event(e: &Value) -> String {
     line
 }
 
-async fn follow(
-    socket: &Path,
-    vm: Option<String>,
-    limit: Option<u64>,
-    json: bool,
-) -> Result<(), TapError> {
+async fn follow(socket: &Path, opts: TapOptions, json: bool) -> Result<(), TapError> {
+    let TapOptions {
+        vm,
+        limit,
+        filter,
+        rate,
+    } = opts;
     let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, WsConn::connect(socket))
         .await
         .map_err(|_| TapError::Timeout)??;
@@ -303,6 +304,12 @@ async fn follow(
     }
     if let Some(l) = limit {
         params.insert("limit".into(), json!(l));
+    }
+    if !filter.is_empty() {
+        params.insert("filter".into(), json!(filter));
+    }
+    if let Some(r) = rate {
+        params.insert("rate".into(), json!(r));
     }
     let req = json!({"jsonrpc": "2.0", "id": 1, "method": "tap.observe", "params": params});
     conn.send_text(&req.to_string()).await?;
@@ -373,8 +380,19 @@ async fn follow(
 
 /// Follow `tap.observe` over a WebSocket on the daemon's socket until interrupted, the daemon closes the
 /// tap, or `limit` events were printed. Returns the exit status.
-pub async fn run(socket: &Path, vm: Option<String>, limit: Option<u64>, json: bool) -> u8 {
-    match follow(socket, vm, limit, json).await {
+/// What to ask `tap.observe` for.
+#[derive(Debug, Default, Clone)]
+pub struct TapOptions {
+    pub vm: Option<String>,
+    pub limit: Option<u64>,
+    /// Event names to keep (`agent_command`, `process_exited`, ...); empty = all.
+    pub filter: Vec<String>,
+    /// Most events per second.
+    pub rate: Option<u32>,
+}
+
+pub async fn run(socket: &Path, opts: TapOptions, json: bool) -> u8 {
+    match follow(socket, opts, json).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("cc-proxy: tap: {e}");
