@@ -557,7 +557,7 @@ async fn restart_recovers_vms_and_tokens() {
                 &[
                     "sh".into(),
                     "-c".into(),
-                    "read x; echo got:$x; exit 4".into(),
+                    "echo before; echo warn >&2; read x; echo got:$x; exit 4".into(),
                 ],
                 false,
             )
@@ -565,6 +565,9 @@ async fn restart_recovers_vms_and_tokens() {
             .expect("exec");
         tokens.push((vm, r.token.expect("token")));
     }
+    // Let the daemon read the early output into the (unattached) streams before it restarts: a graceful
+    // restart must hand it to the next daemon.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     env.restart_daemon().await;
     for (vm, token) in tokens {
         let i = info(&env, vm).await;
@@ -584,7 +587,8 @@ async fn restart_recovers_vms_and_tokens() {
         .await
         .unwrap_or_else(|_| panic!("{vm}: stream did not end\n{}", env.logs()))
         .expect("stream");
-        assert_eq!(out.stdout, b"got:hello\n", "{vm}: {out:?}");
+        assert_eq!(out.stdout, b"before\ngot:hello\n", "{vm}: {out:?}");
+        assert_eq!(out.stderr, b"warn\n", "{vm}: {out:?}");
         assert_eq!(out.status, Some(4), "{vm}: {out:?}");
         let deadline = Instant::now() + Duration::from_secs(3);
         while info(&env, vm).await.tokens != 0 {
