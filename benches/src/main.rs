@@ -5,6 +5,7 @@
 //! Every figure is a ratio to its baseline or a bound check; absolute numbers are context only.
 
 mod direct;
+mod http;
 mod latency;
 mod legacy;
 mod procs;
@@ -65,6 +66,9 @@ struct Args {
     /// Only these groups (comma separated: startup,throughput,latency,scale); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Internal: serve as the echo peer of the latency floor on this unix socket.
+    #[arg(long, hide = true)]
+    echo_socket: Option<PathBuf>,
 }
 
 /// Sizes and counts of one run.
@@ -188,25 +192,16 @@ async fn profile_throughput(setup: &Setup, plan: &Plan, which: &str) -> Result<S
             }
         }
     }
-    rec.finish(25)
+    rec.finish()
 }
 
-async fn profile_latency(setup: &Setup) -> Result<String, BenchError> {
-    let agent = Agent::start(setup, "prof-lat-agent", 2)?;
-    let daemon = Daemon::start(setup, "prof-lat").await?;
-    let client = daemon.client();
-    procs::register(&client, "p", &agent, 1).await?;
-    let rec = profile::start(daemon.pid(), &setup.dir.join("perf-ping.data"))?;
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(4) {
-        client
-            .call::<serde_json::Value>(
-                "agent.call",
-                serde_json::json!({"vm": "p", "command": "ping"}),
-            )
-            .await?;
-    }
-    rec.finish(25)
+async fn profile_latency(setup: &Setup, mode: &str) -> Result<String, BenchError> {
+    let agent = Agent::start(setup, &format!("prof-{mode}-agent"), 2)?;
+    let daemon = Daemon::start(setup, &format!("prof-{mode}")).await?;
+    procs::register(&daemon.client(), latency::VM_ID, &agent, 1).await?;
+    let rec = profile::start(daemon.pid(), &setup.dir.join(format!("perf-{mode}.data")))?;
+    latency::ping_for(&daemon.socket, latency::VM_ID, mode, Duration::from_secs(4)).await?;
+    rec.finish()
 }
 
 async fn profile_register(setup: &Setup, vms: usize) -> Result<String, BenchError> {
@@ -217,7 +212,7 @@ async fn profile_register(setup: &Setup, vms: usize) -> Result<String, BenchErro
     for i in 0..vms {
         procs::register(&client, &format!("vm{i}"), &agent, i).await?;
     }
-    rec.finish(25)
+    rec.finish()
 }
 
 async fn run(args: Args) -> Result<(), BenchError> {
@@ -280,7 +275,14 @@ async fn run(args: Args) -> Result<(), BenchError> {
             log(format!("profiling missed target: {}", row.id));
             let prof = match row.profile_kind() {
                 Some("throughput") => profile_throughput(&setup, &plan, row.id).await,
-                Some("latency") => profile_latency(&setup).await,
+                Some("latency") => {
+                    let mode = match row.id {
+                        "ping-legacy" => "legacy-v2",
+                        "ping-ws" => "jsonrpc-ws",
+                        _ => "jsonrpc-http",
+                    };
+                    profile_latency(&setup, mode).await
+                }
                 Some("register") => profile_register(&setup, plan.vms).await,
                 _ => continue,
             };
@@ -315,6 +317,13 @@ async fn run(args: Args) -> Result<(), BenchError> {
 
 fn main() {
     let args = Args::parse();
+    if let Some(path) = &args.echo_socket {
+        if let Err(e) = latency::echo_server(path) {
+            eprintln!("cc-proxy-bench echo: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -42,26 +42,27 @@ pub fn start(pid: u32, data: &Path) -> Result<Recording, BenchError> {
 }
 
 impl Recording {
-    /// Stop sampling and return the top `lines` of a flat report by symbol (self time).
-    pub fn finish(mut self, lines: usize) -> Result<String, BenchError> {
+    /// Stop sampling and return two flat tables: the symbols with the most self time, and the daemon's own
+    /// functions with the most time including callees (where the time goes, by code path).
+    pub fn finish(mut self) -> Result<String, BenchError> {
         let _ = Command::new("kill")
             .arg("-INT")
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
+        let self_time = self.report(&["--no-children"], None, 15)?;
+        let inclusive = self.report(&["--children"], Some(" cc-proxy "), 30)?;
+        Ok(format!(
+            "self time, all code:\n{self_time}\n\nincluding callees, functions in cc-proxy:\n{inclusive}"
+        ))
+    }
+
+    fn report(&self, mode: &[&str], dso: Option<&str>, lines: usize) -> Result<String, BenchError> {
         let out = Command::new("perf")
-            .args([
-                "report",
-                "--stdio",
-                "--no-children",
-                "-g",
-                "none",
-                "--sort",
-                "dso,symbol",
-                "--percent-limit",
-                "1",
-                "-i",
-            ])
+            .args(["report", "--stdio", "-g", "none", "--percent-limit", "1.5"])
+            .args(["--sort", "dso,symbol"])
+            .args(mode)
+            .arg("-i")
             .arg(&self.data)
             .stderr(Stdio::null())
             .output()?;
@@ -69,8 +70,21 @@ impl Recording {
         Ok(text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter(|l| dso.is_none_or(|d| l.contains(d)))
             .take(lines)
-            .map(|l| l.trim_end().to_string())
+            .map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let mut line = words.join(" ");
+                // Drop trailing empty columns ("-") that some perf versions print.
+                while line.ends_with(" -") {
+                    line.truncate(line.len() - 2);
+                }
+                // Keep symbols readable: long generic Rust paths are cut.
+                if line.chars().count() > 160 {
+                    line = line.chars().take(157).collect::<String>() + "...";
+                }
+                line
+            })
             .collect::<Vec<_>>()
             .join("\n"))
     }

@@ -252,6 +252,14 @@ fn ping_row(
         "added p50 **{added:.1} us**; round trip p50 {:.1} us, p99 {:.1} us (p99/p50 {tail:.2}), block p50s {:.1}..{:.1} us; direct p50 {:.1} us, p99 {:.1} us; n={}",
         m.p50_us, m.p99_us, m.block_p50_min_us, m.block_p50_max_us, lat.direct.p50_us, lat.direct.p99_us, m.samples
     );
+    let mut measured = measured;
+    if let Some(f) = &lat.floor {
+        let _ = write!(
+            measured,
+            "; floor (one more process on a unix socket) p50 {:.1} us",
+            f.p50_us
+        );
+    }
     Row {
         id,
         what,
@@ -572,7 +580,7 @@ Every figure is taken side by side with its baseline in the same run; the ratio 
                     let _ = writeln!(
                         s,
                         "CPU profile of the daemon while the proxied side of this figure ran (`perf record -F 999 -g -p <daemon>`, \
-`perf report --no-children --sort dso,symbol`, self time, entries above 1%):\n\n```\n{p}\n```\n"
+`perf report --sort dso,symbol`, entries above 1.5%):\n\n```\n{p}\n```\n"
                     );
                 }
                 None if r.profile_kind().is_some() => {
@@ -616,7 +624,8 @@ per-stream rate = its bytes / time from the common start to its exit; fairness =
 - Ping: `agent.call {\"command\":\"ping\"}` over one HTTP/1.1 keep-alive connection (the `cc-proxy-api` client), \
 the same over one WebSocket, and a legacy v2 `Hyper` ping; baseline: PING on the control channel of another VM of \
 the same agent. Modes alternate in blocks of 100 after 200 warm-up pings each. Added latency = p50 through \
-cc-proxy - p50 direct.
+cc-proxy - p50 direct. For context the run also times an 8-byte echo with a trivial child process over a unix \
+socket (the floor): the cost, on this machine, of having any process in the middle.
 - Memory: VmRSS of the daemon after the load minus VmRSS of the same daemon idle just before (after 300 ms to settle). \
 VMs are registered over 16 client connections; streams are `stream.allocate` tokens spread over the VMs, each with \
 an attached idle shim connection.
