@@ -49,6 +49,19 @@ impl ClientError {
     }
 }
 
+/// A JSON-RPC error object as a [`ClientError::Rpc`].
+fn rpc_error(err: &Value) -> ClientError {
+    ClientError::Rpc {
+        code: err.get("code").and_then(Value::as_i64).unwrap_or(0) as i32,
+        message: err
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        data: err.get("data").cloned(),
+    }
+}
+
 /// A stdio stream attached to one process: frames in both directions (see [`crate::stream`]).
 pub type AttachedStream = Framed<TokioIo<hyper::upgrade::Upgraded>, StreamCodec>;
 
@@ -141,15 +154,7 @@ impl Client {
             ))
         })?;
         if let Some(err) = value.get("error") {
-            return Err(ClientError::Rpc {
-                code: err.get("code").and_then(Value::as_i64).unwrap_or(0) as i32,
-                message: err
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string(),
-                data: err.get("data").cloned(),
-            });
+            return Err(rpc_error(err));
         }
         let result = value.get("result").cloned().unwrap_or(Value::Null);
         serde_json::from_value(result).map_err(|e| ClientError::Decode(e.to_string()))
@@ -253,15 +258,7 @@ impl Client {
             // The daemon answers a refused attach with a JSON-RPC style error object.
             if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
                 if let Some(err) = v.get("error") {
-                    return Err(ClientError::Rpc {
-                        code: err.get("code").and_then(Value::as_i64).unwrap_or(0) as i32,
-                        message: err
-                            .get("message")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                        data: err.get("data").cloned(),
-                    });
+                    return Err(rpc_error(err));
                 }
             }
             return Err(ClientError::Http(format!(

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cc_proxy_api::stream::{Channel, Frame, StreamCodec};
 use cc_proxy_api::{STREAM_PATH_PREFIX, STREAM_UPGRADE};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use jsonrpsee::server::{HttpBody, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::io::AsyncWriteExt;
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::{rpc, Proxy};
@@ -139,10 +140,11 @@ async fn run(vm: Arc<Vm>, stream: Arc<Stream>, attach: u64, io: TokioIo<hyper::u
         vm.clone(),
         stream.clone(),
         attach,
-        FramedWrite::new(wr, StreamCodec),
+        wr,
         gone.clone(),
     ));
-    let mut reader = FramedRead::new(rd, StreamCodec);
+    // Start the reader small: most shims send little stdin; the buffer grows with the frames that come.
+    let mut reader = FramedRead::with_capacity(rd, StreamCodec, 256);
     let mut close = false;
     loop {
         let frame = tokio::select! {
@@ -205,7 +207,7 @@ async fn run(vm: Arc<Vm>, stream: Arc<Stream>, attach: u64, io: TokioIo<hyper::u
     let _ = writer.await;
 }
 
-type Writer = FramedWrite<tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>, StreamCodec>;
+type Writer = tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>;
 
 async fn write_loop(
     vm: Arc<Vm>,
@@ -215,21 +217,7 @@ async fn write_loop(
     gone: CancellationToken,
 ) {
     loop {
-        let notified = stream.shim_notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match stream.take(attach) {
-            Take::Frames(frames) if frames.is_empty() => {
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = gone.cancelled() => {
-                        stream.release(attach, Vec::new());
-                        vm.shim_detached(&stream.token, "drop");
-                        tracing::info!(vm = %vm.id, token = %stream.token, "shim went away; token kept for re-attach");
-                        return;
-                    }
-                }
-            }
+        match stream.next_output(attach, &gone).await {
             Take::Frames(frames) => {
                 if let Err(unwritten) = write_all(&mut out, frames).await {
                     stream.release(attach, unwritten);
@@ -238,9 +226,14 @@ async fn write_loop(
                     return;
                 }
             }
+            Take::Gone => {
+                vm.shim_detached(&stream.token, "drop");
+                tracing::info!(vm = %vm.id, token = %stream.token, "shim went away; token kept for re-attach");
+                return;
+            }
             Take::Last(frames) => {
                 let _ = write_all(&mut out, frames).await;
-                let _ = out.close().await;
+                let _ = out.shutdown().await;
                 vm.free_stream(&stream.token);
                 vm.shim_detached(&stream.token, "done");
                 gone.cancel();
@@ -252,8 +245,8 @@ async fn write_loop(
                     Channel::Control,
                     Bytes::from_static(br#"{"op":"detached"}"#),
                 );
-                let _ = out.send(ack).await;
-                let _ = out.close().await;
+                let _ = write_all(&mut out, vec![ack]).await;
+                let _ = out.shutdown().await;
                 stream.release(attach, Vec::new());
                 vm.shim_detached(&stream.token, "detach");
                 tracing::info!(vm = %vm.id, token = %stream.token, "shim detached; token kept");
@@ -264,14 +257,21 @@ async fn write_loop(
     }
 }
 
-/// Write a batch; on failure give back every frame of the batch (at-least-once).
+/// Write a batch in one buffer sized for it (nothing is held between batches, so an idle attachment costs
+/// no buffer); on failure give back every frame of the batch (at-least-once).
 async fn write_all(out: &mut Writer, frames: Vec<Frame>) -> Result<(), Vec<Frame>> {
+    let len = frames
+        .iter()
+        .map(|f| cc_proxy_api::stream::HEADER_LEN + f.payload.len())
+        .sum();
+    let mut buf = bytes::BytesMut::with_capacity(len);
     for f in &frames {
-        if out.feed(f.clone()).await.is_err() {
+        if cc_proxy_api::stream::encode_header(f.channel, f.payload.len(), &mut buf).is_err() {
             return Err(frames);
         }
+        buf.extend_from_slice(&f.payload);
     }
-    if out.flush().await.is_err() {
+    if out.write_all(&buf).await.is_err() || out.flush().await.is_err() {
         return Err(frames);
     }
     Ok(())

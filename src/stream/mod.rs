@@ -103,6 +103,8 @@ pub enum Take {
     Detach,
     /// This attachment is no longer the current one.
     Superseded,
+    /// The shim went away ([`Stream::next_output`] released the attachment).
+    Gone,
 }
 
 /// Why a shim cannot attach.
@@ -414,9 +416,30 @@ impl Stream {
         }
     }
 
-    /// Wait for something for the shim writer to do. Call with the future created before [`Stream::take`].
-    pub fn shim_notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.wake_shim.notified()
+    /// Wait for the next thing a shim writer must do: frames to write (never an empty batch), the end, a
+    /// detach, or `gone` (the shim's connection ended; the attachment is released, the token kept).
+    pub async fn next_output(
+        &self,
+        attach: u64,
+        gone: &tokio_util::sync::CancellationToken,
+    ) -> Take {
+        loop {
+            let notified = self.wake_shim.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.take(attach) {
+                Take::Frames(frames) if frames.is_empty() => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = gone.cancelled() => {
+                            self.release(attach, Vec::new());
+                            return Take::Gone;
+                        }
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// What is queued for the shim and whether the stdout EOF arrived (saved at shutdown).

@@ -68,6 +68,16 @@ pub fn validate_id(id: &str) -> Result<(), ProxyError> {
     }
 }
 
+/// Parse a VM's control, I/O and optional console URIs.
+fn parse_endpoints(
+    control: &str,
+    io: &str,
+    console: Option<&str>,
+) -> Result<(Endpoint, Endpoint, Option<Endpoint>), ProxyError> {
+    let parse = |uri: &str| Endpoint::parse(uri).map_err(ProxyError::from_transport);
+    Ok((parse(control)?, parse(io)?, console.map(parse).transpose()?))
+}
+
 impl Registry {
     pub fn new(
         state: Option<StateDir>,
@@ -151,14 +161,8 @@ impl Registry {
             return Err(ProxyError::ShuttingDown);
         }
         validate_id(&params.id)?;
-        let control = Endpoint::parse(&params.control).map_err(ProxyError::from_transport)?;
-        let io = Endpoint::parse(&params.io).map_err(ProxyError::from_transport)?;
-        let console = params
-            .console
-            .as_deref()
-            .map(Endpoint::parse)
-            .transpose()
-            .map_err(ProxyError::from_transport)?;
+        let (control, io, console) =
+            parse_endpoints(&params.control, &params.io, params.console.as_deref())?;
         let timeout = Duration::from_millis(
             params
                 .timeout_ms
@@ -313,18 +317,8 @@ impl Registry {
     }
 
     async fn recover_one(self: &Arc<Self>, record: VmRecord) {
-        let parsed = (|| {
-            validate_id(&record.id)?;
-            let c = Endpoint::parse(&record.control).map_err(ProxyError::from_transport)?;
-            let i = Endpoint::parse(&record.io).map_err(ProxyError::from_transport)?;
-            let k = record
-                .console
-                .as_deref()
-                .map(Endpoint::parse)
-                .transpose()
-                .map_err(ProxyError::from_transport)?;
-            Ok::<_, ProxyError>((c, i, k))
-        })();
+        let parsed = validate_id(&record.id)
+            .and_then(|()| parse_endpoints(&record.control, &record.io, record.console.as_deref()));
         let result = match parsed {
             Ok((c, i, k)) => {
                 self.connect(&record, c, i, k, DEFAULT_READY_TIMEOUT, true)

@@ -294,19 +294,8 @@ async fn output_loop(
     gone: CancellationToken,
 ) -> OutputEnd {
     loop {
-        let notified = stream.shim_notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match stream.take(attach) {
-            Take::Frames(frames) if frames.is_empty() => {
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = gone.cancelled() => {
-                        stream.release(attach, Vec::new());
-                        return OutputEnd::Stopped;
-                    }
-                }
-            }
+        match stream.next_output(attach, &gone).await {
+            Take::Gone => return OutputEnd::Stopped,
             Take::Frames(frames) => {
                 if let Err(unwritten) = write_batch(&vm, &stream, &out, frames, false).await {
                     stream.release(attach, unwritten);
