@@ -67,11 +67,12 @@ fn main() -> ExitCode {
         }
     };
     let (log, _sink) = logging::init(level, cli.log_format, cli.log_target);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("cc-proxy")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("cc-proxy");
+    if cli.threads > 0 {
+        builder.worker_threads(cli.threads);
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cc-proxy: cannot start the runtime: {e}");

@@ -67,6 +67,10 @@ pub struct Cli {
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub stall_timeout: u64,
 
+    /// Worker threads of the data plane (0 = one per CPU core).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+
     /// Client subcommands: machine-readable JSON output instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
