@@ -75,6 +75,12 @@ impl Daemon {
             .arg("--admin-addr")
             .arg(free_addr()?)
             .args(["--log", "warn", "--log-target", "stderr"])
+            // Extra daemon flags for experiments, e.g. CC_PROXY_BENCH_ARGS="--threads 1".
+            .args(
+                std::env::var("CC_PROXY_BENCH_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
