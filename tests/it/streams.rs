@@ -709,10 +709,15 @@ async fn an_abruptly_dropped_shim_can_reattach_without_gaps() {
     let agent = env.agent(&["--pair"]);
     env.register("drop", &agent, None).await;
     let n = 300u32;
+    // The process pauses after line 40, so when the shim drops there nothing is in flight: whatever the
+    // dropped shim had received but not read is its own loss, not the daemon's (there are no acknowledgements).
     let token = start(
         &env.client,
         "drop",
-        &format!("i=1; while [ $i -le {n} ]; do echo $i; i=$((i+1)); [ $((i % 30)) = 0 ] && sleep 0.05; done; exit 0"),
+        &format!(
+            "i=1; while [ $i -le {n} ]; do echo $i; [ $i = 40 ] && sleep 1; i=$((i+1)); \
+             [ $((i % 30)) = 0 ] && sleep 0.05; done; exit 0"
+        ),
         false,
     )
     .await;
@@ -745,20 +750,14 @@ async fn an_abruptly_dropped_shim_can_reattach_without_gaps() {
         .expect("io");
     assert_eq!((out.status, &out.error), (Some(0), &None));
     seen.extend_from_slice(&out.stdout);
-    // Delivery across an abrupt drop is at-least-once: numbers may repeat at the seam, never go missing or
-    // go backwards past the seam.
     let got: Vec<u32> = String::from_utf8_lossy(&seen)
         .lines()
         .map(|l| l.parse().expect("a whole number per line"))
         .collect();
-    let mut uniq = got.clone();
-    uniq.sort_unstable();
-    uniq.dedup();
-    assert_eq!(uniq, (1..=n).collect::<Vec<u32>>(), "gaps after re-attach");
-    assert!(
-        got.len() - n as usize <= 4096,
-        "too many repeats: {}",
-        got.len()
+    assert_eq!(
+        got,
+        (1..=n).collect::<Vec<u32>>(),
+        "sequence across the drop"
     );
     assert_no_tokens(&env, "drop").await;
 }
