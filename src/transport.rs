@@ -12,9 +12,10 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 /// Longest hybrid-vsock handshake reply line we accept (`OK <u32>\n` is at most 14 bytes).
@@ -131,13 +132,13 @@ impl Endpoint {
             }
             Endpoint::HybridVsock { path, port } => {
                 let mut s = UnixStream::connect(path).await.map_err(conn_err)?;
-                hybrid_handshake(&mut s, *port).await.map_err(|reason| {
+                let leftover = hybrid_handshake(&mut s, *port).await.map_err(|reason| {
                     TransportError::Handshake {
                         uri: uri.to_string(),
                         reason,
                     }
                 })?;
-                Ok(Connection::Unix(s))
+                Ok(Connection::UnixRewound(Rewind::new(leftover, s)))
             }
         }
     }
@@ -158,35 +159,43 @@ impl fmt::Display for Endpoint {
 async fn hybrid_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     port: u32,
-) -> Result<(), String> {
+) -> Result<Vec<u8>, String> {
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    let mut line = Vec::with_capacity(16);
+    // Read the reply line in as few reads as the peer allows; bytes after the newline already belong to the
+    // connected stream and are handed back to it.
+    let mut buf = [0u8; MAX_HVSOCK_REPLY];
+    let mut filled = 0;
     loop {
-        let b = s
-            .read_u8()
+        let n = s
+            .read(&mut buf[filled..])
             .await
             .map_err(|e| format!("reading the reply: {e}"))?;
-        if b == b'\n' {
-            break;
+        if n == 0 {
+            return Err("connection closed before the reply".into());
         }
-        line.push(b);
-        if line.len() > MAX_HVSOCK_REPLY {
+        let start = filled;
+        filled += n;
+        if let Some(pos) = buf[start..filled].iter().position(|&b| b == b'\n') {
+            let newline = start + pos;
+            let text = String::from_utf8_lossy(&buf[..newline]);
+            if !(text.starts_with("OK ") || text == "OK") {
+                return Err(format!("unexpected reply {text:?}"));
+            }
+            return Ok(buf[newline + 1..filled].to_vec());
+        }
+        if filled == buf.len() {
             return Err("reply line too long".into());
         }
-    }
-    let text = String::from_utf8_lossy(&line);
-    if text.starts_with("OK ") || text == "OK" {
-        Ok(())
-    } else {
-        Err(format!("unexpected reply {text:?}"))
     }
 }
 
 /// An open byte stream to an endpoint.
 pub enum Connection {
     Unix(UnixStream),
+    /// A unix stream with bytes already read from it (after a hybrid-vsock handshake).
+    UnixRewound(Rewind<UnixStream>),
     Tcp(TcpStream),
     Vsock(tokio_vsock::VsockStream),
 }
@@ -204,6 +213,17 @@ impl Connection {
                 let (r, w) = s.into_split();
                 (Box::pin(r), Box::pin(w))
             }
+            Connection::UnixRewound(Rewind { prefix, pos, inner }) => {
+                let (r, w) = inner.into_split();
+                (
+                    Box::pin(Rewind {
+                        prefix,
+                        pos,
+                        inner: r,
+                    }),
+                    Box::pin(w),
+                )
+            }
             Connection::Tcp(s) => {
                 let (r, w) = s.into_split();
                 (Box::pin(r), Box::pin(w))
@@ -213,6 +233,70 @@ impl Connection {
                 (Box::pin(r), Box::pin(w))
             }
         }
+    }
+}
+
+/// A stream that first yields bytes already read from it (protocol detection, hybrid-vsock handshakes).
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Rewind<S> {
+        Rewind {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -288,9 +372,10 @@ mod tests {
             b.write_all(b"OK 1073741824\nDATA").await.unwrap();
             b
         });
-        hybrid_handshake(&mut a, 2718).await.unwrap();
+        let leftover = hybrid_handshake(&mut a, 2718).await.unwrap();
+        let mut rewound = Rewind::new(leftover, a);
         let mut rest = [0u8; 4];
-        a.read_exact(&mut rest).await.unwrap();
+        rewound.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"DATA");
         server.await.unwrap();
     }

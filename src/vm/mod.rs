@@ -53,6 +53,9 @@ pub enum VmState {
     Lost(String),
 }
 
+/// Which VM each live token belongs to, across all VMs (attach looks tokens up here).
+pub type TokenIndex = Mutex<HashMap<Token, String>>;
+
 /// Maps sequence numbers and process names to streams.
 #[derive(Default)]
 pub struct StreamTable {
@@ -83,6 +86,8 @@ pub struct Vm {
     /// Cancelled when the VM is unregistered or the daemon stops.
     stop: CancellationToken,
     streams: Mutex<StreamTable>,
+    /// The daemon-wide token index this VM's tokens are listed in.
+    tokens: Arc<TokenIndex>,
     /// State changed since the last write to the state dir.
     dirty: AtomicBool,
     pub commands: AtomicU64,
@@ -163,6 +168,7 @@ impl Vm {
         table.by_seq.insert(seq + 1, stream.clone());
         table.by_token.insert(stream.token.clone(), stream.clone());
         drop(table);
+        lock(&self.tokens).insert(stream.token.clone(), self.id.clone());
         self.dirty.store(true, Ordering::Relaxed);
         stream
     }
@@ -201,6 +207,8 @@ impl Vm {
             table.by_process.insert(key, stream.clone());
         }
         table.by_token.insert(stream.token.clone(), stream.clone());
+        drop(table);
+        lock(&self.tokens).insert(stream.token.clone(), self.id.clone());
         Some(stream)
     }
 
@@ -247,6 +255,7 @@ impl Vm {
         let Some(stream) = table.by_token.remove(token) else {
             return false;
         };
+        lock(&self.tokens).remove(token);
         table.by_seq.remove(&stream.stdio);
         table.by_seq.remove(&stream.stderr);
         if let Some(key) = stream.process() {
@@ -464,6 +473,11 @@ impl Vm {
             }
             // Forget the tokens without clearing the streams: an attached shim still drains its error frame.
             let mut table = lock(&self.streams);
+            let mut index = lock(&self.tokens);
+            for token in table.by_token.keys() {
+                index.remove(token);
+            }
+            drop(index);
             table.by_token.clear();
             table.by_seq.clear();
             table.by_process.clear();

@@ -28,6 +28,8 @@ const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 pub struct Registry {
     vms: RwLock<HashMap<String, Arc<Vm>>>,
+    /// Token → VM id for every live token.
+    tokens: Arc<super::TokenIndex>,
     /// Ids whose registration is in progress, so two clients cannot register one id twice.
     registering: Mutex<HashSet<String>>,
     state: Option<StateDir>,
@@ -37,6 +39,8 @@ pub struct Registry {
     recovered: AtomicBool,
     shutting_down: AtomicBool,
     pub registrations: AtomicU64,
+    /// Wakes the state writer at once (a registration was just made).
+    flush_now: Arc<tokio::sync::Notify>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -86,6 +90,7 @@ impl Registry {
     ) -> Arc<Registry> {
         let reg = Arc::new(Registry {
             vms: RwLock::new(HashMap::new()),
+            tokens: Arc::new(Mutex::new(HashMap::new())),
             registering: Mutex::new(HashSet::new()),
             state,
             config,
@@ -93,15 +98,21 @@ impl Registry {
             recovered: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
+            flush_now: Arc::new(tokio::sync::Notify::new()),
         });
         if reg.state.is_some() {
             let weak = Arc::downgrade(&reg);
+            let wake = reg.flush_now.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(FLUSH_EVERY);
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = wake.notified() => {}
+                    }
                     let Some(reg) = weak.upgrade() else { return };
-                    reg.flush();
+                    // File writes block: keep them off the data plane's worker threads.
+                    let _ = tokio::task::spawn_blocking(move || reg.flush()).await;
                 }
             });
         }
@@ -150,9 +161,10 @@ impl Registry {
 
     /// Find the VM and stream of a token.
     pub fn find_token(&self, token: &Token) -> Option<(Arc<Vm>, Arc<Stream>)> {
-        let vms = read(&self.vms);
-        vms.values()
-            .find_map(|vm| vm.stream_by_token(token).map(|s| (vm.clone(), s)))
+        let id = lock(&self.tokens).get(token).cloned()?;
+        let vm = read(&self.vms).get(&id).cloned()?;
+        let stream = vm.stream_by_token(token)?;
+        Some((vm, stream))
     }
 
     /// Register a VM: connect its channels, wait for READY, pick the dialect, start its tasks.
@@ -212,12 +224,11 @@ impl Registry {
             .await;
         lock(&self.registering).remove(&params.id);
         let vm = result?;
-        if let Some(state) = &self.state {
-            if let Err(e) = state.save(&vm.record(false)) {
-                tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state; it will not survive a restart");
-            }
-        }
+        // The state writer records the new VM right away, off this request's path (file creation is what
+        // bounds the registration rate otherwise).
+        vm.dirty.store(true, Ordering::Release);
         write(&self.vms).insert(vm.id.clone(), vm.clone());
+        self.flush_now.notify_one();
         self.registrations.fetch_add(1, Ordering::Relaxed);
         METRICS
             .vms
@@ -277,6 +288,7 @@ impl Registry {
                 next_seq: record.next_seq.max(3),
                 ..Default::default()
             }),
+            tokens: self.tokens.clone(),
             dirty: std::sync::atomic::AtomicBool::new(false),
             commands: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -343,6 +355,7 @@ impl Registry {
                     &record,
                     &self.config,
                     &self.events,
+                    &self.tokens,
                     format!("recovery after restart failed: {e}"),
                 );
                 METRICS
@@ -408,6 +421,7 @@ fn lost_vm(
     record: &VmRecord,
     config: &VmConfig,
     events: &broadcast::Sender<Event>,
+    tokens: &Arc<super::TokenIndex>,
     reason: String,
 ) -> Arc<Vm> {
     let (calls, _) = mpsc::channel(1);
@@ -432,6 +446,7 @@ fn lost_vm(
             next_seq: record.next_seq.max(3),
             ..Default::default()
         }),
+        tokens: tokens.clone(),
         dirty: std::sync::atomic::AtomicBool::new(false),
         commands: AtomicU64::new(0),
         errors: AtomicU64::new(0),
