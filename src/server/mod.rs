@@ -198,8 +198,8 @@ pub async fn run(
     if listener.created {
         let _ = std::fs::remove_file(&listener.path);
     }
+    // Requests in flight finish first (their VMs are still connected); idle and long-lived sessions end.
     proxy.shutdown.cancel();
-    registry.shutdown();
     let _ = server_handle.stop();
     tracker.close();
     tokio::select! {
@@ -210,6 +210,8 @@ pub async fn run(
         _ = sigterm.recv() => tracing::warn!("second signal: exiting at once"),
         _ = sigint.recv() => tracing::warn!("second signal: exiting at once"),
     }
+    // Then the VMs stop, and their state (with output still queued for shims) is saved for the next start.
+    registry.shutdown();
     drop(admin);
     tracing::info!("stopped");
     0

@@ -5,6 +5,7 @@ mod agent;
 mod common;
 mod foundation;
 mod legacy;
+mod lifecycle;
 mod observability;
 mod streams;
 mod vm;
