@@ -4,6 +4,7 @@
 mod agent;
 mod common;
 mod foundation;
+mod hostile;
 mod legacy;
 mod lifecycle;
 mod observability;
