@@ -101,9 +101,10 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
         token: stream.token.short().to_string(),
     });
     let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
+    let shutdown = proxy.shutdown.clone();
+    proxy.tasks.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run(vm, stream, attach, TokioIo::new(upgraded)).await,
+            Ok(upgraded) => run(vm, stream, attach, TokioIo::new(upgraded), shutdown).await,
             Err(e) => {
                 tracing::debug!(vm = %vm.id, token = %stream.token, error = %e, "attach upgrade failed");
                 stream.release(attach, Vec::new());
@@ -133,7 +134,15 @@ enum ShimControl {
     Close,
 }
 
-async fn run(vm: Arc<Vm>, stream: Arc<Stream>, attach: u64, io: TokioIo<hyper::upgrade::Upgraded>) {
+/// Serve one attachment until the stream ends, the shim leaves, or the daemon stops (`shutdown`: then the
+/// writer gives back what it has not written, so the saved state has it for the shim's re-attach).
+async fn run(
+    vm: Arc<Vm>,
+    stream: Arc<Stream>,
+    attach: u64,
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    shutdown: CancellationToken,
+) {
     let (rd, wr) = tokio::io::split(io);
     let gone = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
@@ -149,6 +158,7 @@ async fn run(vm: Arc<Vm>, stream: Arc<Stream>, attach: u64, io: TokioIo<hyper::u
     loop {
         let frame = tokio::select! {
             _ = gone.cancelled() => break,
+            _ = shutdown.cancelled() => break,
             f = reader.next() => f,
         };
         let frame = match frame {
@@ -219,7 +229,7 @@ async fn write_loop(
     loop {
         match stream.next_output(attach, &gone).await {
             Take::Frames(frames) => {
-                if let Err(unwritten) = write_all(&mut out, frames).await {
+                if let Err(unwritten) = write_all(&mut out, frames, &gone).await {
                     stream.release(attach, unwritten);
                     vm.shim_detached(&stream.token, "drop");
                     gone.cancel();
@@ -232,7 +242,13 @@ async fn write_loop(
                 return;
             }
             Take::Last(frames) => {
-                let _ = write_all(&mut out, frames).await;
+                if let Err(unwritten) = write_all(&mut out, frames, &gone).await {
+                    // Keep the token: the next shim gets the rest, the exit status included.
+                    stream.release(attach, unwritten);
+                    vm.shim_detached(&stream.token, "drop");
+                    gone.cancel();
+                    return;
+                }
                 let _ = out.shutdown().await;
                 vm.free_stream(&stream.token);
                 vm.shim_detached(&stream.token, "done");
@@ -245,7 +261,7 @@ async fn write_loop(
                     Channel::Control,
                     Bytes::from_static(br#"{"op":"detached"}"#),
                 );
-                let _ = write_all(&mut out, vec![ack]).await;
+                let _ = write_all(&mut out, vec![ack], &gone).await;
                 let _ = out.shutdown().await;
                 stream.release(attach, Vec::new());
                 vm.shim_detached(&stream.token, "detach");
@@ -259,7 +275,11 @@ async fn write_loop(
 
 /// Write a batch in one buffer sized for it (nothing is held between batches, so an idle attachment costs
 /// no buffer); on failure give back every frame of the batch (at-least-once).
-async fn write_all(out: &mut Writer, frames: Vec<Frame>) -> Result<(), Vec<Frame>> {
+async fn write_all(
+    out: &mut Writer,
+    frames: Vec<Frame>,
+    gone: &CancellationToken,
+) -> Result<(), Vec<Frame>> {
     let len = frames
         .iter()
         .map(|f| cc_proxy_api::stream::HEADER_LEN + f.payload.len())
@@ -271,7 +291,12 @@ async fn write_all(out: &mut Writer, frames: Vec<Frame>) -> Result<(), Vec<Frame
         }
         buf.extend_from_slice(&f.payload);
     }
-    if out.write_all(&buf).await.is_err() || out.flush().await.is_err() {
+    // A shim too slow to take the batch must not hold up a shutdown or a release.
+    let written = tokio::select! {
+        r = async { out.write_all(&buf).await?; out.flush().await } => r.is_ok(),
+        _ = gone.cancelled() => false,
+    };
+    if !written {
         return Err(frames);
     }
     Ok(())

@@ -41,6 +41,8 @@ pub struct Proxy {
     pub log: LogHandle,
     /// Cancelled when the daemon starts shutting down; long-lived sessions end on it.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Every connection and shim session, so shutdown can wait for them to finish.
+    pub tasks: TaskTracker,
     next_client: AtomicU64,
 }
 
@@ -134,6 +136,7 @@ pub async fn run(
         started,
         log,
         shutdown: tokio_util::sync::CancellationToken::new(),
+        tasks: TaskTracker::new(),
         next_client: AtomicU64::new(1),
     });
 
@@ -172,7 +175,7 @@ pub async fn run(
         });
     }
 
-    let tracker = TaskTracker::new();
+    let tracker = proxy.tasks.clone();
     loop {
         tokio::select! {
             accepted = unix.accept() => match accepted {

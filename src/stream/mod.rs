@@ -240,6 +240,9 @@ impl Stream {
     pub fn stdout_eof(&self) {
         let mut inner = lock(&self.inner);
         inner.stdout_eof = true;
+        if matches!(inner.lifecycle, Lifecycle::Finished | Lifecycle::Closed) {
+            return;
+        }
         if let Some(status) = inner.pending_exit.take() {
             self.finish_locked(&mut inner, Frame::exit(status));
         }
@@ -269,6 +272,9 @@ impl Stream {
     /// Deliver a pending exit even though no EOF came (the grace period ran out).
     pub fn flush_pending_exit(&self) {
         let mut inner = lock(&self.inner);
+        if matches!(inner.lifecycle, Lifecycle::Finished | Lifecycle::Closed) {
+            return;
+        }
         if let Some(status) = inner.pending_exit.take() {
             self.finish_locked(&mut inner, Frame::exit(status));
         }
@@ -291,6 +297,7 @@ impl Stream {
             self.metrics.streams_open.dec();
         }
         inner.lifecycle = Lifecycle::Finished;
+        inner.pending_exit = None; // exactly one last frame
         self.wake_started.notify_waiters();
         inner.buffered += last.payload.len();
         self.metrics.buffered.inc_by(last.payload.len() as i64);
@@ -306,6 +313,7 @@ impl Stream {
             self.metrics.streams_open.dec();
         }
         inner.lifecycle = Lifecycle::Closed;
+        inner.pending_exit = None;
         self.wake_started.notify_waiters();
         self.metrics.buffered.dec_by(inner.buffered as i64);
         self.metrics.dropped.inc_by(inner.buffered as u64);
@@ -369,10 +377,16 @@ impl Stream {
     /// the front of the queue so the next attachment gets them.
     pub fn release(&self, attach: u64, unwritten: Vec<Frame>) {
         let mut inner = lock(&self.inner);
-        for f in unwritten.into_iter().rev() {
-            inner.buffered += f.payload.len();
-            self.metrics.buffered.inc_by(f.payload.len() as i64);
-            inner.queue.push_front(f);
+        if inner.lifecycle == Lifecycle::Closed {
+            // Freed meanwhile: nobody will read these again.
+            let bytes: usize = unwritten.iter().map(|f| f.payload.len()).sum();
+            self.metrics.dropped.inc_by(bytes as u64);
+        } else {
+            for f in unwritten.into_iter().rev() {
+                inner.buffered += f.payload.len();
+                self.metrics.buffered.inc_by(f.payload.len() as i64);
+                inner.queue.push_front(f);
+            }
         }
         if matches!(inner.shim, ShimState::Attached(n) | ShimState::Detaching(n) if n == attach) {
             inner.shim = ShimState::Absent;
@@ -442,10 +456,15 @@ impl Stream {
         }
     }
 
-    /// What is queued for the shim and whether the stdout EOF arrived (saved at shutdown).
-    pub fn snapshot(&self) -> (Vec<Frame>, bool) {
+    /// What is queued for the shim, whether the stdout EOF arrived, and an exit status still waiting for it
+    /// (saved at shutdown).
+    pub fn snapshot(&self) -> (Vec<Frame>, bool, Option<i32>) {
         let inner = lock(&self.inner);
-        (inner.queue.iter().cloned().collect(), inner.stdout_eof)
+        (
+            inner.queue.iter().cloned().collect(),
+            inner.stdout_eof,
+            inner.pending_exit,
+        )
     }
 
     /// Put back what [`Stream::snapshot`] saved before a restart.
@@ -549,5 +568,36 @@ mod tests {
         assert_eq!(s.attach(), Err(AttachError::Closed));
         assert!(s.push_output(Channel::Stdout, Bytes::from_static(b"gone")));
         assert_eq!(s.buffered(), 0);
+    }
+
+    #[test]
+    fn frames_released_into_a_closed_stream_are_dropped_not_counted_as_buffered() {
+        let s = stream();
+        s.push_output(Channel::Stdout, Bytes::from(vec![0u8; 1000]));
+        let n = s.attach().unwrap();
+        let Take::Frames(frames) = s.take(n) else {
+            panic!()
+        };
+        s.close();
+        s.release(n, frames);
+        assert_eq!(s.buffered(), 0);
+    }
+
+    #[test]
+    fn a_pending_exit_after_a_failure_adds_no_second_last_frame() {
+        let s = stream();
+        let n = s.attach().unwrap();
+        assert!(!s.exited(0));
+        s.fail("VM lost");
+        s.flush_pending_exit();
+        s.stdout_eof();
+        let (frames, last) = match s.take(n) {
+            Take::Last(f) => (f, true),
+            Take::Frames(f) => (f, false),
+            _ => panic!(),
+        };
+        assert!(last);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].channel, Channel::Error);
     }
 }

@@ -106,9 +106,22 @@ async fn run(
                 code: call.code,
                 payload: call.payload.clone(),
             };
-            if let Err(e) = writer.send(frame).await {
+            // An agent that stops reading its control channel must not wedge the actor: the write races the
+            // call's deadline and the VM's fate. A write cut short leaves the channel mid-frame, so the VM is lost.
+            let written = tokio::select! {
+                r = writer.send(frame) => r.map_err(|e| format!("control channel write failed: {e}")),
+                _ = tokio::time::sleep_until(call.deadline) => {
+                    Err("the agent stopped reading its control channel (a command write timed out)".to_string())
+                }
+                _ = vm.lost.cancelled() => Err("lost".to_string()),
+                _ = vm.stop.cancelled() => Err("stopped".to_string()),
+            };
+            if let Err(reason) = written {
                 queue.push_front(call);
-                break 'actor Some(format!("control channel write failed: {e}"));
+                if vm.is_lost() || vm.stop.is_cancelled() {
+                    break 'actor None;
+                }
+                break 'actor Some(reason);
             }
             last_activity = Instant::now();
             inflight = Some(InFlight {
@@ -186,7 +199,7 @@ async fn run(
             },
         }
     } else {
-        ProxyError::Unregistered(vm.id.clone())
+        vm.gone_error()
     };
     if let Some(f) = inflight.take() {
         if let Some(call) = f.call {

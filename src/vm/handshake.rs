@@ -13,8 +13,12 @@ use crate::transport::{BoxRead, BoxWrite};
 pub type ControlReader = FramedRead<BoxRead, ControlCodec>;
 pub type ControlWriter = FramedWrite<BoxWrite, ControlCodec>;
 
-/// Most unsolicited messages kept during one handshake.
-const MAX_DEFERRED: usize = 1024;
+/// Most bytes of unsolicited messages kept during one handshake; a hostile agent cannot make a registration
+/// hold more.
+const MAX_DEFERRED_BYTES: usize = 1 << 20;
+
+/// The codes an exit event has in either dialect (the dialect is not known yet during the handshake).
+const ASYNC_EVENT_CODES: [u32; 2] = [23, 24];
 
 /// What the handshake learned.
 pub struct Handshake {
@@ -38,13 +42,23 @@ async fn next_of(
             Some(Ok(frame)) if want.contains(&frame.code) => return Ok(frame),
             Some(Ok(frame)) if frame.code == code::NEXT || frame.code == code::READY => {}
             Some(Ok(frame)) => {
-                tracing::debug!(
-                    vm,
-                    code = frame.code,
-                    "agent message during the handshake kept for later"
-                );
-                if deferred.len() < MAX_DEFERRED {
+                let kept: usize = deferred.iter().map(|f| f.payload.len()).sum();
+                if ASYNC_EVENT_CODES.contains(&frame.code)
+                    && kept + frame.payload.len() <= MAX_DEFERRED_BYTES
+                {
+                    tracing::debug!(
+                        vm,
+                        code = frame.code,
+                        "agent event during the handshake kept for later"
+                    );
                     deferred.push(frame);
+                } else {
+                    tracing::warn!(
+                        vm,
+                        code = frame.code,
+                        len = frame.payload.len(),
+                        "unexpected agent message during the handshake dropped"
+                    );
                 }
             }
             Some(Err(e)) => {

@@ -127,7 +127,14 @@ async fn writer(vm: Arc<Vm>, mut write: BoxWrite, mut rx: mpsc::Receiver<IoOut>)
                 Err(_) => break,
             }
         }
-        if let Err(e) = write.write_all(&buf).await {
+        // A full I/O channel is backpressure (a process not reading its stdin), not a failure; but the write
+        // must end with the VM.
+        let written = tokio::select! {
+            r = write.write_all(&buf) => r,
+            _ = vm.lost.cancelled() => return,
+            _ = vm.stop.cancelled() => return,
+        };
+        if let Err(e) = written {
             return vm.mark_lost(format!("I/O channel write failed: {e}"));
         }
         buf.clear();

@@ -88,6 +88,8 @@ pub struct Vm {
     streams: Mutex<StreamTable>,
     /// The daemon-wide token index this VM's tokens are listed in.
     tokens: Arc<TokenIndex>,
+    /// The VM stops because the daemon does (calls cut short fail with SHUTTING_DOWN, not VM_UNREGISTERED).
+    daemon_stopping: AtomicBool,
     /// State changed since the last write to the state dir.
     dirty: AtomicBool,
     pub commands: AtomicU64,
@@ -114,25 +116,27 @@ impl Vm {
     pub fn mark_lost(&self, reason: impl Into<String>) {
         let reason = reason.into();
         {
+            // The state and its gauges change together under the state lock, so an unregister racing with
+            // the loss counts the VM in exactly one state.
             let mut st = lock(&self.state);
             if *st != VmState::Ready || self.stop.is_cancelled() {
                 return;
             }
             *st = VmState::Lost(reason.clone());
+            METRICS
+                .vms
+                .get_or_create(&StateLabel {
+                    state: "ready".into(),
+                })
+                .dec();
+            METRICS
+                .vms
+                .get_or_create(&StateLabel {
+                    state: "lost".into(),
+                })
+                .inc();
         }
         tracing::warn!(vm = %self.id, reason = %reason, "VM lost");
-        METRICS
-            .vms
-            .get_or_create(&StateLabel {
-                state: "ready".into(),
-            })
-            .dec();
-        METRICS
-            .vms
-            .get_or_create(&StateLabel {
-                state: "lost".into(),
-            })
-            .inc();
         self.metrics.lost();
         self.lost.cancel();
         crate::admin::tap::emit(|| crate::admin::tap::TapEvent::VmState {
@@ -200,6 +204,15 @@ impl Vm {
             })
             .collect();
         stream.restore(frames, rec.stdout_eof);
+        if let Some(status) = rec.pending_exit {
+            if !stream.exited(status) {
+                let s = stream.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(crate::stream::EXIT_EOF_GRACE).await;
+                    s.flush_pending_exit();
+                });
+            }
+        }
         let mut table = lock(&self.streams);
         table.by_seq.insert(rec.stdio, stream.clone());
         table.by_seq.insert(rec.stdio + 1, stream.clone());
@@ -212,26 +225,43 @@ impl Vm {
         Some(stream)
     }
 
-    /// Name the process a stream carries, so exit events and signals find it.
+    /// Name the process a stream carries, so exit events and signals find it. Check and insert are one step
+    /// under the table's lock; returns false when another live stream already has that name.
     pub fn bind_process(
         &self,
         stream: &Arc<Stream>,
         container: &str,
         process: &str,
         terminal: bool,
-    ) {
-        stream.set_process(container.to_string(), process.to_string(), terminal);
-        lock(&self.streams)
+    ) -> bool {
+        let key = (container.to_string(), process.to_string());
+        let mut table = lock(&self.streams);
+        if table
             .by_process
-            .insert((container.to_string(), process.to_string()), stream.clone());
+            .get(&key)
+            .is_some_and(|other| !Arc::ptr_eq(other, stream))
+        {
+            return false;
+        }
+        table.by_process.insert(key, stream.clone());
+        drop(table);
+        stream.set_process(container.to_string(), process.to_string(), terminal);
         self.dirty.store(true, Ordering::Relaxed);
+        true
     }
 
-    /// True when a live stream already uses this (container, process) name.
-    pub fn process_name_taken(&self, container: &str, process: &str) -> bool {
-        lock(&self.streams)
-            .by_process
-            .contains_key(&(container.to_string(), process.to_string()))
+    /// Forget a stream's process name (its start failed), so the token can be started again.
+    pub fn unbind_process(&self, stream: &Arc<Stream>) {
+        if let Some(key) = stream.process() {
+            let mut table = lock(&self.streams);
+            if table
+                .by_process
+                .get(&key)
+                .is_some_and(|s| Arc::ptr_eq(s, stream))
+            {
+                table.by_process.remove(&key);
+            }
+        }
     }
 
     pub fn stream_by_token(&self, token: &Token) -> Option<Arc<Stream>> {
@@ -343,9 +373,16 @@ impl Vm {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.gone_error()),
         }
-        match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(self.gone_error()),
+        // The actor answers every call; the backstop only guards against a bug leaving a client waiting forever.
+        let backstop = now + timeout + actor::ABANDON_GRACE;
+        match tokio::time::timeout_at(backstop, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.gone_error()),
+            Err(_) => Err(ProxyError::CommandTimeout {
+                vm: self.id.clone(),
+                command: name.to_string(),
+                after: timeout,
+            }),
         }
     }
 
@@ -355,6 +392,9 @@ impl Vm {
                 vm: self.id.clone(),
                 reason,
             },
+            VmState::Ready if self.daemon_stopping.load(Ordering::Acquire) => {
+                crate::error::ProxyError::ShuttingDown
+            }
             VmState::Ready => crate::error::ProxyError::Unregistered(self.id.clone()),
         }
     }
@@ -375,10 +415,11 @@ impl Vm {
         if self.is_lost() || self.stop.is_cancelled() {
             return Err(self.gone_error());
         }
-        self.io_out
-            .send(io::IoOut { seq, data })
-            .await
-            .map_err(|_| self.gone_error())
+        tokio::select! {
+            r = self.io_out.send(io::IoOut { seq, data }) => r.map_err(|_| self.gone_error()),
+            _ = self.lost.cancelled() => Err(self.gone_error()),
+            _ = self.stop.cancelled() => Err(self.gone_error()),
+        }
     }
 
     pub fn info(&self) -> VmInfo {
@@ -428,8 +469,8 @@ impl Vm {
                     .process()
                     .map(|(c, p)| (Some(c), Some(p)))
                     .unwrap_or((None, None));
-                let (pending, stdout_eof) = if with_pending {
-                    let (frames, eof) = s.snapshot();
+                let (pending, stdout_eof, pending_exit) = if with_pending {
+                    let (frames, eof, exit) = s.snapshot();
                     let pending = frames
                         .into_iter()
                         .map(|f| state::PendingFrame {
@@ -437,9 +478,9 @@ impl Vm {
                             data: base64::engine::general_purpose::STANDARD.encode(&f.payload),
                         })
                         .collect();
-                    (pending, eof)
+                    (pending, eof, exit)
                 } else {
-                    (Vec::new(), s.saw_stdout_eof())
+                    (Vec::new(), s.saw_stdout_eof(), None)
                 };
                 state::StreamRecord {
                     token: s.token.as_str().to_string(),
@@ -450,6 +491,7 @@ impl Vm {
                     started: s.lifecycle() != crate::stream::Lifecycle::Allocated,
                     pending,
                     stdout_eof,
+                    pending_exit,
                 }
             })
             .collect();
@@ -463,9 +505,19 @@ impl Vm {
         }
     }
 
+    /// Begin stopping (no later loss is recorded) and return the state the VM ends in.
+    fn halt(&self) -> VmState {
+        let st = lock(&self.state);
+        self.stop.cancel();
+        st.clone()
+    }
+
     /// Stop the VM's tasks. Unregistering also ends its streams with `reason` and frees its tokens; a daemon
     /// exit leaves streams alone so shims can re-attach to the restarted daemon.
     fn stop(&self, reason: &str, unregister: bool) {
+        if !unregister {
+            self.daemon_stopping.store(true, Ordering::Release);
+        }
         self.stop.cancel();
         if unregister {
             for s in self.all_streams() {

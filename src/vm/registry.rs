@@ -39,6 +39,8 @@ pub struct Registry {
     recovered: AtomicBool,
     shutting_down: AtomicBool,
     pub registrations: AtomicU64,
+    /// Serialises state-file writes between the state writer, unregister and shutdown.
+    save_lock: Mutex<()>,
     /// Wakes the state writer at once (a registration was just made).
     flush_now: Arc<tokio::sync::Notify>,
 }
@@ -99,6 +101,7 @@ impl Registry {
             shutting_down: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
             flush_now: Arc::new(tokio::sync::Notify::new()),
+            save_lock: Mutex::new(()),
         });
         if reg.state.is_some() {
             let weak = Arc::downgrade(&reg);
@@ -130,8 +133,15 @@ impl Registry {
     /// Write every changed VM's record.
     pub fn flush(&self) {
         let Some(state) = &self.state else { return };
+        let _saving = lock(&self.save_lock);
+        if self.shutting_down.load(Ordering::Acquire) {
+            return; // shutdown writes the final records itself
+        }
         let vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
         for vm in vms {
+            if vm.stop.is_cancelled() {
+                continue; // unregistered meanwhile: its file must stay deleted
+            }
             if vm.dirty.swap(false, Ordering::AcqRel) {
                 if let Err(e) = state.save(&vm.record(false)) {
                     tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state");
@@ -222,12 +232,17 @@ impl Registry {
         let result = self
             .connect(&record, control, io, console, timeout, false)
             .await;
-        lock(&self.registering).remove(&params.id);
-        let vm = result?;
+        let vm = match result {
+            Ok(vm) => vm,
+            Err(e) => {
+                lock(&self.registering).remove(&params.id);
+                return Err(e);
+            }
+        };
         // The state writer records the new VM right away, off this request's path (file creation is what
         // bounds the registration rate otherwise).
         vm.dirty.store(true, Ordering::Release);
-        write(&self.vms).insert(vm.id.clone(), vm.clone());
+        self.publish(vm.clone());
         self.flush_now.notify_one();
         self.registrations.fetch_add(1, Ordering::Relaxed);
         METRICS
@@ -289,6 +304,7 @@ impl Registry {
                 ..Default::default()
             }),
             tokens: self.tokens.clone(),
+            daemon_stopping: AtomicBool::new(false),
             dirty: std::sync::atomic::AtomicBool::new(false),
             commands: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -329,6 +345,9 @@ impl Registry {
     }
 
     async fn recover_one(self: &Arc<Self>, record: VmRecord) {
+        if !lock(&self.registering).insert(record.id.clone()) {
+            return;
+        }
         let parsed = validate_id(&record.id)
             .and_then(|()| parse_endpoints(&record.control, &record.io, record.console.as_deref()));
         let result = match parsed {
@@ -347,7 +366,7 @@ impl Registry {
                         state: "ready".into(),
                     })
                     .inc();
-                write(&self.vms).insert(vm.id.clone(), vm);
+                self.publish(vm);
             }
             Err(e) => {
                 tracing::warn!(vm = %record.id, error = %e, "VM could not be recovered; listed as lost");
@@ -364,9 +383,17 @@ impl Registry {
                         state: "lost".into(),
                     })
                     .inc();
-                write(&self.vms).insert(vm.id.clone(), vm);
+                self.publish(vm);
             }
         }
+    }
+
+    /// Make a VM visible; its id leaves `registering` under the same write lock, so no second registration
+    /// of the id can slip in between.
+    fn publish(&self, vm: Arc<Vm>) {
+        let mut vms = write(&self.vms);
+        lock(&self.registering).remove(&vm.id);
+        vms.insert(vm.id.clone(), vm);
     }
 
     /// Unregister: stop the VM's tasks, end its streams with an error, free its tokens, forget its state.
@@ -374,7 +401,10 @@ impl Registry {
         let vm = write(&self.vms)
             .remove(id)
             .ok_or_else(|| ProxyError::VmNotFound(id.to_string()))?;
-        let state = if vm.is_lost() { "lost" } else { "ready" };
+        let state = match vm.halt() {
+            VmState::Ready => "ready",
+            VmState::Lost(_) => "lost",
+        };
         METRICS
             .vms
             .get_or_create(&StateLabel {
@@ -384,6 +414,8 @@ impl Registry {
         vm.stop(&format!("VM {id} was unregistered"), true);
         vm.metrics.remove();
         if let Some(st) = &self.state {
+            // Under the save lock: a state write in progress finishes first, later ones skip the stopped VM.
+            let _saving = lock(&self.save_lock);
             st.remove(id);
         }
         tracing::info!(vm = %id, "VM unregistered");
@@ -407,6 +439,7 @@ impl Registry {
             vm.stop("cc-proxy is stopping", false);
         }
         if let Some(state) = &self.state {
+            let _saving = lock(&self.save_lock);
             for vm in &vms {
                 if let Err(e) = state.save(&vm.record(true)) {
                     tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state at shutdown");
@@ -447,6 +480,7 @@ fn lost_vm(
             ..Default::default()
         }),
         tokens: tokens.clone(),
+        daemon_stopping: AtomicBool::new(false),
         dirty: std::sync::atomic::AtomicBool::new(false),
         commands: AtomicU64::new(0),
         errors: AtomicU64::new(0),

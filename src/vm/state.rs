@@ -40,6 +40,9 @@ pub struct StreamRecord {
     /// The stdout EOF packet had arrived.
     #[serde(default)]
     pub stdout_eof: bool,
+    /// An exit status that had arrived before the stdout EOF (hyperstart reports it only once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_exit: Option<i32>,
 }
 
 /// One queued stream frame, as saved at shutdown.
@@ -151,6 +154,7 @@ mod tests {
                     data: "aGk=".into(),
                 }],
                 stdout_eof: false,
+                pending_exit: Some(3),
             }],
         };
         st.save(&rec).unwrap();

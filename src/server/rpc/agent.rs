@@ -129,6 +129,34 @@ pub fn decode_reply(reply: &[u8]) -> (Value, Option<String>) {
     }
 }
 
+/// Undoes a start command's stream wiring unless the start succeeded: a fresh token is freed, an existing
+/// token is unbound from the process name. Runs on every way out, including the request being dropped
+/// because its client went away (a future that is dropped runs no code after its `.await`).
+struct StartGuard<'a> {
+    vm: &'a Vm,
+    stream: Option<Arc<Stream>>,
+    fresh: bool,
+}
+
+impl StartGuard<'_> {
+    /// The start succeeded: keep everything.
+    fn keep(mut self) -> Option<Arc<Stream>> {
+        self.stream.take()
+    }
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.stream.take() {
+            if self.fresh {
+                self.vm.free_stream(&s.token);
+            } else {
+                self.vm.unbind_process(&s);
+            }
+        }
+    }
+}
+
 /// Send a command, wiring a stream into a start command's `process` first. Returns the ACK payload, the
 /// stream used, and the process id given to the agent.
 pub async fn forward(
@@ -139,9 +167,17 @@ pub async fn forward(
     timeout: Duration,
     use_stream: StreamUse,
 ) -> Result<(Bytes, Option<Arc<Stream>>, Option<String>), ProxyError> {
-    let (stream, fresh) = match use_stream {
-        StreamUse::None => (None, false),
-        StreamUse::New => (Some(vm.allocate_stream()), true),
+    let guard = match use_stream {
+        StreamUse::None => StartGuard {
+            vm,
+            stream: None,
+            fresh: false,
+        },
+        StreamUse::New => StartGuard {
+            vm,
+            stream: Some(vm.allocate_stream()),
+            fresh: true,
+        },
         StreamUse::Existing(s) => {
             if s.lifecycle() != Lifecycle::Allocated {
                 return Err(ProxyError::invalid(
@@ -149,30 +185,23 @@ pub async fn forward(
                     "the token's process was already started",
                 ));
             }
-            (Some(s), false)
-        }
-    };
-    let mut process_id = None;
-    if let Some(stream) = &stream {
-        match wire_stream(vm, code, &mut data, stream) {
-            Ok(id) => process_id = Some(id),
-            Err(e) => {
-                if fresh {
-                    vm.free_stream(&stream.token);
-                }
-                return Err(e);
+            StartGuard {
+                vm,
+                stream: Some(s),
+                fresh: false,
             }
         }
-    }
+    };
+    let process_id = match &guard.stream {
+        Some(stream) => Some(wire_stream(vm, code, &mut data, stream)?),
+        None => None,
+    };
     let payload = if data.is_null() {
         Bytes::new()
     } else {
         Bytes::from(serde_json::to_vec(&data).unwrap_or_default())
     };
     if payload.len() > MAX_COMMAND_PAYLOAD {
-        if let (Some(s), true) = (&stream, fresh) {
-            vm.free_stream(&s.token);
-        }
         return Err(ProxyError::invalid(
             "data",
             format!(
@@ -181,26 +210,19 @@ pub async fn forward(
             ),
         ));
     }
-    match vm.call(code, name, payload, timeout).await {
-        Ok(reply) => {
-            if let Some(s) = &stream {
-                s.mark_running();
-                crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessStarted {
-                    vm: vm.id.clone(),
-                    token: s.token.short().to_string(),
-                    process: process_id.clone().unwrap_or_default(),
-                });
-                tracing::info!(vm = %vm.id, token = %s.token, command = name, process = process_id.as_deref().unwrap_or(""), "process started");
-            }
-            Ok((reply, stream, process_id))
-        }
-        Err(e) => {
-            if let (Some(s), true) = (&stream, fresh) {
-                vm.free_stream(&s.token);
-            }
-            Err(e)
-        }
+    let reply = vm.call(code, name, payload, timeout).await?;
+    let stream = guard.keep();
+    if let Some(s) = &stream {
+        s.mark_running();
+        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessStarted {
+            vm: vm.id.clone(),
+            token: s.token.short().to_string(),
+            process: process_id.clone().unwrap_or_default(),
+        });
+        tracing::info!(vm = %vm.id, token = %s.token, command = name,
+            process = process_id.as_deref().unwrap_or(""), "process started");
     }
+    Ok((reply, stream, process_id))
 }
 
 /// Fill `process.stdio`/`process.stderr` (and a unique `process.id` for hyperstart). Returns the process id.
@@ -252,12 +274,11 @@ fn wire_stream(
             id
         }
     };
-    if vm.process_name_taken(&container, &id) {
+    if !vm.bind_process(stream, &container, &id, terminal) {
         return Err(ProxyError::invalid(
             "data.process.id",
             format!("process {id:?} is already running in {container:?}"),
         ));
     }
-    vm.bind_process(stream, &container, &id, terminal);
     Ok(id)
 }
