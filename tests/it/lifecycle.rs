@@ -132,3 +132,44 @@ async fn console_lines_are_logged_at_debug_with_the_vm() {
         json!(format!("unix://{}", console.display()))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_client_vanishes_leaks_no_token() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&["--fault", "slow-reply", "--slow-ms", "600"]);
+    env.register("vanish", &agent, None).await;
+    // A client sends an execcmd with a stream and hangs up before the (slow) reply.
+    {
+        use tokio::io::AsyncWriteExt;
+        let body =
+            json!({"jsonrpc": "2.0", "id": 1, "method": "agent.call", "params": {"vm": "vanish",
+            "command": "execcmd", "streams": 1, "data": crate::common::exec_data(&["true"])}})
+            .to_string();
+        let mut s = tokio::net::UnixStream::connect(&env.socket)
+            .await
+            .expect("connect");
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let freed = {
+        let mut ok = false;
+        for _ in 0..100 {
+            let info = env.rpc("vm.info", json!({"id": "vanish"})).await;
+            if info["result"]["tokens"] == json!(0) {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ok
+    };
+    assert!(
+        freed,
+        "the vanished client's token must be freed:\n{}",
+        env.logs()
+    );
+}
