@@ -140,6 +140,8 @@ pub async fn run(
         next_client: AtomicU64::new(1),
     });
 
+    // Loaded before anything serves: with nothing to reconnect, `/ready` is true from the first request.
+    let records = registry.records_to_recover();
     let (stop_handle, server_handle) = jsonrpsee::server::stop_channel();
     let http = http::HttpServer::new(proxy.clone(), stop_handle.clone());
 
@@ -163,10 +165,10 @@ pub async fn run(
     tracing::info!(socket = %listener.path.display(), activated, "listening");
     notify::ready(&format!("serving {}", listener.path.display()));
     notify::spawn_watchdog();
-    {
+    if !records.is_empty() {
         let registry = registry.clone();
         tokio::spawn(async move {
-            registry.recover().await;
+            registry.recover(records).await;
             let (vms, lost) = registry.counts();
             if vms > 0 {
                 tracing::info!(vms, lost, "recovery finished");

@@ -327,12 +327,22 @@ impl Registry {
     }
 
     /// Reconnect every VM recorded in the state directory. VMs that cannot be reached are listed as lost.
-    pub async fn recover(self: &Arc<Self>) {
-        let Some(state) = &self.state else {
+    /// The records to reconnect after a restart. With none, the daemon is recovered at once (so `/ready` is
+    /// true as soon as the socket serves).
+    pub fn records_to_recover(&self) -> Vec<VmRecord> {
+        let records = self
+            .state
+            .as_ref()
+            .map(StateDir::load_all)
+            .unwrap_or_default();
+        if records.is_empty() {
             self.recovered.store(true, Ordering::Release);
-            return;
-        };
-        let records = state.load_all();
+        }
+        records
+    }
+
+    /// Reconnect the recorded VMs in parallel; VMs that cannot be reached are listed as lost.
+    pub async fn recover(self: &Arc<Self>, records: Vec<VmRecord>) {
         let mut tasks = Vec::new();
         for record in records {
             let reg = self.clone();
