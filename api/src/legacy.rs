@@ -289,7 +289,8 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
     }
     let total = header_len + len;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Grow with what actually arrives: a header alone must not make the reader hold its whole payload.
+        buf.reserve((total - buf.len()).min(64 * 1024));
         return Ok(None);
     }
     buf.advance(header_len);

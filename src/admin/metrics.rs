@@ -223,6 +223,8 @@ pub struct VmMetrics {
     vm: String,
     /// (command, result) pairs this VM has counted, so [`VmMetrics::remove`] can find their series.
     commands_seen: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Set by [`VmMetrics::remove`]: late events of an unregistered VM must not recreate its series.
+    removed: Arc<std::sync::atomic::AtomicBool>,
     pub io_in_bytes: Counter,
     pub io_out_bytes: Counter,
     pub io_in_packets: Counter,
@@ -269,6 +271,7 @@ impl VmMetrics {
         VmMetrics {
             vm: vm.to_string(),
             commands_seen: Arc::default(),
+            removed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             io_in_bytes,
             io_out_bytes,
             io_in_packets,
@@ -284,6 +287,9 @@ impl VmMetrics {
 
     /// Count one agent command's outcome and latency.
     pub fn command(&self, command: &str, result: &str, seconds: f64) {
+        if self.removed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let m = &*METRICS;
         if let Ok(mut seen) = self.commands_seen.lock() {
             seen.insert((command.to_string(), result.to_string()));
@@ -304,6 +310,9 @@ impl VmMetrics {
     }
 
     pub fn detach(&self, kind: &str) {
+        if self.removed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         METRICS
             .shim_detaches
             .get_or_create(&DetachLabels {
@@ -314,6 +323,9 @@ impl VmMetrics {
     }
 
     pub fn connected(&self) {
+        if self.removed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         METRICS
             .agent_connects
             .get_or_create(&VmLabel {
@@ -323,6 +335,9 @@ impl VmMetrics {
     }
 
     pub fn lost(&self) {
+        if self.removed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         METRICS
             .vm_lost
             .get_or_create(&VmLabel {
@@ -333,6 +348,8 @@ impl VmMetrics {
 
     /// Remove this VM's series (on unregister), so a host with VM churn does not grow its scrape forever.
     pub fn remove(&self) {
+        self.removed
+            .store(true, std::sync::atomic::Ordering::Release);
         let m = &*METRICS;
         let vl = VmLabel {
             vm: self.vm.clone(),

@@ -279,8 +279,12 @@ pub fn format_event(e: &Value) -> String {
             ("latency_us", Some(us)) => {
                 line.push_str(&format!(" latency={:.3}ms", us as f64 / 1000.0))
             }
+            // Names such as process ids come from clients: never print control characters raw.
             _ => match v.as_str() {
-                Some(s) => line.push_str(&format!(" {k}={s}")),
+                Some(s) => line.push_str(&format!(
+                    " {k}={}",
+                    crate::logging::escape_bytes(s.as_bytes(), 256)
+                )),
                 None => line.push_str(&format!(" {k}={v}")),
             },
         }
@@ -449,7 +453,7 @@ mod tests {
                        "command": "execcmd", "result": "ok", "latency_us": 1500});
         assert_eq!(
             format_event(&e),
-            "01:02:03.004Z vm1              agent_command    command=execcmd latency=1.500ms result=ok"
+            "01:02:03.004Z vm1              agent_command    command=execcmd result=ok latency=1.500ms"
         );
         let d = json!({"ts_ms": 0, "event": "dropped", "count": 7});
         assert!(format_event(&d).ends_with("dropped          count=7"));

@@ -70,6 +70,8 @@ struct Inner {
     /// Container and process id the agent knows the process by (hyperstart names processes this way).
     process: Option<(String, String)>,
     terminal: bool,
+    /// A start command for this stream is on its way to the agent.
+    starting: bool,
 }
 
 /// One process's stdio stream.
@@ -136,6 +138,7 @@ impl Stream {
                 pending_exit: None,
                 process: None,
                 terminal: false,
+                starting: false,
             }),
             wake_shim: Notify::new(),
             wake_space: Notify::new(),
@@ -178,6 +181,29 @@ impl Stream {
         }
         drop(inner);
         self.wake_started.notify_waiters();
+    }
+
+    /// A start command is (or no longer is) in flight for this stream.
+    pub fn set_starting(&self, starting: bool) {
+        lock(&self.inner).starting = starting;
+        self.wake_started.notify_waiters();
+    }
+
+    /// Wait until a start in flight has an outcome: started, failed, or the stream ended. Returns at once
+    /// when no start is in flight.
+    pub async fn wait_start_outcome(&self) {
+        loop {
+            let notified = self.wake_started.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let inner = lock(&self.inner);
+                if inner.lifecycle != Lifecycle::Allocated || !inner.starting {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Wait until the process was started (or the stream ended). Stdin is held until then: an agent answers

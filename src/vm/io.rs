@@ -19,8 +19,12 @@ use super::Vm;
 use crate::logging::escape_bytes;
 use crate::transport::{BoxRead, BoxWrite};
 
-/// Stdin packets queued per VM before shims wait (backpressure toward the shims).
-pub const IO_QUEUE: usize = 256;
+/// Stdin messages queued per VM before shims wait (backpressure toward the shims).
+pub const IO_QUEUE: usize = 64;
+
+/// Largest stdin message queued at once; bigger writes are queued in pieces, so a VM's stdin queue holds
+/// at most `IO_QUEUE * STDIN_CHUNK` bytes (4 MiB).
+pub const STDIN_CHUNK: usize = 64 * 1024;
 
 /// Bytes the writer gathers from the queue into one write.
 const WRITE_BATCH: usize = 256 * 1024;

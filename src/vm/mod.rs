@@ -415,11 +415,24 @@ impl Vm {
         if self.is_lost() || self.stop.is_cancelled() {
             return Err(self.gone_error());
         }
-        tokio::select! {
-            r = self.io_out.send(io::IoOut { seq, data }) => r.map_err(|_| self.gone_error()),
-            _ = self.lost.cancelled() => Err(self.gone_error()),
-            _ = self.stop.cancelled() => Err(self.gone_error()),
+        // Queued in bounded pieces: the per-VM queue then bounds bytes, not just messages.
+        let mut pieces = Vec::with_capacity(data.len() / io::STDIN_CHUNK + 1);
+        if data.is_empty() {
+            pieces.push(data);
+        } else {
+            let mut rest = data;
+            while !rest.is_empty() {
+                pieces.push(rest.split_to(rest.len().min(io::STDIN_CHUNK)));
+            }
         }
+        for piece in pieces {
+            tokio::select! {
+                r = self.io_out.send(io::IoOut { seq, data: piece }) => r.map_err(|_| self.gone_error())?,
+                _ = self.lost.cancelled() => return Err(self.gone_error()),
+                _ = self.stop.cancelled() => return Err(self.gone_error()),
+            }
+        }
+        Ok(())
     }
 
     pub fn info(&self) -> VmInfo {

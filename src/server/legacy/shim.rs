@@ -12,7 +12,6 @@
 //! - Signal: SIGWINCH with a size becomes a window resize; other signals go to the process. SIGKILL or SIGTERM
 //!   before the process started is answered with ProcessExited(0), then the response.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use bytes::Bytes;
 use cc_proxy_api::legacy::{self, Command, Frame, Message, StreamKind, SIGNAL_LIMIT, SIGWINCH};
 use cc_proxy_api::stream::{self as shimstream, Channel};
 use futures::SinkExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -50,15 +49,18 @@ pub(super) struct Shim {
 /// Most stdin bytes held for a process that has not started yet.
 pub const MAX_EARLY_STDIN: usize = 1 << 20;
 
+/// Longest wait of a SIGKILL/SIGTERM for the outcome of a start already on its way to the agent.
+const START_OUTCOME_WAIT: Duration = Duration::from_secs(60);
+
 /// How often held stdin checks whether its process has started.
 const START_POLL: Duration = Duration::from_millis(10);
 
 /// Stdin queued in order behind a process's start, delivered by [`early_stdin_loop`].
 struct EarlyStdin {
-    tx: mpsc::UnboundedSender<Bytes>,
-    /// Bytes (plus one per frame) queued and not yet handed to the VM; bounded by [`MAX_EARLY_STDIN`] while
-    /// the process has not started.
-    pending: Arc<AtomicUsize>,
+    tx: mpsc::UnboundedSender<(Bytes, OwnedSemaphorePermit)>,
+    /// Byte permits: what is queued and not yet handed to the VM is bounded by [`MAX_EARLY_STDIN`], before
+    /// and after the process started (each queued frame holds its bytes' permits until delivered).
+    budget: Arc<Semaphore>,
 }
 
 /// How the output task ended.
@@ -79,28 +81,32 @@ impl Shim {
     /// before the process started is held (up to [`MAX_EARLY_STDIN`] bytes) and sent once it runs: an agent
     /// answers data for a sequence it does not know yet with an empty packet, which would end the stream.
     pub(super) async fn stdin(&self, data: Bytes) -> Result<(), SessionError> {
-        let queued = self.early.pending.load(Ordering::Acquire);
-        if queued == 0 && self.stream.lifecycle() != Lifecycle::Allocated {
-            if matches!(
-                self.stream.lifecycle(),
-                Lifecycle::Finished | Lifecycle::Closed
-            ) {
-                tracing::debug!(vm = %self.vm.id, token = %self.stream.token, len = data.len(), "stdin after the stream ended; ignored");
-                return Ok(());
-            }
-            if let Err(e) = self.vm.send_stdin(self.stream.stdio, data).await {
-                tracing::debug!(vm = %self.vm.id, token = %self.stream.token, error = %e, "stdin not delivered");
-            }
+        if matches!(
+            self.stream.lifecycle(),
+            Lifecycle::Finished | Lifecycle::Closed
+        ) {
+            tracing::debug!(vm = %self.vm.id, token = %self.stream.token, len = data.len(), "stdin after the stream ended; ignored");
             return Ok(());
         }
-        let cost = data.len() + 1;
-        if queued + cost > MAX_EARLY_STDIN && self.stream.lifecycle() == Lifecycle::Allocated {
-            return Err(SessionError::EarlyStdin(MAX_EARLY_STDIN));
-        }
-        self.early.pending.fetch_add(cost, Ordering::AcqRel);
-        if self.early.tx.send(data).is_err() {
-            self.early.pending.fetch_sub(cost, Ordering::AcqRel);
-        }
+        // Every frame goes through the queue so stdin stays in order; its cost is bounded by the budget.
+        let cost = u32::try_from((data.len() + 1).min(MAX_EARLY_STDIN)).unwrap_or(u32::MAX);
+        let permit = if self.stream.lifecycle() == Lifecycle::Allocated {
+            // Before the start the session must stay responsive (a SIGTERM may be the next frame): refuse.
+            self.early
+                .budget
+                .clone()
+                .try_acquire_many_owned(cost)
+                .map_err(|_| SessionError::EarlyStdin(MAX_EARLY_STDIN))?
+        } else {
+            // A running process that reads slowly: wait, which is backpressure toward the shim.
+            self.early
+                .budget
+                .clone()
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| SessionError::EarlyStdin(MAX_EARLY_STDIN))?
+        };
+        let _ = self.early.tx.send((data, permit));
         Ok(())
     }
 
@@ -139,13 +145,12 @@ impl Session {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let early = EarlyStdin {
                     tx,
-                    pending: Arc::new(AtomicUsize::new(0)),
+                    budget: Arc::new(Semaphore::new(MAX_EARLY_STDIN)),
                 };
                 tokio::spawn(early_stdin_loop(
                     vm.clone(),
                     stream.clone(),
                     rx,
-                    early.pending.clone(),
                     gone.clone(),
                 ));
                 let output = tokio::spawn(output_loop(
@@ -241,6 +246,12 @@ impl Session {
                 "columns and rows must be 0 for a signal other than SIGWINCH".into(),
             ));
         }
+        if n == SIGKILL || n == SIGTERM {
+            // A start on its way to the agent decides: signal the process it starts, or report the exit of
+            // one that never ran (bounded by the start command's own deadline).
+            let _ =
+                tokio::time::timeout(START_OUTCOME_WAIT, shim.stream.wait_start_outcome()).await;
+        }
         if (n == SIGKILL || n == SIGTERM) && shim.stream.lifecycle() == Lifecycle::Allocated {
             // The process never started: to the shim it has ended, successfully.
             tracing::info!(vm = %shim.vm.id, token = %shim.stream.token, signal = n, "signal before the process started; reporting exit 0");
@@ -262,12 +273,10 @@ impl Session {
 async fn early_stdin_loop(
     vm: Arc<Vm>,
     stream: Arc<Stream>,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    pending: Arc<AtomicUsize>,
+    mut rx: mpsc::UnboundedReceiver<(Bytes, OwnedSemaphorePermit)>,
     gone: CancellationToken,
 ) {
-    while let Some(data) = rx.recv().await {
-        let cost = data.len() + 1;
+    while let Some((data, permit)) = rx.recv().await {
         while stream.lifecycle() == Lifecycle::Allocated {
             tokio::select! {
                 _ = gone.cancelled() => return,
@@ -281,7 +290,7 @@ async fn early_stdin_loop(
         } else {
             tracing::info!(vm = %vm.id, token = %stream.token, len = data.len(), "stdin sent before the start of a process that never ran; dropped");
         }
-        pending.fetch_sub(cost, Ordering::AcqRel);
+        drop(permit);
     }
 }
 

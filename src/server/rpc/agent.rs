@@ -148,6 +148,7 @@ impl StartGuard<'_> {
 impl Drop for StartGuard<'_> {
     fn drop(&mut self) {
         if let Some(s) = self.stream.take() {
+            s.set_starting(false);
             if self.fresh {
                 self.vm.free_stream(&s.token);
             } else {
@@ -210,10 +211,14 @@ pub async fn forward(
             ),
         ));
     }
+    if let Some(s) = &guard.stream {
+        s.set_starting(true);
+    }
     let reply = vm.call(code, name, payload, timeout).await?;
     let stream = guard.keep();
     if let Some(s) = &stream {
         s.mark_running();
+        s.set_starting(false);
         crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessStarted {
             vm: vm.id.clone(),
             token: s.token.short().to_string(),
