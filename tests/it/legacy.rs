@@ -740,3 +740,50 @@ async fn stdin_sent_before_the_process_started() {
     assert_eq!(String::from_utf8_lossy(&out), "xdone\n");
     assert_eq!(code, Some(0));
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A shim pushing stdin at a process that never reads it meets backpressure: the daemon's memory stays
+/// bounded whatever the shim sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_to_a_process_that_does_not_read_is_bounded() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&["--dialect", "cc-agent", "--pair"]);
+    let mut rt = V2::connect(&env).await;
+    let tokens = register(&mut rt, "full", &agent, 1).await;
+    let mut sh = shim(&env, &tokens[0]).await;
+    let r = hyper(&mut rt, "execcmd", &[&tokens[0]], exec(&["sleep", "30"])).await;
+    assert!(!r.error, "{:?}", r.json());
+    let before = rss_kib(env.daemon_pid());
+    // 64 MiB offered in 1 MiB frames; the writes stall once the bounded queues are full.
+    let chunk = vec![b'y'; 1 << 20];
+    let pushed = tokio::time::timeout(Duration::from_secs(4), async {
+        let mut n = 0usize;
+        for _ in 0..64 {
+            sh.send(T_STREAM, STDIN, &chunk).await;
+            n += 1;
+        }
+        n
+    })
+    .await;
+    assert!(
+        pushed.is_err(),
+        "64 MiB of stdin to a process that reads nothing must meet backpressure"
+    );
+    let grown = rss_kib(env.daemon_pid()).saturating_sub(before);
+    assert!(grown < 48 * 1024, "daemon RSS grew by {grown} KiB");
+    // The daemon still serves others.
+    let r = rt
+        .cmd(ATTACH_VM, json!({"containerId": "full", "numIOStreams": 0}))
+        .await;
+    assert!(!r.error);
+}
