@@ -37,7 +37,8 @@ pub enum Channel {
     Exit = 3,
     /// Daemon to shim: the stream failed; payload is a UTF-8 message. The daemon closes after it.
     Error = 4,
-    /// Shim to daemon: a JSON [`ControlMessage`] (signal, resize, detach).
+    /// A JSON [`ControlMessage`]: shim to daemon `signal`, `resize`, `detach`, `close`; daemon to shim the
+    /// `detached` acknowledgement.
     Control = 5,
 }
 

@@ -10,14 +10,12 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use cc_proxy_api::stream::{Channel, Frame, StreamCodec};
+use cc_proxy_api::stream::{Channel, ControlMessage, Frame, StreamCodec};
 use cc_proxy_api::{STREAM_PATH_PREFIX, STREAM_UPGRADE};
 use futures::StreamExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use jsonrpsee::server::{HttpBody, HttpRequest, HttpResponse};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::FramedRead;
@@ -124,16 +122,6 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
     resp
 }
 
-/// Control messages from the shim (a superset of `cc_proxy_api::stream::ControlMessage`).
-#[derive(Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum ShimControl {
-    Signal { signal: i32 },
-    Resize { rows: u16, cols: u16 },
-    Detach,
-    Close,
-}
-
 /// Serve one attachment until the stream ends, the shim leaves, or the daemon stops (`shutdown`: then the
 /// writer gives back what it has not written, so the saved state has it for the shim's re-attach).
 async fn run(
@@ -176,23 +164,27 @@ async fn run(
                     tracing::debug!(vm = %vm.id, token = %stream.token, error = %e, "stdin not delivered");
                 }
             }
-            Channel::Control => match serde_json::from_slice::<ShimControl>(&frame.payload) {
-                Ok(ShimControl::Signal { signal }) => {
+            Channel::Control => match serde_json::from_slice::<ControlMessage>(&frame.payload) {
+                Ok(ControlMessage::Signal { signal }) => {
                     if let Err(e) = rpc::stream::signal(&vm, &stream, signal).await {
                         tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "signal from shim failed");
                     }
                 }
-                Ok(ShimControl::Resize { rows, cols }) => {
+                Ok(ControlMessage::Resize { rows, cols }) => {
                     if let Err(e) = rpc::stream::resize(&vm, &stream, rows, cols).await {
                         tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "resize from shim failed");
                     }
                 }
-                Ok(ShimControl::Detach) => {
+                Ok(ControlMessage::Detach) => {
                     stream.request_detach(attach);
                     break;
                 }
-                Ok(ShimControl::Close) => {
+                Ok(ControlMessage::Close) => {
                     close = true;
+                    break;
+                }
+                Ok(ControlMessage::Detached) => {
+                    tracing::info!(vm = %vm.id, token = %stream.token, "shim sent the daemon's detach acknowledgement; closing");
                     break;
                 }
                 Err(e) => {
@@ -259,7 +251,7 @@ async fn write_loop(
             Take::Detach => {
                 let ack = Frame::new(
                     Channel::Control,
-                    Bytes::from_static(br#"{"op":"detached"}"#),
+                    serde_json::to_vec(&ControlMessage::Detached).unwrap_or_default(),
                 );
                 let _ = write_all(&mut out, vec![ack], &gone).await;
                 let _ = out.shutdown().await;
