@@ -2,7 +2,7 @@
 //!
 //! Roles:
 //! - the VM's I/O reader pushes agent output into the stream ([`Stream::push_output`]) in arrival order;
-//! - the shim connection's writer takes frames out ([`Stream::take`]) and writes them;
+//! - the shim connection's writer takes frames out ([`Stream::next_output`]) and writes them;
 //! - exit reports (an I/O packet in the cc-agent dialect, a control event in hyperstart's) become the last
 //!   frame, but only after the stdout EOF packet, so no output can follow the exit frame.
 //!
