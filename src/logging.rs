@@ -25,9 +25,26 @@ pub enum Sink {
 pub struct LogHandle {
     handle: reload::Handle<EnvFilter, Registry>,
     current: Arc<std::sync::Mutex<String>>,
+    /// Where log lines go.
+    sink: Sink,
+    /// stderr is the journal (so a line printed there is already in the journal).
+    stderr_journal: bool,
 }
 
 impl LogHandle {
+    /// Report an error that stops the daemon from starting, exactly once where the operator looks: on stderr
+    /// as one `cc-proxy: ...` line, or as a journal entry at priority 3 when logs go to the journal (and on
+    /// stderr as well only when stderr is not the journal too).
+    pub fn startup_error(&self, error: &dyn std::fmt::Display) {
+        if self.sink == Sink::Journald {
+            tracing::error!("{error}");
+            if self.stderr_journal {
+                return;
+            }
+        }
+        eprintln!("cc-proxy: {error}");
+    }
+
     /// The filter in force, e.g. `info` or `warn,cc_proxy::vm=debug`.
     pub fn current(&self) -> String {
         self.current.lock().map(|s| s.clone()).unwrap_or_default()
@@ -62,10 +79,11 @@ fn stderr_is_journal() -> bool {
 /// Install the global subscriber. Returns the reload handle and the sink chosen.
 pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle, Sink) {
     let (filter, handle) = reload::Layer::new(EnvFilter::new(level.as_str()));
+    let stderr_journal = stderr_is_journal();
     let want_journald = match target {
         LogTarget::Journald => true,
         LogTarget::Stderr => false,
-        LogTarget::Auto => stderr_is_journal(),
+        LogTarget::Auto => stderr_journal,
     };
     let mut fallback_warning = None;
     let journald = if want_journald {
@@ -111,6 +129,8 @@ pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle
         LogHandle {
             handle,
             current: Arc::new(std::sync::Mutex::new(level.as_str().to_string())),
+            sink,
+            stderr_journal,
         },
         sink,
     )

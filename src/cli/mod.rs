@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 const EXAMPLES: &str = "\
 Examples:
   cc-proxy                                   run the daemon on /run/cc-oci-runtime/proxy.sock
-  cc-proxy --socket /tmp/p.sock --log debug  run it elsewhere, dumping raw agent I/O
+  cc-proxy --socket /tmp/p.sock --state-dir /tmp/p-state --admin-addr off --log debug
+                                             a private daemon beside the system one, dumping raw agent I/O
   cc-proxy vm list                           list registered VMs
   cc-proxy exec myvm -- uname -a             run a process in a VM and relay its stdio
   cc-proxy exec myvm --tty -- sh             an interactive shell

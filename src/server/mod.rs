@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::{ProtocolLabel, METRICS};
 use crate::logging::LogHandle;
-use crate::vm::state::StateDir;
+use crate::vm::state::{StateDir, StateError};
 use crate::vm::{Registry, VmConfig};
 
 /// How long in-flight requests may take to finish after SIGTERM.
@@ -85,6 +85,20 @@ pub async fn run(
     log: LogHandle,
 ) -> i32 {
     let started = Instant::now();
+    // The state directory is locked before the socket is touched: a second daemon on the same directory
+    // must not replace the first one's socket file either.
+    let state = match StateDir::open(&config.state_dir) {
+        Ok(s) => Some(s),
+        Err(e @ StateError::Locked { .. }) => {
+            log.startup_error(&e);
+            return 1;
+        }
+        Err(e) => {
+            tracing::warn!(dir = %config.state_dir.display(), error = %e,
+                "cannot use the state directory; registered VMs will not survive a restart");
+            None
+        }
+    };
     let listener = match activated {
         Some(l) => {
             let path = l
@@ -101,33 +115,24 @@ pub async fn run(
         None => match listener::bind(&config.socket, config.socket_group.as_deref()) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("cc-proxy: {e}");
+                log.startup_error(&e);
                 return 1;
             }
         },
     };
     let activated = !listener.created;
     if let Err(e) = listener.listener.set_nonblocking(true) {
-        eprintln!("cc-proxy: cannot use the socket: {e}");
+        log.startup_error(&format_args!("cannot use the socket: {e}"));
         return 1;
     }
     let unix = match UnixListener::from_std(listener.listener) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cc-proxy: cannot use the socket: {e}");
+            log.startup_error(&format_args!("cannot use the socket: {e}"));
             return 1;
         }
     };
 
-    let state = match StateDir::open(&config.state_dir) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(dir = %config.state_dir.display(), error = %e,
-                "cannot use the state directory; registered VMs will not survive a restart");
-            None
-        }
-    };
     let (events, _) = tokio::sync::broadcast::channel::<Event>(1024);
     let registry = Registry::new(state, config.vm.clone(), events);
     let proxy = Arc::new(Proxy {
@@ -150,14 +155,18 @@ pub async fn run(
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("cc-proxy: cannot install signal handlers: {e}");
+            proxy
+                .log
+                .startup_error(&format_args!("cannot install signal handlers: {e}"));
             return 1;
         }
     };
     let mut sigint = match signal(SignalKind::interrupt()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("cc-proxy: cannot install signal handlers: {e}");
+            proxy
+                .log
+                .startup_error(&format_args!("cannot install signal handlers: {e}"));
             return 1;
         }
     };

@@ -1,8 +1,17 @@
 //! Recoverable registry state under `--state-dir`: one JSON file per VM (`vms/<id>.json`), written atomically
 //! (temporary file + rename), so a restarted daemon reconnects to its VMs and shims can re-attach their tokens.
+//!
+//! One daemon owns a state directory at a time: [`StateDir::open`] takes an exclusive `flock` on
+//! `<dir>/lock` and keeps it for the daemon's life (the kernel drops it when the process exits, however it
+//! exits). A second daemon pointed at the same directory would reload the first one's VMs and take over their
+//! agent connections, so it is refused with [`StateError::Locked`] instead.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{Flock, FlockArg};
 
 use serde::{Deserialize, Serialize};
 
@@ -54,20 +63,70 @@ pub struct PendingFrame {
     pub data: String,
 }
 
-/// The state directory.
+/// The lock file inside the state directory; it holds the owning daemon's pid, for the refusal message.
+pub const LOCK_FILE: &str = "lock";
+
+/// Why the state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot use the state directory {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another cc-proxy{} is using the state directory {dir}; give this daemon its own --state-dir",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked { dir: PathBuf, holder: Option<u32> },
+}
+
+/// The state directory, locked for this daemon's life.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     vms: PathBuf,
+    /// The exclusive lock on `<dir>/lock`; released when the last clone is dropped or the process exits.
+    _lock: Arc<Flock<File>>,
 }
 
 impl StateDir {
-    /// Open (creating with mode 0700) `<dir>/vms`.
-    pub fn open(dir: &Path) -> std::io::Result<StateDir> {
+    /// Open (creating with mode 0700) `<dir>/vms` and take the directory's lock.
+    pub fn open(dir: &Path) -> Result<StateDir, StateError> {
+        let io = |source| StateError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
         let vms = dir.join("vms");
-        std::fs::create_dir_all(&vms)?;
+        std::fs::create_dir_all(&vms).map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        Ok(StateDir { vms })
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK_FILE))
+            .map_err(io)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(StateError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: text.trim().parse().ok(),
+                });
+            }
+            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+        };
+        // Best effort: the pid only makes the refusal message more useful.
+        let _ = lock.set_len(0);
+        let _ = lock.rewind();
+        let _ = writeln!(lock, "{}", std::process::id());
+        Ok(StateDir {
+            vms,
+            _lock: Arc::new(lock),
+        })
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -162,6 +221,19 @@ mod tests {
         assert_eq!(st.load_all(), vec![rec]);
         st.remove("vm-1");
         assert!(st.load_all().is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn second_open_is_refused_until_the_first_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("ccp-lock-{}", std::process::id()));
+        let first = StateDir::open(&dir).unwrap();
+        match StateDir::open(&dir) {
+            Err(StateError::Locked { holder, .. }) => assert_eq!(holder, Some(std::process::id())),
+            other => panic!("second open: {other:?}"),
+        }
+        drop(first);
+        assert!(StateDir::open(&dir).is_ok());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -8,5 +8,6 @@ mod hostile;
 mod legacy;
 mod lifecycle;
 mod observability;
+mod operations;
 mod streams;
 mod vm;
