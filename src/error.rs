@@ -52,6 +52,8 @@ pub enum ProxyError {
     Unregistered(String),
     #[error("limit exceeded: {0}")]
     Limit(String),
+    #[error("VM {0:?} is still being recovered after a restart")]
+    Recovering(String),
 }
 
 impl ProxyError {
@@ -83,6 +85,7 @@ impl ProxyError {
             ProxyError::ShuttingDown => code::SHUTTING_DOWN,
             ProxyError::Unregistered(_) => code::VM_UNREGISTERED,
             ProxyError::Limit(_) => code::LIMIT_EXCEEDED,
+            ProxyError::Recovering(_) => code::VM_RECOVERING,
         }
     }
 
@@ -91,7 +94,8 @@ impl ProxyError {
         match self {
             ProxyError::VmExists(vm)
             | ProxyError::VmNotFound(vm)
-            | ProxyError::Unregistered(vm) => json!({"vm": vm}),
+            | ProxyError::Unregistered(vm)
+            | ProxyError::Recovering(vm) => json!({"vm": vm}),
             ProxyError::ReadyTimeout { vm, after } => {
                 json!({"vm": vm, "timeout_ms": after.as_millis() as u64})
             }

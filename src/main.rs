@@ -89,6 +89,7 @@ fn main() -> ExitCode {
             keepalive: (cli.agent_keepalive > 0).then(|| Duration::from_secs(cli.agent_keepalive)),
             stall_timeout: Duration::from_secs(cli.stall_timeout.max(1)),
             vm_buffer: cli.vm_buffer,
+            recovery_timeout: Duration::from_secs(cli.recovery_timeout.max(1)),
         },
     };
     let code = runtime.block_on(server::run(config, activated, log));

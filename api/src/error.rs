@@ -36,11 +36,15 @@ pub const SHUTTING_DOWN: i32 = 1014;
 pub const VM_UNREGISTERED: i32 = 1015;
 /// The daemon cannot take more of this resource (VMs, streams, queued commands).
 pub const LIMIT_EXCEEDED: i32 = 1016;
+/// The VM is still being reconnected after a daemon restart and its recovery did not finish within
+/// `--recovery-timeout` (requests for a recovering VM wait that long for the outcome first).
+pub const VM_RECOVERING: i32 = 1017;
 
 /// A short stable name for a code, used in logs and metrics labels.
 pub fn code_name(code: i32) -> &'static str {
     match code {
         -32700 => "parse_error",
+        -32007 => "request_too_big",
         -32600 => "invalid_request",
         -32601 => "method_not_found",
         -32602 => "invalid_params",
@@ -61,6 +65,7 @@ pub fn code_name(code: i32) -> &'static str {
         SHUTTING_DOWN => "shutting_down",
         VM_UNREGISTERED => "vm_unregistered",
         LIMIT_EXCEEDED => "limit_exceeded",
+        VM_RECOVERING => "vm_recovering",
         _ => "other",
     }
 }

@@ -21,10 +21,13 @@ pub struct Health {
     pub status: String,
     /// Seconds since the daemon started.
     pub uptime_secs: u64,
-    /// Registered VMs (ready and lost).
+    /// Registered VMs (ready, lost and recovering).
     pub vms: usize,
     /// VMs whose agent connection is lost.
     pub vms_lost: usize,
+    /// VMs from the state directory still being reconnected after a restart.
+    #[serde(default)]
+    pub vms_recovering: usize,
 }
 
 /// `vm.register` parameters.
@@ -65,7 +68,8 @@ pub struct VmId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
     pub id: String,
-    /// `"ready"` or `"lost"`.
+    /// `"ready"`, `"lost"`, or `"recovering"` (loaded from the state directory after a restart, its agent
+    /// not reconnected yet).
     pub state: String,
     /// Why the VM is lost, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -68,6 +68,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub stall_timeout: u64,
 
+    /// Seconds to reconnect one recorded VM after a restart (connect and handshake); requests for a VM being
+    /// recovered wait at most this long for the outcome, after which it is listed as lost.
+    #[arg(long, default_value_t = crate::vm::registry::DEFAULT_RECOVERY_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub recovery_timeout: u64,
+
     /// Worker threads of the data plane (0 = one per CPU core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,

@@ -80,7 +80,12 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
         .path()
         .trim_start_matches(STREAM_PATH_PREFIX)
         .to_string();
-    let Some((vm, stream)) = Token::parse(&text).and_then(|t| proxy.registry.find_token(&t)) else {
+    // A token of a VM being recovered after a restart waits for the recovery instead of being unknown.
+    let found = match Token::parse(&text) {
+        Some(t) => proxy.registry.find_token_settled(&t).await,
+        None => None,
+    };
+    let Some((vm, stream)) = found else {
         return error_response(StatusCode::NOT_FOUND, ProxyError::TokenNotFound);
     };
     let attach = match stream.attach() {

@@ -178,7 +178,7 @@ pub async fn run(
         let registry = registry.clone();
         tokio::spawn(async move {
             registry.recover(records).await;
-            let (vms, lost) = registry.counts();
+            let (vms, lost, _) = registry.counts();
             if vms > 0 {
                 tracing::info!(vms, lost, "recovery finished");
             }

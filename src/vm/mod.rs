@@ -44,6 +44,8 @@ pub struct VmConfig {
     pub stall_timeout: Duration,
     /// Bytes buffered across a VM's streams before a stream past its own bound pauses the I/O channel.
     pub vm_buffer: usize,
+    /// Bound on reconnecting one recorded VM after a restart; requests for it wait at most this long.
+    pub recovery_timeout: Duration,
 }
 
 /// Whether the VM's agent is reachable.
@@ -452,7 +454,7 @@ impl Vm {
             id: self.id.clone(),
             state,
             lost_reason,
-            // A VM that could not be reached after a restart never told us its dialect.
+            // A VM that could not be reached after a restart, recorded before dialects were recorded.
             dialect: if self.api_version == 0 {
                 "unknown".into()
             } else {
@@ -515,6 +517,9 @@ impl Vm {
             console: self.console_uri.clone(),
             next_seq: table.next_seq.max(3),
             streams,
+            // A VM that was never reached after a restart keeps what its record said.
+            dialect: (self.api_version != 0).then(|| self.dialect.name().to_string()),
+            api_version: (self.api_version != 0).then_some(self.api_version),
         }
     }
 

@@ -1,12 +1,20 @@
 //! The registry of every VM on the host: registration (connect, READY, GETVERSION), lookup, unregistration,
 //! and recovery from the state directory after a restart.
+//!
+//! Recovery: at startup, before the socket serves its first request, [`Registry::records_to_recover`] lists
+//! every recorded VM as *recovering* (with its tokens in the token index). Each is then reconnected in the
+//! background, bounded by `--recovery-timeout`, and published as ready or lost. Until then `vm.list` and
+//! `vm.info` show it as `recovering`, and everything that needs the VM itself (calls, `vm.attach`, stream
+//! attaches, `stream.*`, legacy commands, a registration or unregistration of its id) waits for the outcome
+//! through [`Registry::settle`] and then proceeds, or fails with the VM's real state, never with "no VM
+//! registered".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use cc_proxy_api::types::{Event, RegisterParams};
+use cc_proxy_api::types::{Event, RegisterParams, VmInfo};
 use cc_proxy_protocol::{ControlCodec, Dialect};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -21,13 +29,30 @@ use crate::transport::Endpoint;
 
 /// Default wait for the agent's READY.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on reconnecting one recorded VM after a restart (`--recovery-timeout`).
+pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long past a recovery's own deadline a waiting request gives the outcome to be published.
+const SETTLE_GRACE: Duration = Duration::from_millis(500);
 /// Most VMs one daemon serves.
 pub const MAX_VMS: usize = 65_536;
 /// How often changed VM state is written to the state directory.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
+/// A VM loaded from the state directory whose agent is being reconnected.
+struct Recovery {
+    /// What the state directory holds of it (shown by `vm.info` meanwhile).
+    record: VmRecord,
+    /// The reconnection gives up at this instant; waiters wait at most [`SETTLE_GRACE`] longer.
+    deadline: tokio::time::Instant,
+    /// Cancelled once the VM is published (ready or lost).
+    done: CancellationToken,
+}
+
 pub struct Registry {
     vms: RwLock<HashMap<String, Arc<Vm>>>,
+    /// Recorded VMs still being reconnected after a restart; an id leaves it under the `vms` write lock when
+    /// the VM is published.
+    recovering: Mutex<HashMap<String, Arc<Recovery>>>,
     /// Token → VM id for every live token.
     tokens: Arc<super::TokenIndex>,
     /// Ids whose registration is in progress, so two clients cannot register one id twice.
@@ -92,6 +117,7 @@ impl Registry {
     ) -> Arc<Registry> {
         let reg = Arc::new(Registry {
             vms: RwLock::new(HashMap::new()),
+            recovering: Mutex::new(HashMap::new()),
             tokens: Arc::new(Mutex::new(HashMap::new())),
             registering: Mutex::new(HashSet::new()),
             state,
@@ -150,23 +176,69 @@ impl Registry {
         }
     }
 
+    /// The VM as it is now; a VM still being recovered is [`ProxyError::Recovering`] (use [`Registry::settle`]
+    /// first to wait for it).
     pub fn get(&self, id: &str) -> Result<Arc<Vm>, ProxyError> {
-        read(&self.vms)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ProxyError::VmNotFound(id.to_string()))
+        let vms = read(&self.vms);
+        if let Some(vm) = vms.get(id) {
+            return Ok(vm.clone());
+        }
+        if lock(&self.recovering).contains_key(id) {
+            return Err(ProxyError::Recovering(id.to_string()));
+        }
+        Err(ProxyError::VmNotFound(id.to_string()))
     }
 
-    pub fn list(&self) -> Vec<Arc<Vm>> {
-        let mut vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
-        vms.sort_by(|a, b| a.id.cmp(&b.id));
-        vms
+    /// Wait while VM `id` is being recovered after a restart, at most until its recovery's deadline (plus a
+    /// short grace for the outcome to be published). Returns at once for any other id.
+    pub async fn settle(&self, id: &str) {
+        let Some(recovery) = lock(&self.recovering).get(id).cloned() else {
+            return;
+        };
+        let _ =
+            tokio::time::timeout_at(recovery.deadline + SETTLE_GRACE, recovery.done.cancelled())
+                .await;
     }
 
-    pub fn counts(&self) -> (usize, usize) {
+    /// [`Registry::get`] after [`Registry::settle`]: what every request that uses a VM calls.
+    pub async fn get_settled(&self, id: &str) -> Result<Arc<Vm>, ProxyError> {
+        self.settle(id).await;
+        self.get(id)
+    }
+
+    /// Every VM as `vm.list` shows it (recovering ones included), by id.
+    pub fn list_info(&self) -> Vec<VmInfo> {
+        let vms = read(&self.vms);
+        let mut out: Vec<VmInfo> = vms.values().map(|vm| vm.info()).collect();
+        out.extend(
+            lock(&self.recovering)
+                .values()
+                .filter(|r| !vms.contains_key(&r.record.id))
+                .map(|r| recovering_info(&r.record)),
+        );
+        drop(vms);
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// One VM as `vm.info` shows it; a VM being recovered is shown as `recovering` without waiting.
+    pub fn info(&self, id: &str) -> Result<VmInfo, ProxyError> {
+        match self.get(id) {
+            Ok(vm) => Ok(vm.info()),
+            Err(ProxyError::Recovering(_)) => lock(&self.recovering)
+                .get(id)
+                .map(|r| recovering_info(&r.record))
+                .ok_or_else(|| ProxyError::VmNotFound(id.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// (all VMs, lost VMs, VMs being recovered); the first count includes the other two.
+    pub fn counts(&self) -> (usize, usize, usize) {
         let vms = read(&self.vms);
         let lost = vms.values().filter(|v| v.is_lost()).count();
-        (vms.len(), lost)
+        let recovering = lock(&self.recovering).len();
+        (vms.len() + recovering, lost, recovering)
     }
 
     /// Find the VM and stream of a token.
@@ -177,12 +249,22 @@ impl Registry {
         Some((vm, stream))
     }
 
+    /// [`Registry::find_token`] after waiting for the recovery of the token's VM, so a shim re-attaching
+    /// while the daemon reconnects its VM is not told its valid token is unknown.
+    pub async fn find_token_settled(&self, token: &Token) -> Option<(Arc<Vm>, Arc<Stream>)> {
+        let id = lock(&self.tokens).get(token).cloned()?;
+        self.settle(&id).await;
+        self.find_token(token)
+    }
+
     /// Register a VM: connect its channels, wait for READY, pick the dialect, start its tasks.
     pub async fn register(self: &Arc<Self>, params: RegisterParams) -> Result<Arc<Vm>, ProxyError> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(ProxyError::ShuttingDown);
         }
         validate_id(&params.id)?;
+        // A recorded VM of this id is being reconnected: its outcome decides what this registration meets.
+        self.settle(&params.id).await;
         let (control, io, console) =
             parse_endpoints(&params.control, &params.io, params.console.as_deref())?;
         let timeout = Duration::from_millis(
@@ -214,6 +296,19 @@ impl Registry {
                     format!("the endpoint is already used by VM {:?}", other.id),
                 ));
             }
+            if let Some(other) = lock(&self.recovering).values().find(|r| {
+                [&r.record.control, &r.record.io]
+                    .iter()
+                    .any(|u| **u == control_uri || **u == io_uri)
+            }) {
+                return Err(ProxyError::invalid(
+                    "control",
+                    format!(
+                        "the endpoint is used by VM {:?}, which is being recovered",
+                        other.record.id
+                    ),
+                ));
+            }
             if vms.len() >= MAX_VMS {
                 return Err(ProxyError::Limit(format!("{MAX_VMS} VMs registered")));
             }
@@ -228,6 +323,8 @@ impl Registry {
             console: console.as_ref().map(|c| c.to_string()),
             next_seq: 3,
             streams: Vec::new(),
+            dialect: None,
+            api_version: None,
         };
         let result = self
             .connect(&record, control, io, console, timeout, false)
@@ -326,9 +423,9 @@ impl Registry {
         Ok(vm)
     }
 
-    /// Reconnect every VM recorded in the state directory. VMs that cannot be reached are listed as lost.
-    /// The records to reconnect after a restart. With none, the daemon is recovered at once (so `/ready` is
-    /// true as soon as the socket serves).
+    /// The records to reconnect after a restart, each listed as recovering (its tokens indexed) before this
+    /// returns, so a request served afterwards finds it. With none, the daemon is recovered at once (so
+    /// `/ready` is true as soon as the socket serves).
     pub fn records_to_recover(&self) -> Vec<VmRecord> {
         let records = self
             .state
@@ -337,6 +434,24 @@ impl Registry {
             .unwrap_or_default();
         if records.is_empty() {
             self.recovered.store(true, Ordering::Release);
+        }
+        let deadline = tokio::time::Instant::now() + self.config.recovery_timeout;
+        let mut recovering = lock(&self.recovering);
+        let mut tokens = lock(&self.tokens);
+        for record in &records {
+            for s in &record.streams {
+                if let Some(token) = Token::parse(&s.token) {
+                    tokens.insert(token, record.id.clone());
+                }
+            }
+            recovering.insert(
+                record.id.clone(),
+                Arc::new(Recovery {
+                    record: record.clone(),
+                    deadline,
+                    done: CancellationToken::new(),
+                }),
+            );
         }
         records
     }
@@ -360,10 +475,26 @@ impl Registry {
         }
         let parsed = validate_id(&record.id)
             .and_then(|()| parse_endpoints(&record.control, &record.io, record.console.as_deref()));
+        let deadline = lock(&self.recovering)
+            .get(&record.id)
+            .map(|r| r.deadline)
+            .unwrap_or_else(|| tokio::time::Instant::now() + self.config.recovery_timeout);
+        let timeout = self.config.recovery_timeout;
         let result = match parsed {
             Ok((c, i, k)) => {
-                self.connect(&record, c, i, k, DEFAULT_READY_TIMEOUT, true)
-                    .await
+                // The whole reconnection (connect, handshake) is bounded, so requests waiting for it are too.
+                match tokio::time::timeout_at(
+                    deadline,
+                    self.connect(&record, c, i, k, timeout, true),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(ProxyError::ReadyTimeout {
+                        vm: record.id.clone(),
+                        after: timeout,
+                    }),
+                }
             }
             Err(e) => Err(e),
         };
@@ -398,12 +529,18 @@ impl Registry {
         }
     }
 
-    /// Make a VM visible; its id leaves `registering` under the same write lock, so no second registration
-    /// of the id can slip in between.
+    /// Make a VM visible; its id leaves `registering` (and `recovering`) under the same write lock, so no
+    /// second registration of the id can slip in between and no lookup sees neither. Requests waiting for its
+    /// recovery are woken after it is visible.
     fn publish(&self, vm: Arc<Vm>) {
         let mut vms = write(&self.vms);
         lock(&self.registering).remove(&vm.id);
+        let recovery = lock(&self.recovering).remove(&vm.id);
         vms.insert(vm.id.clone(), vm);
+        drop(vms);
+        if let Some(r) = recovery {
+            r.done.cancel();
+        }
     }
 
     /// Unregister: stop the VM's tasks, end its streams with an error, free its tokens, forget its state.
@@ -459,6 +596,26 @@ impl Registry {
     }
 }
 
+/// How `vm.info` shows a VM still being recovered: what its record says, `recovering`, no counters yet.
+fn recovering_info(record: &VmRecord) -> VmInfo {
+    VmInfo {
+        id: record.id.clone(),
+        state: "recovering".into(),
+        lost_reason: None,
+        dialect: record.dialect.clone().unwrap_or_else(|| "unknown".into()),
+        api_version: record.api_version.unwrap_or(0),
+        control: record.control.clone(),
+        io: record.io.clone(),
+        console: record.console.clone(),
+        uptime_secs: 0,
+        commands: 0,
+        errors: 0,
+        streams: record.streams.iter().filter(|s| s.started).count(),
+        tokens: record.streams.len(),
+        recovered: true,
+    }
+}
+
 /// A VM known from the state directory whose agent could not be reached: listed as lost, with no tasks.
 fn lost_vm(
     record: &VmRecord,
@@ -476,8 +633,13 @@ fn lost_vm(
         control_uri: record.control.clone(),
         io_uri: record.io.clone(),
         console_uri: record.console.clone(),
-        dialect: Dialect::Hyperstart,
-        api_version: 0,
+        // The last dialect the agent spoke, as recorded (records from before it was recorded: unknown).
+        dialect: record
+            .dialect
+            .as_deref()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(Dialect::Hyperstart),
+        api_version: record.api_version.unwrap_or(0),
         registered: Instant::now(),
         recovered: true,
         calls,

@@ -27,6 +27,12 @@ pub struct VmRecord {
     pub next_seq: u64,
     #[serde(default)]
     pub streams: Vec<StreamRecord>,
+    /// The dialect the agent last spoke (`cc-agent`, `hyperstart`), shown while it is recovered or lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialect: Option<String>,
+    /// The agent's last GETVERSION answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<u32>,
 }
 
 /// What is kept of one live token.
@@ -215,6 +221,8 @@ mod tests {
                 stdout_eof: false,
                 pending_exit: Some(3),
             }],
+            dialect: Some("cc-agent".into()),
+            api_version: Some(4242),
         };
         st.save(&rec).unwrap();
         std::fs::write(dir.join("vms/broken.json"), b"{").unwrap();

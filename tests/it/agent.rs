@@ -569,6 +569,12 @@ async fn restart_recovers_vms_and_tokens() {
     // restart must hand it to the next daemon.
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.restart_daemon().await;
+    // vm.info answers at once during recovery (state `recovering`): wait for the outcome first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::common::http_get(&env.admin, "/ready").await.0 != 200 {
+        assert!(Instant::now() < deadline, "recovery did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for (vm, token) in tokens {
         let i = info(&env, vm).await;
         assert!(i.recovered, "{vm}: {i:?}");

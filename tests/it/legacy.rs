@@ -787,3 +787,42 @@ async fn stdin_to_a_process_that_does_not_read_is_bounded() {
         .await;
     assert!(!r.error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_vm_and_a_shim_wait_while_the_vm_is_recovered() {
+    let mut env = Env::start().await;
+    // Slow to answer: the restarted daemon needs ~2 s to reconnect it.
+    let agent = env.agent(&["--pair", "--fault", "slow-reply", "--slow-ms", "2000"]);
+    let mut c = V2::connect(&env).await;
+    let tokens = register(&mut c, "lrec", &agent, 1).await;
+    let token = [tokens[0].as_str()];
+    let r = hyper(
+        &mut c,
+        "execcmd",
+        &token,
+        exec(&["sh", "-c", "read x; echo got:$x"]),
+    );
+    // The start waits for the shim; the process then waits for stdin across the restart.
+    let (r, _first) = tokio::join!(r, shim(&env, &tokens[0]));
+    assert!(!r.error, "execcmd: {}", r.msg());
+    drop(c);
+    env.restart_daemon().await;
+
+    // Both arrive while the VM is being recovered: neither is told the VM or the token is unknown.
+    let mut c = V2::connect(&env).await;
+    let attach = c.cmd(ATTACH_VM, json!({"containerId": "lrec", "numIOStreams": 1}));
+    let reattach = async {
+        let mut s = V2::connect(&env).await;
+        let r = s.cmd(CONNECT_SHIM, json!({ "token": tokens[0] })).await;
+        (r, s)
+    };
+    let (a, (r, mut s)) = tokio::join!(attach, reattach);
+    assert!(!a.error, "AttachVM during recovery: {}", a.msg());
+    assert_eq!(tokens_of(&a).len(), 1);
+    assert!(!r.error, "ConnectShim during recovery: {}", r.msg());
+    s.send(T_STREAM, STDIN, b"hello\n").await;
+    let (out, _, status) = s.collect().await;
+    assert_eq!((out.as_slice(), status), (&b"got:hello\n"[..], Some(0)));
+    let info = env.client.vm_info("lrec").await.expect("vm.info");
+    assert_eq!((info.state.as_str(), info.recovered), ("ready", true));
+}

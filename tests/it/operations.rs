@@ -78,3 +78,148 @@ async fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let info = env.client.vm_info("mine").await.expect("vm.info");
     assert_eq!(info.state, "ready", "{info:?}");
 }
+
+/// Send a signal to a process with kill(1).
+fn kill(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_a_vm_being_recovered_wait_for_it() {
+    let mut env = Env::start().await;
+    // An agent slow to answer anything: the restarted daemon needs ~2 s to get its GETVERSION reply.
+    let agent = env.agent(&[
+        "--dialect",
+        "cc-agent",
+        "--fault",
+        "slow-reply",
+        "--slow-ms",
+        "2000",
+    ]);
+    env.register("slow", &agent, None).await;
+    let started = env
+        .client
+        .exec(
+            "slow",
+            &[
+                "sh".into(),
+                "-c".into(),
+                "echo before; read x; echo got:$x; exit 3".into(),
+            ],
+            false,
+        )
+        .await
+        .expect("exec");
+    let token = started.token.expect("token");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.restart_daemon().await;
+    let t0 = Instant::now();
+
+    // Listed, with its real state, while the daemon reconnects it: never "no VM registered".
+    let info = env.rpc("vm.info", json!({"id": "slow"})).await;
+    assert_eq!(info["result"]["state"], "recovering", "{info}");
+    assert_eq!(info["result"]["dialect"], "cc-agent", "{info}");
+    assert_eq!(info["result"]["tokens"], 1, "{info}");
+    let list = env.client.vm_list().await.expect("vm.list");
+    assert_eq!(
+        list.iter()
+            .map(|v| (v.id.as_str(), v.state.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("slow", "recovering")],
+        "{list:?}"
+    );
+    let health = env.rpc("proxy.health", json!({})).await;
+    assert_eq!(health["result"]["vms"], 1, "{health}");
+    assert_eq!(health["result"]["vms_recovering"], 1, "{health}");
+    let cli = env.cli(&["vm", "info", "slow"], b"");
+    assert!(
+        cli.status.success() && String::from_utf8_lossy(&cli.stdout).contains("recovering"),
+        "{cli:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "the checks above must not wait for the recovery ({:?})",
+        t0.elapsed()
+    );
+
+    // A call, a shim's re-attach and vm.attach issued now wait for the outcome and then proceed.
+    let socket = env.socket.clone();
+    let call = tokio::spawn(async move {
+        let c = cc_proxy_api::client::Client::new(&socket);
+        let r = c
+            .call::<serde_json::Value>("agent.call", json!({"vm": "slow", "command": "ping"}))
+            .await;
+        (r, Instant::now())
+    });
+    let socket = env.socket.clone();
+    let attach = tokio::spawn(async move {
+        let c = cc_proxy_api::client::Client::new(&socket);
+        c.call::<serde_json::Value>("vm.attach", json!({"id": "slow"}))
+            .await
+    });
+    let mut stream = env
+        .client
+        .attach(&token)
+        .await
+        .unwrap_or_else(|e| panic!("re-attach during recovery: {e}\n{}", env.logs()));
+    let out = tokio::time::timeout(
+        Duration::from_secs(15),
+        cc_proxy_api::client::run_stream(&mut stream, b"hello\n", true),
+    )
+    .await
+    .expect("stream did not end")
+    .expect("stream");
+    assert_eq!(out.stdout, b"before\ngot:hello\n", "{out:?}");
+    assert_eq!(out.status, Some(3), "{out:?}");
+    let (reply, done) = call.await.expect("join");
+    assert!(reply.is_ok(), "{reply:?}\n{}", env.logs());
+    assert!(
+        done - t0 >= Duration::from_millis(1500),
+        "the ping waited for the reconnection: {:?}",
+        done - t0
+    );
+    let attached = attach.await.expect("join").expect("vm.attach");
+    assert_eq!(attached["dialect"], "cc-agent", "{attached}");
+    let info = env.client.vm_info("slow").await.expect("vm.info");
+    assert_eq!((info.state.as_str(), info.recovered), ("ready", true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_recovery_fails_answers_with_its_real_state() {
+    let mut env = Env::start_with(&["--recovery-timeout", "2"]).await;
+    let agent = env.agent(&[]);
+    env.register("frozen", &agent, None).await;
+    // The VM hangs (its VMM is stopped): the restarted daemon's reconnection cannot finish.
+    kill(agent.pid, "STOP");
+    env.restart_daemon().await;
+    let t0 = Instant::now();
+    let info = env.rpc("vm.info", json!({"id": "frozen"})).await;
+    assert_eq!(info["result"]["state"], "recovering", "{info}");
+
+    let ping = env
+        .rpc("agent.call", json!({"vm": "frozen", "command": "ping"}))
+        .await;
+    let waited = t0.elapsed();
+    kill(agent.pid, "CONT");
+    assert_eq!(
+        ping["error"]["code"],
+        cc_proxy_api::error::VM_LOST,
+        "the call fails with the VM's real state, not VM_NOT_FOUND: {ping}"
+    );
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "waited {waited:?} (recovery timeout 2 s)"
+    );
+    let info = env.client.vm_info("frozen").await.expect("vm.info");
+    assert_eq!(info.state, "lost", "{info:?}");
+    // What the agent last spoke, from the record, not "unknown".
+    assert_eq!(
+        (info.dialect.as_str(), info.api_version),
+        ("hyperstart", 4244)
+    );
+}

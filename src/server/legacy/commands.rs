@@ -92,8 +92,8 @@ impl Session {
     ) -> Result<Bytes, CommandError> {
         match command {
             Command::RegisterVm => self.register(parse(payload)?).await,
-            Command::AttachVm => self.attach(parse(payload)?),
-            Command::UnregisterVm => self.unregister(parse(payload)?),
+            Command::AttachVm => self.attach(parse(payload)?).await,
+            Command::UnregisterVm => self.unregister(parse(payload)?).await,
             Command::Hyper => self.hyper(parse(payload)?).await,
             // Handled by the session itself; listed for completeness.
             Command::ConnectShim | Command::DisconnectShim | Command::Signal => {
@@ -127,7 +127,7 @@ impl Session {
         Ok(self.use_vm(vm, wanted))
     }
 
-    fn attach(&mut self, p: AttachVm) -> Result<Bytes, CommandError> {
+    async fn attach(&mut self, p: AttachVm) -> Result<Bytes, CommandError> {
         let wanted = p.num_io_streams.unwrap_or(0);
         if wanted > MAX_IO_STREAMS {
             return Err(CommandError::TooManyStreams(wanted));
@@ -135,8 +135,12 @@ impl Session {
         let vm = self
             .proxy
             .registry
-            .get(&p.container_id)
-            .map_err(|_| CommandError::UnknownVm(p.container_id.clone()))?;
+            .get_settled(&p.container_id)
+            .await
+            .map_err(|e| match e {
+                ProxyError::VmNotFound(id) => CommandError::UnknownVm(id),
+                e => CommandError::Proxy(e),
+            })?;
         tracing::debug!(vm = %vm.id, client = %self.peer, tokens = wanted, "legacy client attached to a VM");
         Ok(self.use_vm(vm, wanted))
     }
@@ -156,7 +160,8 @@ impl Session {
         Bytes::from(serde_json::to_vec(&result).unwrap_or_default())
     }
 
-    fn unregister(&mut self, p: UnregisterVm) -> Result<Bytes, CommandError> {
+    async fn unregister(&mut self, p: UnregisterVm) -> Result<Bytes, CommandError> {
+        self.proxy.registry.settle(&p.container_id).await;
         self.proxy
             .registry
             .unregister(&p.container_id)

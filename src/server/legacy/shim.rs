@@ -131,7 +131,7 @@ impl Shim {
 impl Session {
     /// ConnectShim: attach to the token's stream, answer, then start writing its output.
     pub(super) async fn connect_shim(&mut self, payload: &[u8]) -> Result<Flow, SessionError> {
-        match self.try_connect_shim(payload) {
+        match self.try_connect_shim(payload).await {
             Ok((vm, stream, attach)) => {
                 self.send(Frame::ok(Command::ConnectShim, Bytes::new()))
                     .await
@@ -177,7 +177,7 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    fn try_connect_shim(
+    async fn try_connect_shim(
         &self,
         payload: &[u8],
     ) -> Result<(Arc<Vm>, Arc<Stream>, u64), CommandError> {
@@ -185,8 +185,12 @@ impl Session {
             return Err(CommandError::AlreadyShim);
         }
         let p: legacy::ConnectShim = parse(payload)?;
-        let (vm, stream) = Token::parse(&p.token)
-            .and_then(|t| self.proxy.registry.find_token(&t))
+        let token = Token::parse(&p.token).ok_or(CommandError::UnknownToken)?;
+        let (vm, stream) = self
+            .proxy
+            .registry
+            .find_token_settled(&token)
+            .await
             .ok_or(CommandError::UnknownToken)?;
         let attach = stream.attach().map_err(|e| match e {
             AttachError::Busy => CommandError::ShimBusy,

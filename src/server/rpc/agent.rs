@@ -50,7 +50,7 @@ pub enum StreamUse {
 }
 
 async fn call(proxy: &Proxy, p: AgentCallParams) -> Result<AgentCallResult, ProxyError> {
-    let vm = proxy.registry.get(&p.vm)?;
+    let vm = proxy.registry.get_settled(&p.vm).await?;
     let code = command_code(&vm, &p.command)?;
     if HOST_BOUND.contains(&code) || code == vm.dialect.process_async_event_code() {
         return Err(ProxyError::invalid(

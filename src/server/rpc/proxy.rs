@@ -30,12 +30,13 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         })
     });
     let _ = m.register_method(methods::PROXY_HEALTH, |_, proxy, _| {
-        let (vms, vms_lost) = proxy.registry.counts();
+        let (vms, vms_lost, vms_recovering) = proxy.registry.counts();
         Ok::<_, ErrorObjectOwned>(Health {
             status: "ok".into(),
             uptime_secs: proxy.started.elapsed().as_secs(),
             vms,
             vms_lost,
+            vms_recovering,
         })
     });
 }

@@ -19,9 +19,9 @@ use crate::stream::{Lifecycle, Stream, Token};
 use crate::vm::Vm;
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
-    let _ = m.register_method(methods::STREAM_ALLOCATE, |params, proxy, _| {
+    let _ = m.register_async_method(methods::STREAM_ALLOCATE, |params, proxy, _| async move {
         let p: VmId = parse(&params)?;
-        let vm = proxy.registry.get(&p.id)?;
+        let vm = proxy.registry.get_settled(&p.id).await?;
         let s = vm.allocate_stream();
         Ok::<_, ErrorObjectOwned>(StreamAllocation {
             token: s.token.as_str().into(),
@@ -31,28 +31,32 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     });
     let _ = m.register_async_method(methods::STREAM_SIGNAL, |params, proxy, _| async move {
         let p: SignalParams = parse(&params)?;
-        let (vm, stream) = find(&proxy, &p.token)?;
+        let (vm, stream) = find(&proxy, &p.token).await?;
         signal(&vm, &stream, p.signal).await?;
         Ok::<_, ErrorObjectOwned>(())
     });
     let _ = m.register_async_method(methods::STREAM_RESIZE, |params, proxy, _| async move {
         let p: ResizeParams = parse(&params)?;
-        let (vm, stream) = find(&proxy, &p.token)?;
+        let (vm, stream) = find(&proxy, &p.token).await?;
         resize(&vm, &stream, p.rows, p.cols).await?;
         Ok::<_, ErrorObjectOwned>(())
     });
-    let _ = m.register_method(methods::STREAM_CLOSE, |params, proxy, _| {
+    let _ = m.register_async_method(methods::STREAM_CLOSE, |params, proxy, _| async move {
         let p: TokenParam = parse(&params)?;
-        let (vm, stream) = find(proxy, &p.token)?;
+        let (vm, stream) = find(&proxy, &p.token).await?;
         vm.free_stream(&stream.token);
         vm.shim_detached(&stream.token, "close");
         Ok::<_, ErrorObjectOwned>(())
     });
 }
 
-fn find(proxy: &Proxy, token: &str) -> Result<(Arc<Vm>, Arc<Stream>), ProxyError> {
-    Token::parse(token)
-        .and_then(|t| proxy.registry.find_token(&t))
+/// The VM and stream of a token (after its VM's recovery, when it is being recovered).
+async fn find(proxy: &Proxy, token: &str) -> Result<(Arc<Vm>, Arc<Stream>), ProxyError> {
+    let token = Token::parse(token).ok_or(ProxyError::TokenNotFound)?;
+    proxy
+        .registry
+        .find_token_settled(&token)
+        .await
         .ok_or(ProxyError::TokenNotFound)
 }
 

@@ -24,30 +24,26 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
             api_version: vm.api_version,
         })
     });
-    let _ = m.register_method(methods::VM_ATTACH, |params, proxy, _| {
+    let _ = m.register_async_method(methods::VM_ATTACH, |params, proxy, _| async move {
         let p: VmId = parse(&params)?;
-        let vm = proxy.registry.get(&p.id)?;
+        let vm = proxy.registry.get_settled(&p.id).await?;
         Ok::<_, ErrorObjectOwned>(RegisterResult {
             id: vm.id.clone(),
             dialect: vm.dialect.name().into(),
             api_version: vm.api_version,
         })
     });
-    let _ = m.register_method(methods::VM_UNREGISTER, |params, proxy, _| {
+    let _ = m.register_async_method(methods::VM_UNREGISTER, |params, proxy, _| async move {
         let p: VmId = parse(&params)?;
+        proxy.registry.settle(&p.id).await;
         proxy.registry.unregister(&p.id)?;
         Ok::<_, ErrorObjectOwned>(())
     });
-    let _ = m.register_method(methods::VM_LIST, |_, proxy, _| {
-        proxy
-            .registry
-            .list()
-            .iter()
-            .map(|vm| vm.info())
-            .collect::<Vec<VmInfo>>()
+    let _ = m.register_method(methods::VM_LIST, |_, proxy, _| -> Vec<VmInfo> {
+        proxy.registry.list_info()
     });
     let _ = m.register_method(methods::VM_INFO, |params, proxy, _| {
         let p: VmId = parse(&params)?;
-        Ok::<_, ErrorObjectOwned>(proxy.registry.get(&p.id)?.info())
+        Ok::<_, ErrorObjectOwned>(proxy.registry.info(&p.id)?)
     });
 }
