@@ -61,6 +61,28 @@ pub struct Args {
     /// refuse more than 65536 bytes on vsock).
     #[arg(long, default_value_t = 65536)]
     pub max_frame: usize,
+
+    /// Behave like real hyperstart 1.1 on virtio-serial where it is less forgiving than this
+    /// agent (hyperstart dialect only): see README.md, "Strict mode".
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Why the command line is refused beyond what clap checks.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--strict models real hyperstart and needs --dialect hyperstart")]
+    StrictNeedsHyperstart,
+}
+
+impl Args {
+    /// Checks the combinations clap cannot express.
+    pub fn validate(&self) -> Result<(), ArgsError> {
+        if self.strict && self.dialect != Dialect::Hyperstart {
+            return Err(ArgsError::StrictNeedsHyperstart);
+        }
+        Ok(())
+    }
 }
 
 /// Misbehaviours the agent can be told to show, to test how the host copes.
@@ -68,6 +90,8 @@ pub struct Args {
 pub enum Fault {
     /// Never send READY on a control connection.
     NoReady,
+    /// An agent that never came up: never send READY and never answer a command.
+    Silent,
     /// Delay every reply by --slow-ms.
     SlowReply,
     /// Answer the first command after GETVERSION with a malformed frame and random bytes.
@@ -89,6 +113,8 @@ pub struct AgentConfig {
     pub slow: Duration,
     /// Largest frame accepted from the host.
     pub max_frame: usize,
+    /// Real hyperstart 1.1's rules (`--strict`).
+    pub strict: bool,
 }
 
 impl From<&Args> for AgentConfig {
@@ -99,6 +125,7 @@ impl From<&Args> for AgentConfig {
             fault: args.fault,
             slow: Duration::from_millis(args.slow_ms),
             max_frame: args.max_frame,
+            strict: args.strict,
         }
     }
 }

@@ -77,16 +77,25 @@ pub async fn handle(vm: &Arc<Vm>, code: u32, payload: &[u8]) -> Result<Bytes, Co
                 }
                 Dialect::Hyperstart => {
                     let req: WinSizeHyperstart = parse(payload)?;
-                    vm.procs()
-                        .resize_by_name(&req.container, &req.process, req.row, req.column)?;
+                    vm.procs().resize_by_name(
+                        &req.container,
+                        &req.process,
+                        req.row,
+                        req.column,
+                        vm.config.strict,
+                    )?;
                 }
             }
             Ok(Bytes::new())
         }
         c if Some(c) == dialect.signal_process_code() => {
             let req: SignalProcess = parse(payload)?;
-            vm.procs()
-                .signal_process(&req.container, &req.process, req.signal)?;
+            vm.procs().signal_process(
+                &req.container,
+                &req.process,
+                req.signal,
+                vm.config.strict,
+            )?;
             Ok(Bytes::new())
         }
         other => Err(CommandError::Unknown(other)),

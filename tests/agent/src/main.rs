@@ -24,6 +24,10 @@ use crate::vm::{Channel, Vm};
 
 fn main() {
     let args = Args::parse();
+    if let Err(e) = args.validate() {
+        eprintln!("cc-test-agent: {e}");
+        std::process::exit(2);
+    }
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -5,6 +5,11 @@
 //! process's lifecycle task waits until its output pipes reach EOF and it has exited, then
 //! queues an EOF packet on its stdio sequence and the dialect's exit report behind all of its
 //! output.
+//!
+//! Host stdin reaches a process one of two ways ([`StdinFeed`]): a forgiving queue that waits
+//! for the process to read, or, in strict mode, a model of real hyperstart's fixed 512-byte
+//! per-process buffer ([`StrictStdin`]) that discards what does not fit and is flushed into the
+//! process's pipe only on a later pass of the I/O reader.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{ExitStatus, Stdio};
@@ -24,6 +29,13 @@ const STDIN_QUEUE: usize = 16;
 
 /// The end-of-file character a terminal turns into EOF for its reader (^D).
 const TERMINAL_EOF: u8 = 4;
+
+/// Strict mode: the size of real hyperstart's per-process stdin write buffer; host stdin that
+/// does not fit is discarded.
+pub const STRICT_STDIN_BUFFER: usize = 512;
+
+/// The pseudo-container that runs processes in the agent's own namespaces.
+pub const PSEUDO_CONTAINER: &str = "hyperstart";
 
 /// Why a command about processes failed; the text goes back to the host in an ERROR.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +63,10 @@ pub enum ProcessError {
     Signal { pid: i32, source: std::io::Error },
     #[error("cannot resize terminal: {0}")]
     Resize(std::io::Error),
+    #[error(
+        "processes of the '{PSEUDO_CONTAINER}' pseudo-container cannot be signalled or resized"
+    )]
+    PseudoContainer,
 }
 
 /// A live process.
@@ -68,17 +84,184 @@ struct Entry {
     /// Started by NEWCONTAINER: the container's init, target of KILLCONTAINER.
     init: bool,
     /// Feeds the stdin task; `None` once the host closed stdin.
-    stdin: Option<mpsc::Sender<Bytes>>,
+    stdin: Option<StdinFeed>,
     /// The pty master, for WINSIZE; `None` without a terminal.
     pty: Option<Arc<OwnedFd>>,
     /// Distinguishes entries that reuse an id after an earlier process exited.
     key: u64,
 }
 
+/// How host stdin packets reach one process.
+#[derive(Clone)]
+pub enum StdinFeed {
+    /// A queue the process's stdin task drains, waiting while the process does not read.
+    Queue(mpsc::Sender<Bytes>),
+    /// Strict mode: hyperstart's fixed buffer, which discards what does not fit.
+    Strict(Arc<StrictStdin>),
+}
+
+/// Strict mode's model of one process's stdin buffer in real hyperstart: at most
+/// [`STRICT_STDIN_BUFFER`] bytes; a packet's bytes may be written into the pipe only from the
+/// next pass of the I/O reader on ([`StrictStdin::release`], which writes what the pipe takes
+/// at once, without waiting); bytes leave the buffer only once the pipe took them, so a
+/// process that stops reading makes later packets overflow.
+pub struct StrictStdin {
+    inner: std::sync::Mutex<StrictState>,
+    /// Wakes the retry task: released bytes are left that the pipe did not take.
+    wake: tokio::sync::Notify,
+}
+
+/// What a [`StrictStdin`] holds.
+struct StrictState {
+    /// Bytes accepted and not yet written into the pipe.
+    buf: Vec<u8>,
+    /// How many bytes at the front of `buf` may be written now.
+    released: usize,
+    /// Bytes at the back of `buf` that pass `fresh_pass` of the I/O reader appended: not
+    /// writable during that pass.
+    fresh: usize,
+    /// The I/O reader's pass that appended `fresh`.
+    fresh_pass: u64,
+    /// The host sent the empty packet: close stdin once `buf` is written.
+    closing: bool,
+    /// Our non-blocking end of the process's stdin; `None` once closed or broken (the process
+    /// closed its stdin), after which everything is discarded.
+    pipe: Option<std::fs::File>,
+    /// The process runs on a terminal: closing writes ^D instead of closing the master.
+    terminal: bool,
+}
+
+impl StrictState {
+    /// Writes released bytes until the pipe is full; closes stdin when asked and drained.
+    /// Returns whether released bytes are left.
+    fn flush(&mut self) -> bool {
+        use std::io::Write;
+        while self.released > 0 {
+            let Some(pipe) = self.pipe.as_mut() else {
+                self.buf.clear();
+                self.released = 0;
+                break;
+            };
+            match pipe.write(&self.buf[..self.released]) {
+                Ok(n) if n > 0 => {
+                    self.buf.drain(..n);
+                    self.released -= n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => self.pipe = None,
+            }
+        }
+        if self.closing && self.buf.is_empty() {
+            if let Some(mut pipe) = self.pipe.take() {
+                if self.terminal {
+                    // A pty has no half-close: send the EOF character, as a user would.
+                    let _ = pipe.write(&[TERMINAL_EOF]);
+                    // The master stays open for the output reader's own descriptor.
+                }
+            }
+        }
+        false
+    }
+}
+
+impl StrictStdin {
+    fn new(pipe: OwnedFd, terminal: bool) -> Arc<StrictStdin> {
+        Arc::new(StrictStdin {
+            inner: std::sync::Mutex::new(StrictState {
+                buf: Vec::with_capacity(STRICT_STDIN_BUFFER),
+                released: 0,
+                fresh: 0,
+                fresh_pass: 0,
+                closing: false,
+                pipe: Some(std::fs::File::from(pipe)),
+                terminal,
+            }),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Accepts one packet's data during I/O reader pass `pass`; returns how many bytes did
+    /// not fit and were discarded.
+    pub fn push(&self, data: &[u8], pass: u64) -> usize {
+        let mut s = crate::vm::lock(&self.inner);
+        if s.pipe.is_none() || s.closing {
+            return data.len();
+        }
+        let room = STRICT_STDIN_BUFFER.saturating_sub(s.buf.len());
+        let kept = data.len().min(room);
+        s.buf.extend_from_slice(&data[..kept]);
+        if s.fresh_pass != pass {
+            s.fresh = 0;
+            s.fresh_pass = pass;
+        }
+        s.fresh += kept;
+        data.len() - kept
+    }
+
+    /// Whether a later pass must still release something.
+    pub fn pending(&self) -> bool {
+        let s = crate::vm::lock(&self.inner);
+        s.released < s.buf.len()
+    }
+
+    /// The host closed stdin (empty packet): the pipe is closed once the buffer is written.
+    pub fn close(&self) {
+        crate::vm::lock(&self.inner).closing = true;
+    }
+
+    /// Pass `pass` of the I/O reader: everything buffered by earlier passes may be written;
+    /// what the pipe takes now is written now, the rest by the retry task as the process reads.
+    pub fn release(&self, pass: u64) {
+        let mut s = crate::vm::lock(&self.inner);
+        let fresh = if s.fresh_pass == pass { s.fresh } else { 0 };
+        s.released = s.buf.len() - fresh;
+        let left = s.flush();
+        drop(s);
+        if left {
+            self.wake.notify_one();
+        }
+    }
+}
+
+impl StrictStdin {
+    /// The process is gone: drop the buffer and the pipe, and end the retry task.
+    fn shut(&self) {
+        let mut s = crate::vm::lock(&self.inner);
+        s.pipe = None;
+        s.buf.clear();
+        s.released = 0;
+        drop(s);
+        self.wake.notify_one();
+    }
+}
+
+/// How often the retry task tries a full pipe again (hyperstart waits for EPOLLOUT).
+const STRICT_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Writes released bytes the pipe could not take at once, as the process makes room; ends
+/// when stdin is closed.
+async fn retry_strict_stdin(strict: Arc<StrictStdin>) {
+    loop {
+        strict.wake.notified().await;
+        loop {
+            tokio::time::sleep(STRICT_RETRY).await;
+            let mut s = crate::vm::lock(&strict.inner);
+            if !s.flush() {
+                break;
+            }
+        }
+        let s = crate::vm::lock(&strict.inner);
+        if s.pipe.is_none() {
+            return;
+        }
+    }
+}
+
 /// Where a host I/O packet goes.
 pub enum StdinTarget {
     /// Data for a process whose stdin is open.
-    Write(mpsc::Sender<Bytes>),
+    Write(StdinFeed),
     /// Nothing to do: stdin was closed (now or before), or the sequence is a stderr stream.
     Ignore,
     /// No process has this sequence: the agent answers with an empty packet.
@@ -102,7 +285,11 @@ impl ProcessTable {
             return StdinTarget::Unknown;
         };
         if close {
-            entry.stdin = None;
+            if let Some(StdinFeed::Strict(strict)) = entry.stdin.take() {
+                // Like data, the close takes effect behind what is buffered.
+                strict.close();
+                return StdinTarget::Write(StdinFeed::Strict(strict));
+            }
             return StdinTarget::Ignore;
         }
         match &entry.stdin {
@@ -135,13 +322,18 @@ impl ProcessTable {
             .try_for_each(|pid| send_signal(pid, signal))
     }
 
-    /// Sends `signal` to one process named by container and id.
+    /// Sends `signal` to one process named by container and id. Strict mode refuses the
+    /// pseudo-container, as real hyperstart does.
     pub fn signal_process(
         &self,
         container: &str,
         process: &str,
         signal: i32,
+        strict: bool,
     ) -> Result<(), ProcessError> {
+        if strict && container == PSEUDO_CONTAINER {
+            return Err(ProcessError::PseudoContainer);
+        }
         let entry = self.by_name(container, process)?;
         send_signal(entry.pid, signal)
     }
@@ -156,14 +348,19 @@ impl ProcessTable {
         resize(entry, rows, columns)
     }
 
-    /// Resizes the terminal of a process named by container and id (hyperstart WINSIZE).
+    /// Resizes the terminal of a process named by container and id (hyperstart WINSIZE). Strict
+    /// mode refuses the pseudo-container, as real hyperstart does.
     pub fn resize_by_name(
         &self,
         container: &str,
         process: &str,
         rows: u16,
         columns: u16,
+        strict: bool,
     ) -> Result<(), ProcessError> {
+        if strict && container == PSEUDO_CONTAINER {
+            return Err(ProcessError::PseudoContainer);
+        }
         resize(self.by_name(container, process)?, rows, columns)
     }
 
@@ -178,6 +375,11 @@ impl ProcessTable {
     }
 
     fn remove(&mut self, key: u64) {
+        for e in self.entries.iter_mut().filter(|e| e.key == key) {
+            if let Some(StdinFeed::Strict(strict)) = e.stdin.take() {
+                strict.shut();
+            }
+        }
         self.entries.retain(|e| e.key != key);
     }
 }
@@ -212,7 +414,8 @@ fn send_signal(pid: i32, signal: i32) -> Result<(), ProcessError> {
 /// The pieces of a freshly spawned process that its tasks take over.
 struct Spawned {
     child: tokio::process::Child,
-    stdin: Box<dyn AsyncWrite + Unpin + Send>,
+    /// Our end of the process's stdin (pipe write end or pty master), non-blocking.
+    stdin: OwnedFd,
     stdout: Box<dyn AsyncRead + Unpin + Send>,
     stderr: Option<Box<dyn AsyncRead + Unpin + Send>>,
     pty: Option<Arc<OwnedFd>>,
@@ -245,7 +448,16 @@ pub fn start(
         pty,
     } = spawned;
     let pid = child.id().map_or(-1, |p| p as i32);
-    let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+    let feed = if vm.config.strict {
+        let strict = StrictStdin::new(stdin, process.terminal);
+        tokio::spawn(retry_strict_stdin(Arc::clone(&strict)));
+        StdinFeed::Strict(strict)
+    } else {
+        let writer = pipe::Sender::from_owned_fd_unchecked(stdin).map_err(ProcessError::Pty)?;
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+        tokio::spawn(feed_stdin(Box::new(writer), stdin_rx, process.terminal));
+        StdinFeed::Queue(stdin_tx)
+    };
     let key = procs.next_key;
     procs.next_key += 1;
     procs.entries.push(Entry {
@@ -255,7 +467,7 @@ pub fn start(
         stdio: process.stdio,
         stderr: process.stderr,
         init,
-        stdin: Some(stdin_tx),
+        stdin: Some(feed),
         pty,
         key,
     });
@@ -268,7 +480,6 @@ pub fn start(
         ),
     );
 
-    tokio::spawn(feed_stdin(stdin, stdin_rx, process.terminal));
     let vm = Arc::clone(vm);
     let container = container.to_owned();
     tokio::spawn(async move {
@@ -300,7 +511,6 @@ fn spawn_error(process: &Process) -> impl FnOnce(std::io::Error) -> ProcessError
 
 fn spawn_on_pipes(process: &Process) -> Result<Spawned, ProcessError> {
     let mut cmd = command(process);
-    let err = spawn_error(process);
     // stdout (and stderr when it is merged) share one pipe, which keeps their relative order.
     let (out_r, out_w) = std::io::pipe().map_err(spawn_error(process))?;
     let stderr_r = if process.stderr != 0 {
@@ -311,14 +521,13 @@ fn spawn_on_pipes(process: &Process) -> Result<Spawned, ProcessError> {
         cmd.stderr(out_w.try_clone().map_err(spawn_error(process))?);
         None
     };
-    cmd.stdout(out_w).stdin(Stdio::piped());
-    let mut child = cmd.spawn().map_err(spawn_error(process))?;
-    // Close our copies of the write ends now, or the readers would never see EOF.
+    let (in_r, in_w) = std::io::pipe().map_err(spawn_error(process))?;
+    cmd.stdout(out_w).stdin(in_r);
+    let child = cmd.spawn().map_err(spawn_error(process))?;
+    // Close our copies of the child's ends now, or the readers would never see EOF.
     drop(cmd);
-    let stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| err(std::io::Error::other("no stdin pipe")))?;
+    let stdin = OwnedFd::from(in_w);
+    pty::set_nonblocking(stdin.as_raw_fd()).map_err(spawn_error(process))?;
     let stdout = pipe_reader(out_r.into()).map_err(spawn_error(process))?;
     let stderr = match stderr_r {
         Some(r) => Some(pipe_reader(r.into()).map_err(spawn_error(process))?),
@@ -326,7 +535,7 @@ fn spawn_on_pipes(process: &Process) -> Result<Spawned, ProcessError> {
     };
     Ok(Spawned {
         child,
-        stdin: Box::new(stdin),
+        stdin,
         stdout,
         stderr,
         pty: None,
@@ -356,12 +565,10 @@ fn spawn_on_pty(process: &Process) -> Result<Spawned, ProcessError> {
     pty::set_nonblocking(master.as_raw_fd()).map_err(ProcessError::Pty)?;
     let reader =
         pipe_reader(master.try_clone().map_err(ProcessError::Pty)?).map_err(ProcessError::Pty)?;
-    let writer =
-        pipe::Sender::from_owned_fd_unchecked(master.try_clone().map_err(ProcessError::Pty)?)
-            .map_err(ProcessError::Pty)?;
+    let writer = master.try_clone().map_err(ProcessError::Pty)?;
     Ok(Spawned {
         child,
-        stdin: Box::new(writer),
+        stdin: writer,
         stdout: reader,
         stderr: None,
         pty: Some(Arc::new(master)),
@@ -393,7 +600,7 @@ async fn feed_stdin(
 }
 
 /// Streams the process's output and waits for it to exit; returns its status (exit code, or
-/// 128 + signal number).
+/// 128 + signal number; 0 for a signal death in strict mode, like real hyperstart).
 async fn lifecycle(
     vm: &Vm,
     mut child: tokio::process::Child,
@@ -409,7 +616,7 @@ async fn lifecycle(
     };
     let (_, _, status) = tokio::join!(out, err, child.wait());
     match status {
-        Ok(status) => exit_code(status),
+        Ok(status) => exit_code(status, vm.config.strict),
         Err(e) => {
             log(
                 vm.index,
@@ -420,10 +627,12 @@ async fn lifecycle(
     }
 }
 
-fn exit_code(status: ExitStatus) -> i32 {
+fn exit_code(status: ExitStatus, strict: bool) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => code,
+        // Real hyperstart leaves the status at 0 when WIFSIGNALED.
+        (None, Some(_)) if strict => 0,
         (None, Some(signal)) => 128 + signal,
         (None, None) => 255,
     }

@@ -11,7 +11,14 @@
 //! A new connection on a channel replaces the old one: the old session task is aborted. An item
 //! being written when that happens stays in a pending slot and is written again, whole, on the
 //! next connection.
+//!
+//! Strict mode (`--strict`) adds real hyperstart 1.1's rules on virtio-serial: READY only on the
+//! first control connection of the VM's life, two NEXT credits per command, ERROR replies
+//! without text (KILLCONTAINER excepted), an I/O packet over [`STRICT_TTY_BUFFER`] bytes ends
+//! the agent (a real guest panics), and host stdin goes through the lossy per-process buffer of
+//! [`crate::process::StrictStdin`], read one packet per pass.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -27,7 +34,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::cli::{AgentConfig, Fault};
 use crate::commands;
-use crate::process::{ProcessTable, StdinTarget};
+use crate::process::{ProcessTable, StdinFeed, StdinTarget, StrictStdin};
 
 /// Bytes of process output a VM buffers while no I/O connection drains it. Past this, output
 /// readers wait, which stalls the processes once their pipes fill up.
@@ -35,6 +42,13 @@ pub const OUTPUT_BUDGET: usize = 16 << 20;
 
 /// Largest chunk of process output per I/O packet (the C hyperstart's serial limit).
 pub const OUTPUT_CHUNK: usize = 4096;
+
+/// Strict mode: real hyperstart reads the I/O channel into a buffer of this many bytes, header
+/// included; a longer packet makes it exit.
+pub const STRICT_TTY_BUFFER: usize = 4096;
+
+/// Status the agent exits with when strict mode meets an oversized I/O packet.
+const STRICT_OVERFLOW_EXIT: i32 = 3;
 
 /// A byte stream from the host: unix socket, vsock stream, or a bridged serial port.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -90,6 +104,8 @@ pub struct Vm {
     control_session: Mutex<Option<AbortHandle>>,
     /// The current I/O session, aborted when a new connection replaces it.
     io_session: Mutex<Option<AbortHandle>>,
+    /// READY went out once; strict mode never sends it again (hyperstart sends it once per boot).
+    ready_sent: AtomicBool,
 }
 
 /// Locks a std mutex, ignoring poisoning: the data stays consistent because no critical section
@@ -116,6 +132,7 @@ impl Vm {
             events_pending: Mutex::new(None),
             control_session: Mutex::new(None),
             io_session: Mutex::new(None),
+            ready_sent: AtomicBool::new(false),
         })
     }
 
@@ -178,7 +195,9 @@ impl Vm {
     async fn control_session(self: Arc<Self>, conn: Conn) {
         let (reader, writer) = tokio::io::split(conn);
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-        if self.config.fault != Some(Fault::NoReady) {
+        let first = !self.ready_sent.swap(true, Ordering::SeqCst);
+        let no_ready = matches!(self.config.fault, Some(Fault::NoReady | Fault::Silent));
+        if !no_ready && (first || !self.config.strict) {
             let _ = tx.send(control_bytes(code::READY, b""));
         }
         tokio::select! {
@@ -211,11 +230,22 @@ impl Vm {
         let mut garbage_sent = false;
         while let Some(frame) = frames.next().await {
             let frame = frame?;
+            if self.config.fault == Some(Fault::Silent) {
+                continue;
+            }
             if version_answered && self.config.fault == Some(Fault::DieMidCommand) {
                 log(self.index, "fault die-mid-command: exiting");
                 std::process::exit(1);
             }
-            if self.dialect() == Dialect::Hyperstart {
+            if self.config.strict {
+                // Real hyperstart on serial: one credit for the header, one for the body.
+                let header = cc_proxy_protocol::CONTROL_HEADER_LEN as u32;
+                let _ = tx.send(control_bytes(code::NEXT, &encode_next(header)));
+                if !frame.payload.is_empty() {
+                    let body = u32::try_from(frame.payload.len()).unwrap_or(u32::MAX);
+                    let _ = tx.send(control_bytes(code::NEXT, &encode_next(body)));
+                }
+            } else if self.dialect() == Dialect::Hyperstart {
                 // Like the C hyperstart: credit for the bytes just read.
                 let read = frame.payload.len() + cc_proxy_protocol::CONTROL_HEADER_LEN;
                 let read = u32::try_from(read).unwrap_or(u32::MAX);
@@ -235,7 +265,12 @@ impl Vm {
                 Ok(payload) => control_bytes(code::ACK, &payload),
                 Err(e) => {
                     log(self.index, &format!("command {} failed: {e}", frame.code));
-                    control_bytes(code::ERROR, e.to_string().as_bytes())
+                    // Real hyperstart explains only a failed KILLCONTAINER.
+                    if self.config.strict && frame.code != code::KILLCONTAINER {
+                        control_bytes(code::ERROR, b"")
+                    } else {
+                        control_bytes(code::ERROR, e.to_string().as_bytes())
+                    }
                 }
             };
             if tx.send(bytes).is_err() {
@@ -291,21 +326,71 @@ impl Vm {
         }
     }
 
-    /// Routes host packets to process stdin.
+    /// Routes host packets to process stdin. In strict mode this is hyperstart's event loop:
+    /// one packet per pass, and what earlier passes buffered is released to the pipes after the
+    /// packet of the current pass was buffered (or when no packet is waiting).
     async fn io_reader(&self, reader: impl AsyncRead + Unpin) -> Result<(), SessionError> {
-        let mut frames = FramedRead::new(
-            reader,
-            IoCodec {
-                max: self.config.max_frame,
-            },
-        );
-        while let Some(frame) = frames.next().await {
-            let frame = frame?;
+        let max = if self.config.strict {
+            STRICT_TTY_BUFFER
+        } else {
+            self.config.max_frame
+        };
+        let mut frames = FramedRead::new(reader, IoCodec { max });
+        // Strict mode: buffers with bytes not yet released, and the number of the pass.
+        let mut unreleased: Vec<Arc<StrictStdin>> = Vec::new();
+        let mut pass = 0u64;
+        loop {
+            pass += 1;
+            let next = if unreleased.is_empty() {
+                frames.next().await
+            } else {
+                tokio::select! {
+                    biased;
+                    next = frames.next() => next,
+                    () = std::future::ready(()) => {
+                        // A pass without a packet: only flushing.
+                        unreleased.drain(..).for_each(|s| s.release(pass));
+                        continue;
+                    }
+                }
+            };
+            let Some(frame) = next else { break };
+            let frame = match frame {
+                Err(e) if self.config.strict && too_long(&e) => {
+                    log(
+                        self.index,
+                        &format!(
+                            "strict: {e}: hyperstart's {STRICT_TTY_BUFFER}-byte I/O buffer \
+                             overflows; exiting, as a real guest panics"
+                        ),
+                    );
+                    std::process::exit(STRICT_OVERFLOW_EXIT);
+                }
+                other => other?,
+            };
             let target = self.procs().stdin_target(frame.seq, frame.data.is_empty());
             match target {
-                StdinTarget::Write(stdin) => {
+                StdinTarget::Write(StdinFeed::Queue(stdin)) => {
                     // The process may have closed its stdin; the data is then dropped.
                     let _ = stdin.send(frame.data).await;
+                }
+                StdinTarget::Write(StdinFeed::Strict(stdin)) => {
+                    let lost = stdin.push(&frame.data, pass);
+                    if lost > 0 {
+                        log(
+                            self.index,
+                            &format!(
+                                "strict: {lost} stdin bytes for sequence {} discarded \
+                                 (the 512-byte buffer is full)",
+                                frame.seq
+                            ),
+                        );
+                    }
+                    for s in &unreleased {
+                        s.release(pass);
+                    }
+                    unreleased.retain(|s| s.pending() && !Arc::ptr_eq(s, &stdin));
+                    unreleased.push(stdin);
                 }
                 StdinTarget::Ignore => {}
                 StdinTarget::Unknown => self.queue(Outgoing::Io {
@@ -345,6 +430,13 @@ impl Vm {
             *lock(&self.out_pending) = None;
         }
     }
+}
+
+/// Whether a decoding error is a frame over the size limit.
+fn too_long(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<cc_proxy_protocol::FrameError>())
+        .is_some_and(|f| matches!(f, cc_proxy_protocol::FrameError::TooLong { .. }))
 }
 
 /// The next event to write: a replayed one first, then the queue.

@@ -597,6 +597,22 @@ async fn fault_no_ready() {
 }
 
 #[tokio::test]
+async fn fault_silent() {
+    let agent = Agent::pair(&["--fault", "silent"]);
+    let mut c = agent.connect(Transport::Pair, Dialect::Hyperstart).await;
+    c.ctl
+        .send(ControlFrame::new(code::GETVERSION, Bytes::new()))
+        .await
+        .expect("send");
+    assert!(
+        timeout(Duration::from_millis(300), c.ctl.next())
+            .await
+            .is_err(),
+        "no READY, no reply"
+    );
+}
+
+#[tokio::test]
 async fn fault_slow_reply() {
     let agent = Agent::pair(&["--fault", "slow-reply", "--slow-ms", "300"]);
     let mut c = agent.connect(Transport::Pair, Dialect::Hyperstart).await;
@@ -650,4 +666,149 @@ async fn api_version_override() {
     c.expect_ready().await;
     let v = c.command(code::GETVERSION, b"").await.expect("version");
     assert_eq!(parse_version(&v), Some(4243));
+}
+
+/// Strict mode, hyperstart dialect, over the socket pair.
+fn strict() -> Agent {
+    Agent::pair(&["--dialect", "hyperstart", "--strict"])
+}
+
+/// Sends `count` stdin packets of `size` bytes back to back in one write, then the close, to
+/// `cat` on sequence 3; returns how many bytes came back.
+async fn cat_back_to_back(c: &mut Client, id: &str, size: usize, count: usize) -> usize {
+    c.exec(id, &["cat"], 3, 4, false).await;
+    let chunk = vec![b'x'; size];
+    for _ in 0..count {
+        c.io.feed(IoFrame::new(3, Bytes::copy_from_slice(&chunk)))
+            .await
+            .expect("feed");
+    }
+    c.io.feed(IoFrame::eof(3)).await.expect("feed close");
+    c.io.flush().await.expect("flush");
+    let (out, _, status) = c.wait_exit(id, 3, 4).await;
+    assert_eq!(status, 0);
+    out.len()
+}
+
+#[tokio::test]
+async fn strict_stdin_keeps_256_byte_packets_and_loses_500_byte_ones() {
+    let agent = strict();
+    let mut c = agent.connect(Transport::Pair, Dialect::Hyperstart).await;
+    handshake(&mut c).await;
+    assert_eq!(cat_back_to_back(&mut c, "small", 256, 64).await, 256 * 64);
+    let kept = cat_back_to_back(&mut c, "big", 500, 20).await;
+    assert!(
+        kept < 500 * 20 * 3 / 4,
+        "500-byte packets must overflow, kept {kept}"
+    );
+}
+
+#[tokio::test]
+async fn strict_oversized_io_packet_ends_the_agent() {
+    let mut agent = strict();
+    let mut c = agent.connect(Transport::Pair, Dialect::Hyperstart).await;
+    handshake(&mut c).await;
+    c.exec("cat", &["cat"], 3, 4, false).await;
+    // 4084 data bytes fit hyperstart's 4096-byte buffer; 4085 do not.
+    c.send_io(3, &[b'a'; 4084]).await;
+    assert_eq!(c.command(code::PING, b"").await, Ok(Bytes::new()));
+    c.send_io(3, &[b'a'; 4085]).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = agent.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "agent survived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(3));
+}
+
+#[tokio::test]
+async fn strict_ready_once_per_boot_and_next_twice() {
+    let agent = strict();
+    let mut c = agent.connect(Transport::Pair, Dialect::Hyperstart).await;
+    c.expect_ready().await;
+    c.ctl
+        .send(ControlFrame::new(code::PING, Bytes::new()))
+        .await
+        .expect("send");
+    // An empty command: one NEXT (the header), then the reply.
+    assert_eq!(c.next_control().await.code, code::NEXT);
+    assert_eq!(c.next_control().await.code, code::ACK);
+    c.ctl
+        .send(ControlFrame::new(code::READY, Bytes::from_static(b"{}")))
+        .await
+        .expect("send");
+    let credits: Vec<u32> = [c.next_control().await, c.next_control().await]
+        .iter()
+        .map(|f| {
+            assert_eq!(f.code, code::NEXT);
+            u32::from_be_bytes(f.payload[..4].try_into().expect("4 bytes"))
+        })
+        .collect();
+    assert_eq!(credits, [8, 2]);
+    assert_eq!(c.next_control().await.code, code::ACK);
+    drop(c);
+    let mut again = agent.connect(Transport::Pair, Dialect::Hyperstart).await;
+    // No READY on a reconnect: the first frame is GETVERSION's credit.
+    let v = again.command(code::GETVERSION, b"").await.expect("version");
+    assert_eq!(parse_version(&v), Some(4244));
+}
+
+#[tokio::test]
+async fn strict_signals_pseudo_container_and_errors() {
+    let agent = strict();
+    let mut c = agent.connect(Transport::Pair, Dialect::Hyperstart).await;
+    handshake(&mut c).await;
+    c.exec("sleeper", &["sleep", "100"], 3, 4, false).await;
+    let signal = json!({"container": "hyperstart", "process": "sleeper", "signal": 15});
+    assert_eq!(c.json_command(24, signal).await, Err(String::new()));
+    let resize = json!({"container": "hyperstart", "process": "sleeper", "row": 5, "column": 7});
+    assert_eq!(
+        c.json_command(code::WINSIZE, resize).await,
+        Err(String::new())
+    );
+    // In a real container the signal works, and a signal death reports status 0.
+    let init = json!({"id": "c1", "process": {"id": "init", "args": ["sleep", "100"],
+        "stdio": 5, "stderr": 6}});
+    c.json_command(code::NEWCONTAINER, init)
+        .await
+        .expect("newcontainer");
+    let exec = json!({"container": "c1", "process": {"id": "side", "args": ["sleep", "100"],
+        "stdio": 7, "stderr": 8}});
+    c.json_command(code::EXECCMD, exec).await.expect("execcmd");
+    let kill = json!({"container": "c1", "process": "side", "signal": 9});
+    c.json_command(24, kill)
+        .await
+        .expect("signalprocess in a container");
+    let status = wait_exit_in(&mut c, "c1", "side", 7, 8).await.2;
+    assert_eq!(status, 0, "hyperstart reports 0 for a signal death");
+    // KILLCONTAINER reaches the init only, and keeps its error text.
+    let kill = json!({"container": "nope", "signal": 9, "allProcesses": false});
+    let err = c.json_command(code::KILLCONTAINER, kill).await;
+    assert!(err.is_err_and(|t| !t.is_empty()));
+    let kill = json!({"container": "c1", "signal": 9, "allProcesses": false});
+    c.json_command(code::KILLCONTAINER, kill)
+        .await
+        .expect("kill init");
+    assert_eq!(wait_exit_in(&mut c, "c1", "init", 5, 6).await.2, 0);
+    // The unknown-command ERROR has no text either.
+    assert_eq!(c.command(99, b"").await, Err(String::new()));
+}
+
+#[test]
+fn strict_needs_the_hyperstart_dialect() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cc-test-agent"))
+        .args([
+            "--dialect",
+            "cc-agent",
+            "--strict",
+            "--hvsock",
+            "/nonexistent/x",
+        ])
+        .output()
+        .expect("run agent");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--strict"));
 }
