@@ -76,6 +76,15 @@ impl Dialect {
         }
     }
 
+    /// Most stdin data bytes the host may put in one I/O packet for this dialect's agents
+    /// ([`crate::HYPERSTART_STDIN_PACKET`] for hyperstart, [`crate::MAX_STDIN_PACKET`] otherwise).
+    pub fn stdin_packet_data(self) -> usize {
+        match self {
+            Dialect::CcAgent => crate::MAX_STDIN_PACKET,
+            Dialect::Hyperstart => crate::HYPERSTART_STDIN_PACKET,
+        }
+    }
+
     /// Code of PROCESSASYNCEVENT. Only hyperstart actually sends it (unsolicited, on exit).
     pub fn process_async_event_code(self) -> u32 {
         match self {
@@ -170,6 +179,13 @@ mod tests {
         for d in Dialect::ALL {
             assert_eq!(Dialect::from_api_version(d.api_version()), Some(d));
         }
+    }
+
+    #[test]
+    fn stdin_packets_fit_the_agents_buffers() {
+        assert_eq!(crate::MAX_STDIN_PACKET + crate::IO_HEADER_LEN, 4096);
+        assert_eq!(Dialect::CcAgent.stdin_packet_data(), 4084);
+        assert_eq!(Dialect::Hyperstart.stdin_packet_data(), 256);
     }
 
     #[test]

@@ -39,9 +39,18 @@ pub const MAX_CONTROL_FRAME: usize = 1 << 20;
 /// Largest I/O frame (header included) we accept or build; bounds what one peer can make us
 /// buffer before a frame is complete.
 pub const MAX_IO_FRAME: usize = 1 << 20;
-/// Largest data per host-to-agent I/O packet: the C hyperstart reads at most 4096 bytes per
-/// packet on serial transports, so stdin is split at this size.
-pub const MAX_STDIN_PACKET: usize = 4096;
+/// Largest host-to-agent I/O packet, header included: the C hyperstart reads the I/O channel
+/// into a 4096-byte buffer on serial transports, and a longer packet makes it exit (as the
+/// guest's PID 1, panicking the kernel).
+pub const MAX_STDIN_PACKET_LEN: usize = 4096;
+/// Largest data per host-to-agent I/O packet in any dialect: [`MAX_STDIN_PACKET_LEN`] minus the
+/// header, 4084 bytes.
+pub const MAX_STDIN_PACKET: usize = MAX_STDIN_PACKET_LEN - IO_HEADER_LEN;
+/// Largest data per host-to-agent I/O packet in the hyperstart dialect. hyperstart buffers at
+/// most 512 bytes of stdin per process and may hold two packets before it writes them into the
+/// process's pipe, discarding what does not fit: packets of 256 bytes lose nothing while the
+/// process keeps reading.
+pub const HYPERSTART_STDIN_PACKET: usize = 256;
 
 /// Why a frame cannot be parsed or built. Either error means the stream is out of sync (or the
 /// peer is hostile): the session carrying it should be closed.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use cc_proxy_api::stream::Channel;
-use cc_proxy_protocol::{encode_io, Dialect, IoCodec, IoFrame, MAX_STDIN_PACKET};
+use cc_proxy_protocol::{encode_io, Dialect, IoCodec, IoFrame};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -148,7 +148,9 @@ async fn writer(vm: Arc<Vm>, mut write: BoxWrite, mut rx: mpsc::Receiver<IoOut>)
     }
 }
 
-/// Append the packets for one stdin message, split at the agents' packet limit.
+/// Append the packets for one stdin message, split at the dialect's packet size (256 data bytes
+/// for hyperstart, whose per-process stdin buffer discards overflow; 4084 otherwise, so that no
+/// packet exceeds 4096 bytes). Many small packets still leave in one write (the batch).
 fn encode(vm: &Vm, msg: &IoOut, buf: &mut BytesMut) {
     if tracing::enabled!(tracing::Level::DEBUG) {
         tracing::debug!(vm = %vm.id, seq = msg.seq, direction = "to_agent", len = msg.data.len(),
@@ -159,7 +161,7 @@ fn encode(vm: &Vm, msg: &IoOut, buf: &mut BytesMut) {
         let _ = encode_io(msg.seq, &[], buf);
         packets = 1;
     } else {
-        for chunk in msg.data.chunks(MAX_STDIN_PACKET) {
+        for chunk in msg.data.chunks(vm.dialect.stdin_packet_data()) {
             let _ = encode_io(msg.seq, chunk, buf);
             packets += 1;
         }
