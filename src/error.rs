@@ -18,7 +18,7 @@ pub enum ProxyError {
     InvalidUri(String),
     #[error("{0}")]
     Unreachable(String),
-    #[error("VM {vm:?}: agent sent no READY within {after:?}")]
+    #[error("VM {vm:?}: agent sent no READY and did not answer GETVERSION within {after:?}")]
     ReadyTimeout { vm: String, after: Duration },
     #[error("VM {vm:?}: agent did not answer {command} within {after:?}")]
     CommandTimeout {

@@ -1,4 +1,11 @@
-//! The registration handshake on a fresh control channel: wait for READY, then GETVERSION picks the dialect.
+//! The registration handshake on a fresh control channel: wait briefly for READY, then GETVERSION picks the
+//! dialect.
+//!
+//! hyperstart sends READY once per boot on virtio-serial (when it opens the port), so a host that connects
+//! again (after `vm.unregister`, or a daemon restart) never gets a second one. The handshake therefore waits
+//! for READY only [`READY_PROBE_AFTER`], then probes with GETVERSION: an agent that is up answers at once, and
+//! an agent still booting reads the probe once it opens its port (after sending its READY, which is skipped).
+//! Only when neither READY nor a reply came within the registration timeout is the agent declared silent.
 
 use std::time::Duration;
 
@@ -16,6 +23,18 @@ pub type ControlWriter = FramedWrite<BoxWrite, ControlCodec>;
 /// Most bytes of unsolicited messages kept during one handshake; a hostile agent cannot make a registration
 /// hold more.
 const MAX_DEFERRED_BYTES: usize = 1 << 20;
+
+/// How long a fresh registration waits for READY before probing with GETVERSION anyway.
+pub const READY_PROBE_AFTER: Duration = Duration::from_millis(300);
+
+/// Whether the handshake waits for READY at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyRule {
+    /// A registration: wait up to [`READY_PROBE_AFTER`] for READY, then probe.
+    WaitThenProbe,
+    /// A daemon restart reconnecting to a live agent: probe at once.
+    Probe,
+}
 
 /// The codes an exit event has in either dialect (the dialect is not known yet during the handshake).
 const ASYNC_EVENT_CODES: [u32; 2] = [23, 24];
@@ -76,29 +95,29 @@ async fn next_of(
     }
 }
 
-/// Wait for READY (unless `expect_ready` is false, as after a daemon restart where the agent may not send it
-/// again), then ask GETVERSION.
+/// Wait for READY as `ready` says, then ask GETVERSION; the whole handshake takes at most `timeout`.
 pub async fn handshake(
     vm: &str,
     reader: &mut ControlReader,
     writer: &mut ControlWriter,
     timeout: Duration,
-    expect_ready: bool,
+    ready: ReadyRule,
 ) -> Result<Handshake, ProxyError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut deferred = Vec::new();
-    if expect_ready {
-        match tokio::time::timeout(timeout, next_of(vm, reader, &[code::READY], &mut deferred))
-            .await
+    let mut saw_ready = false;
+    if ready == ReadyRule::WaitThenProbe {
+        let wait = READY_PROBE_AFTER.min(timeout);
+        if let Ok(r) =
+            tokio::time::timeout(wait, next_of(vm, reader, &[code::READY], &mut deferred)).await
         {
-            Ok(r) => {
-                r?;
-            }
-            Err(_) => {
-                return Err(ProxyError::ReadyTimeout {
-                    vm: vm.into(),
-                    after: timeout,
-                })
-            }
+            r?;
+            saw_ready = true;
+        } else {
+            tracing::debug!(
+                vm,
+                "no READY within {wait:?} (an agent past its boot sends none): probing with GETVERSION"
+            );
         }
     }
     writer
@@ -108,13 +127,19 @@ pub async fn handshake(
         })
         .await
         .map_err(|e| ProxyError::Unreachable(format!("VM {vm:?}: writing GETVERSION: {e}")))?;
-    let reply = match tokio::time::timeout(
-        timeout,
+    let reply = match tokio::time::timeout_at(
+        deadline,
         next_of(vm, reader, &[code::ACK, code::ERROR], &mut deferred),
     )
     .await
     {
         Ok(r) => r?,
+        Err(_) if ready == ReadyRule::WaitThenProbe && !saw_ready => {
+            return Err(ProxyError::ReadyTimeout {
+                vm: vm.into(),
+                after: timeout,
+            })
+        }
         Err(_) => {
             return Err(ProxyError::CommandTimeout {
                 vm: vm.into(),

@@ -375,8 +375,12 @@ impl Registry {
         let (cr, cw) = ctl.into_split();
         let mut reader = FramedRead::new(cr, ControlCodec::default());
         let mut writer = FramedWrite::new(cw, ControlCodec::default());
-        let hs =
-            handshake::handshake(&record.id, &mut reader, &mut writer, timeout, !recovered).await?;
+        let ready = if recovered {
+            handshake::ReadyRule::Probe
+        } else {
+            handshake::ReadyRule::WaitThenProbe
+        };
+        let hs = handshake::handshake(&record.id, &mut reader, &mut writer, timeout, ready).await?;
         let (dialect, api_version) = (hs.dialect, hs.api_version);
         let metrics = VmMetrics::new(&record.id);
         metrics.connected();
