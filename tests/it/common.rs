@@ -190,10 +190,21 @@ impl Env {
     }
 
     /// Start a test agent (hybrid vsock unless `args` says otherwise) and wait until it listens.
+    /// A hyperstart agent runs in `--strict` mode, as unforgiving as real hyperstart, unless
+    /// `args` holds `--lenient` (a harness flag for the tests of behaviour only the lenient agent
+    /// has, e.g. 128+N statuses in the hyperstart dialect).
     pub fn agent(&mut self, args: &[&str]) -> Agent {
         let n = self.agents.len();
         let pair = args.contains(&"--pair");
-        let args: Vec<&str> = args.iter().copied().filter(|a| *a != "--pair").collect();
+        let lenient = args.contains(&"--lenient") || args.contains(&"cc-agent");
+        let mut args: Vec<&str> = args
+            .iter()
+            .copied()
+            .filter(|a| *a != "--pair" && *a != "--lenient")
+            .collect();
+        if !lenient {
+            args.push("--strict");
+        }
         let path = self.dir.path().join(format!("agent{n}.sock"));
         let io_path = pair.then(|| self.dir.path().join(format!("agent{n}-io.sock")));
         let mut cmd = Command::new(agent_bin());
