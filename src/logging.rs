@@ -1,8 +1,9 @@
 //! Logging: journald when stderr is the journal (or when asked), otherwise text or JSON lines on stderr.
 //!
 //! The filter can be changed at run time (the admin server's `/proxy-log-level`), through [`LogHandle`].
-//! Structured fields such as `vm` and `client` become the journald fields `VM` and `CLIENT`, so
-//! `journalctl -u cc-proxy VM=myvm` works.
+//! Structured fields such as `vm` and `client_pid` become the journald fields `VM` and `CLIENT_PID`, so
+//! `journalctl -u cc-proxy VM=myvm` works; levels become the journal priorities error 3, warn 4, info 6 and
+//! debug/trace 7.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -76,6 +77,20 @@ fn stderr_is_journal() -> bool {
     dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
 }
 
+/// Journal priorities by level: error 3 (err), warn 4 (warning), info 6 (info), debug and trace 7 (debug).
+/// (tracing-journald's own default puts info at 5, notice, and debug at 6, so `journalctl -p info` would
+/// show the raw I/O dumps.)
+fn journal_priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    tracing_journald::PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    }
+}
+
 /// Install the global subscriber. Returns the reload handle and the sink chosen.
 pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle, Sink) {
     let (filter, handle) = reload::Layer::new(EnvFilter::new(level.as_str()));
@@ -91,7 +106,8 @@ pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle
             Ok(layer) => Some(
                 layer
                     .with_syslog_identifier("cc-proxy".into())
-                    .with_field_prefix(None),
+                    .with_field_prefix(None)
+                    .with_priority_mappings(journal_priorities()),
             ),
             Err(e) => {
                 fallback_warning = Some(e.to_string());

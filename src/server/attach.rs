@@ -97,8 +97,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
             return error_response(StatusCode::NOT_FOUND, ProxyError::TokenNotFound)
         }
     };
-    let peer = req.extensions().get::<super::Peer>().cloned();
-    tracing::info!(vm = %vm.id, token = %stream.token, client = %peer.as_ref().map(|p| p.to_string()).unwrap_or_default(), "shim attached");
+    tracing::info!(vm = %vm.id, token = %stream.token, "shim attached");
     crate::admin::tap::emit(|| TapEvent::StreamAttached {
         vm: vm.id.clone(),
         token: stream.token.short().to_string(),

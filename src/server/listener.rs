@@ -53,8 +53,11 @@ fn io_err<'a>(
 }
 
 /// Create the socket at `path`: parent directory 0750, refuse a live daemon's socket, replace a stale one,
-/// mode 0660, optional group.
+/// mode 0660, optional group. With a group, the group can also reach the socket: see [`open_dir_to_group`].
 pub fn bind(path: &Path, group: Option<&str>) -> Result<Listener, ListenError> {
+    let gid = group
+        .map(|name| lookup_group(name).ok_or_else(|| ListenError::UnknownGroup(name.to_string())))
+        .transpose()?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.exists() {
             std::fs::DirBuilder::new()
@@ -62,6 +65,9 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<Listener, ListenError> {
                 .mode(0o750)
                 .create(parent)
                 .map_err(io_err("create", parent))?;
+        }
+        if let Some(gid) = gid {
+            open_dir_to_group(parent, gid)?;
         }
     }
     match std::fs::symlink_metadata(path) {
@@ -84,8 +90,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<Listener, ListenError> {
     let listener = StdUnixListener::bind(path).map_err(io_err("bind", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io_err("chmod", path))?;
-    if let Some(name) = group {
-        let gid = lookup_group(name).ok_or_else(|| ListenError::UnknownGroup(name.to_string()))?;
+    if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err("chown", path))?;
     }
     Ok(Listener {
@@ -93,6 +98,28 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<Listener, ListenError> {
         path: path.to_path_buf(),
         created: true,
     })
+}
+
+/// Give the socket's group search permission on the socket's directory, which it needs to reach the socket:
+/// a directory this daemon owns and keeps from others (no search bit for others, e.g. the 0750 one it
+/// creates, or `/run/cc-oci-runtime` left `root:root 0750` by an earlier run) gets the group and `g+x`.
+/// A directory that others can search already (e.g. `/tmp`) or that someone else owns is left alone.
+fn open_dir_to_group(dir: &Path, gid: u32) -> Result<(), ListenError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(io_err("inspect", dir))?;
+    let ours = meta.uid() == nix::unistd::geteuid().as_raw();
+    if !ours || meta.mode() & 0o001 != 0 {
+        return Ok(());
+    }
+    if meta.gid() != gid {
+        std::os::unix::fs::chown(dir, None, Some(gid)).map_err(io_err("chown", dir))?;
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o010 == 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))
+            .map_err(io_err("chmod", dir))?;
+    }
+    Ok(())
 }
 
 /// A group's id from /etc/group (or a numeric id as is).

@@ -47,6 +47,10 @@ pub struct Proxy {
 }
 
 /// Who is on the other end of a client connection (from SO_PEERCRED).
+///
+/// Every log line written while serving the connection carries it as separate fields, through the
+/// connection's span: `client` (the connection number), `client_pid`, `client_uid`, `client_gid`; in the
+/// journal `CLIENT=`, `CLIENT_PID=`, `CLIENT_UID=`, `CLIENT_GID=`, so `journalctl CLIENT_PID=594` works.
 #[derive(Debug, Clone)]
 pub struct Peer {
     /// A per-daemon connection number.
@@ -231,11 +235,30 @@ pub async fn run(
     0
 }
 
+impl Peer {
+    /// The span a connection is served in. At level ERROR so that it is never filtered out: any line the
+    /// connection logs, at any level, carries the client fields.
+    fn span(&self) -> tracing::Span {
+        let span = tracing::error_span!(
+            "client",
+            client = self.id,
+            client_pid = tracing::field::Empty,
+            client_uid = self.uid,
+            client_gid = self.gid
+        );
+        if let Some(pid) = self.pid {
+            span.record("client_pid", pid);
+        }
+        span
+    }
+}
+
 async fn handle_connection(
     proxy: Arc<Proxy>,
     http: http::HttpServer,
     stream: tokio::net::UnixStream,
 ) {
+    use tracing::Instrument;
     let id = proxy.next_client.fetch_add(1, Ordering::Relaxed);
     let peer = match stream.peer_cred() {
         Ok(c) => Peer {
@@ -251,10 +274,22 @@ async fn handle_connection(
             gid: u32::MAX,
         },
     };
+    let span = peer.span();
+    serve_connection(proxy, http, stream, peer)
+        .instrument(span)
+        .await
+}
+
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    http: http::HttpServer,
+    stream: tokio::net::UnixStream,
+    peer: Peer,
+) {
     let (protocol, conn) = match detect::detect(stream).await {
         Ok(x) => x,
         Err(e) => {
-            tracing::debug!(client = %peer, error = %e, "connection closed before its protocol was known");
+            tracing::debug!(error = %e, "connection closed before its protocol was known");
             return;
         }
     };
@@ -263,11 +298,11 @@ async fn handle_connection(
     };
     METRICS.client_connections.get_or_create(&label).inc();
     METRICS.client_connections_open.get_or_create(&label).inc();
-    tracing::debug!(client = %peer, protocol = protocol.name(), "client connected");
+    tracing::debug!(protocol = protocol.name(), "client connected");
     match protocol {
         detect::Protocol::Http => http.serve(conn, peer.clone()).await,
-        detect::Protocol::Legacy => legacy::serve(proxy, conn, peer.clone()).await,
+        detect::Protocol::Legacy => legacy::serve(proxy, conn).await,
     }
     METRICS.client_connections_open.get_or_create(&label).dec();
-    tracing::debug!(client = %peer, "client disconnected");
+    tracing::debug!("client disconnected");
 }

@@ -1216,13 +1216,34 @@ exit "$status"
                 .is_some_and(|m| m.contains("listening"))
         })
         .unwrap_or_else(|| panic!("no \"listening\" entry among {ours:?}"));
-    // tracing levels map to syslog priorities; info is "informational" (6) or "notice" (5), never worse.
+    // tracing levels map to syslog priorities: info is "informational" (6), so `journalctl -p info` shows
+    // it, and debug is "debug" (7), so the same filter hides the raw I/O dumps.
     let priority = listening["PRIORITY"]
         .as_str()
         .and_then(|p| p.parse::<u8>().ok());
     assert!(
         matches!(priority, Some(5 | 6)),
         "info entry with priority {priority:?}: {listening}"
+    );
+    assert_eq!(priority, Some(6), "info entry: {listening}");
+    let connected = ours
+        .iter()
+        .find(|e| e["MESSAGE"].as_str() == Some("client connected"))
+        .unwrap_or_else(|| panic!("no debug \"client connected\" entry among {ours:?}"));
+    assert_eq!(connected["PRIORITY"], "7", "debug entry: {connected}");
+    // Who the client is, as fields that can be typed in a filter: `journalctl CLIENT_PID=<pid>`.
+    assert_eq!(
+        connected["CLIENT_PID"],
+        std::process::id().to_string(),
+        "{connected}"
+    );
+    assert_eq!(connected["CLIENT_UID"], "0", "{connected}");
+    assert_eq!(connected["CLIENT_GID"], "0", "{connected}");
+    assert!(
+        connected["CLIENT"]
+            .as_str()
+            .is_some_and(|c| c.parse::<u64>().is_ok()),
+        "CLIENT is the connection number: {connected}"
     );
     // Structured fields must be journal fields of their own under the documented names, so that
     // `journalctl -u cc-proxy CLIENT=...` and `VM=...` work (not prefixed, e.g. `F_CLIENT`). The health

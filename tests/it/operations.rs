@@ -223,3 +223,86 @@ async fn a_vm_whose_recovery_fails_answers_with_its_real_state() {
         ("hyperstart", 4244)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_group_can_reach_the_socket() {
+    const NAME: &str = "the_socket_group_can_reach_the_socket";
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {NAME}: needs root to act as another user");
+        return;
+    }
+    let (Ok(setpriv), Ok(curl)) = (which("setpriv"), which("curl")) else {
+        eprintln!("SKIP {NAME}: setpriv or curl is missing");
+        return;
+    };
+    // The daemon creates the socket's directory itself: root's, closed to others (0750).
+    let dir = tempfile::Builder::new()
+        .prefix("ccp-grp")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let socket = dir.path().join("run").join("proxy.sock");
+    let mut daemon = Command::new(proxy_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--admin-addr", "off", "--socket-group", "4242"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cc-proxy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            panic!("cc-proxy did not start serving");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(socket.parent().expect("dir")).expect("dir");
+    let (dir_gid, dir_mode) = (meta.gid(), meta.mode() & 0o777);
+    let socket_gid = std::fs::metadata(&socket).expect("socket").gid();
+
+    // An unprivileged member of the group (and only of it) talks to the daemon.
+    let as_user = |uid: &str, gid: &str| {
+        Command::new(&setpriv)
+            .args(["--reuid", uid, "--regid", gid, "--clear-groups"])
+            .arg(&curl)
+            .args(["-s", "--unix-socket"])
+            .arg(&socket)
+            .args(["-H", "Content-Type: application/json", "-d"])
+            .arg(r#"{"jsonrpc":"2.0","id":1,"method":"proxy.health"}"#)
+            .arg("http://localhost/")
+            .output()
+            .expect("setpriv curl")
+    };
+    let member = as_user("65534", "4242");
+    let stranger = as_user("65534", "4243");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(
+        (dir_gid, dir_mode, socket_gid),
+        (4242, 0o750, 4242),
+        "the directory and the socket belong to the group, nothing for others"
+    );
+    assert!(
+        String::from_utf8_lossy(&member.stdout).contains("\"status\":\"ok\""),
+        "a group member is refused: {member:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&stranger.stdout).contains("\"status\""),
+        "someone outside the group got in: {stranger:?}"
+    );
+}
+
+/// The absolute path of a tool on PATH.
+fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .ok_or(())
+}

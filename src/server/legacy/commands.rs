@@ -123,7 +123,7 @@ impl Session {
                 ProxyError::VmExists(id) => CommandError::AlreadyRegistered(id),
                 e => CommandError::Proxy(e),
             })?;
-        tracing::info!(vm = %vm.id, client = %self.peer, tokens = wanted, "VM registered by a legacy client");
+        tracing::info!(vm = %vm.id, tokens = wanted, "VM registered by a legacy client");
         Ok(self.use_vm(vm, wanted))
     }
 
@@ -141,7 +141,7 @@ impl Session {
                 ProxyError::VmNotFound(id) => CommandError::UnknownVm(id),
                 e => CommandError::Proxy(e),
             })?;
-        tracing::debug!(vm = %vm.id, client = %self.peer, tokens = wanted, "legacy client attached to a VM");
+        tracing::debug!(vm = %vm.id, tokens = wanted, "legacy client attached to a VM");
         Ok(self.use_vm(vm, wanted))
     }
 

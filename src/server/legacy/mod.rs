@@ -26,7 +26,7 @@ use tokio::io::WriteHalf;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::detect::RewindUnix;
-use super::{Peer, Proxy};
+use super::Proxy;
 use crate::vm::Vm;
 
 /// The write side of a session, shared by the command handler and a shim's output task.
@@ -59,7 +59,6 @@ enum Flow {
 /// One legacy client connection.
 struct Session {
     proxy: Arc<Proxy>,
-    peer: Peer,
     out: Writer,
     /// The VM this client registered or attached to (Hyper commands go to it).
     vm: Option<Arc<Vm>>,
@@ -67,13 +66,13 @@ struct Session {
     shim: Option<shim::Shim>,
 }
 
-/// Serve one legacy v2 connection until the client leaves or breaks the protocol.
-pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix, peer: Peer) {
+/// Serve one legacy v2 connection until the client leaves or breaks the protocol. Its log lines carry the
+/// client's fields through the connection's span (see [`crate::server::Peer`]).
+pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix) {
     let (rd, wr) = tokio::io::split(conn);
     let mut reader = FramedRead::new(rd, LegacyCodec::default());
     let mut session = Session {
         proxy,
-        peer,
         out: Arc::new(tokio::sync::Mutex::new(FramedWrite::new(
             wr,
             LegacyCodec::default(),
@@ -90,7 +89,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix, peer: Peer) {
         let result = match next {
             None => break,
             Some(Err(FrameError::Io(e))) => {
-                tracing::debug!(client = %session.peer, error = %e, "legacy client read failed");
+                tracing::debug!(error = %e, "legacy client read failed");
                 break;
             }
             Some(Err(e)) => Err(SessionError::Frame(e)),
@@ -100,7 +99,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix, peer: Peer) {
             Ok(Flow::Continue) => {}
             Ok(Flow::Close) => break,
             Err(e) => {
-                tracing::warn!(client = %session.peer, error = %e, "closing legacy connection: protocol error");
+                tracing::warn!(error = %e, "closing legacy connection: protocol error");
                 break;
             }
         }
@@ -112,7 +111,11 @@ impl Session {
     async fn handle(&mut self, frame: Frame) -> Result<Flow, SessionError> {
         match frame.message {
             Message::Command(command) => {
-                tracing::debug!(client = %self.peer, command = command.name(), len = frame.payload.len(), "legacy command");
+                tracing::debug!(
+                    command = command.name(),
+                    len = frame.payload.len(),
+                    "legacy command"
+                );
                 let reply = match command {
                     Command::ConnectShim => return self.connect_shim(&frame.payload).await,
                     Command::DisconnectShim => return self.disconnect_shim().await,
@@ -122,7 +125,7 @@ impl Session {
                 let response = match reply {
                     Ok(payload) => Frame::ok(command, payload),
                     Err(e) => {
-                        tracing::info!(client = %self.peer, command = command.name(), error = %e, "legacy command failed");
+                        tracing::info!(command = command.name(), error = %e, "legacy command failed");
                         Frame::error(command, &e.to_string())
                     }
                 };
@@ -165,12 +168,12 @@ impl Session {
             .validate()
             .map_err(|e| SessionError::Log(e.to_string()))?;
         let container = entry.container_id.as_deref().unwrap_or("");
-        let (source, client, msg) = (&entry.source, &self.peer, &entry.msg);
+        let (source, msg) = (&entry.source, &entry.msg);
         match entry.level.as_str() {
-            "debug" => tracing::debug!(source = %source, container, client = %client, "{msg}"),
-            "info" => tracing::info!(source = %source, container, client = %client, "{msg}"),
-            "warn" => tracing::warn!(source = %source, container, client = %client, "{msg}"),
-            _ => tracing::error!(source = %source, container, client = %client, "{msg}"),
+            "debug" => tracing::debug!(source = %source, container, "{msg}"),
+            "info" => tracing::info!(source = %source, container, "{msg}"),
+            "warn" => tracing::warn!(source = %source, container, "{msg}"),
+            _ => tracing::error!(source = %source, container, "{msg}"),
         }
         Ok(())
     }
@@ -178,7 +181,7 @@ impl Session {
     /// The connection is over: a shim that left without DisconnectShim keeps its token for a later reclaim.
     async fn end(&mut self) {
         if let Some(shim) = self.shim.take() {
-            shim.abandon(&self.peer).await;
+            shim.abandon().await;
         }
     }
 }

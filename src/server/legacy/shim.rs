@@ -119,11 +119,11 @@ impl Shim {
     }
 
     /// The connection went away without DisconnectShim: keep the token for a reclaim.
-    pub(super) async fn abandon(self, peer: &crate::server::Peer) {
+    pub(super) async fn abandon(self) {
         let (vm, stream, end) = self.stop().await;
         if end == OutputEnd::Stopped {
             vm.shim_detached(&stream.token, "drop");
-            tracing::info!(vm = %vm.id, token = %stream.token, client = %peer, "legacy shim went away; token kept for a reclaim");
+            tracing::info!(vm = %vm.id, token = %stream.token, "legacy shim went away; token kept for a reclaim");
         }
     }
 }
@@ -136,7 +136,7 @@ impl Session {
                 self.send(Frame::ok(Command::ConnectShim, Bytes::new()))
                     .await
                     .inspect_err(|_| stream.release(attach, Vec::new()))?;
-                tracing::info!(vm = %vm.id, token = %stream.token, client = %self.peer, "legacy shim connected");
+                tracing::info!(vm = %vm.id, token = %stream.token, "legacy shim connected");
                 crate::admin::tap::emit(|| crate::admin::tap::TapEvent::StreamAttached {
                     vm: vm.id.clone(),
                     token: stream.token.short().to_string(),
@@ -169,7 +169,7 @@ impl Session {
                 });
             }
             Err(e) => {
-                tracing::info!(client = %self.peer, error = %e, "legacy ConnectShim failed");
+                tracing::info!(error = %e, "legacy ConnectShim failed");
                 self.send(Frame::error(Command::ConnectShim, &e.to_string()))
                     .await?;
             }
@@ -214,7 +214,7 @@ impl Session {
         if end == OutputEnd::Stopped {
             vm.shim_detached(&stream.token, "close");
         }
-        tracing::info!(vm = %vm.id, token = %stream.token, client = %self.peer, "legacy shim disconnected; token freed");
+        tracing::info!(vm = %vm.id, token = %stream.token, "legacy shim disconnected; token freed");
         Ok(Flow::Close)
     }
 

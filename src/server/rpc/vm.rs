@@ -8,15 +8,14 @@ use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 
 use super::parse;
-use crate::server::{Peer, Proxy};
+use crate::server::Proxy;
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
-    let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, ext| async move {
+    let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, _| async move {
         let p: RegisterParams = parse(&params)?;
-        let client = ext.get::<Peer>().map(|p| p.to_string()).unwrap_or_default();
-        tracing::debug!(vm = %p.id, client = %client, "vm.register");
+        tracing::debug!(vm = %p.id, "vm.register");
         let vm = proxy.registry.register(p).await.inspect_err(|e| {
-            tracing::info!(client = %client, error = %e, "registration failed");
+            tracing::info!(error = %e, "registration failed");
         })?;
         Ok::<_, ErrorObjectOwned>(RegisterResult {
             id: vm.id.clone(),
