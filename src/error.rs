@@ -133,7 +133,7 @@ impl ProxyError {
 
 impl From<ProxyError> for jsonrpsee::types::ErrorObjectOwned {
     fn from(e: ProxyError) -> Self {
-        crate::admin::metrics::METRICS.api_error(e.code());
+        // Counted in `cc_proxy_api_errors_total` by `server::rpc::errors` when the response leaves.
         let data = e.data();
         jsonrpsee::types::ErrorObjectOwned::owned(
             e.code(),

@@ -13,14 +13,18 @@ use jsonrpsee::server::{HttpRequest, HttpResponse, Methods, StopHandle, TowerSer
 use tower::Service;
 
 use super::detect::RewindUnix;
+use super::rpc::errors::{count_unrouted, CountErrorsLayer, Routed};
 use super::{attach, rpc, Peer, Proxy, MAX_REQUEST_BYTES};
+
+/// The RPC middleware stack: error counting.
+type RpcLayers = tower::layer::util::Stack<CountErrorsLayer, tower::layer::util::Identity>;
 
 /// Builds one jsonrpsee service per connection over the shared method table.
 #[derive(Clone)]
 pub struct HttpServer {
     proxy: Arc<Proxy>,
     methods: Methods,
-    builder: TowerServiceBuilder<tower::layer::util::Identity, tower::layer::util::Identity>,
+    builder: TowerServiceBuilder<RpcLayers, tower::layer::util::Identity>,
     stop: StopHandle,
 }
 
@@ -34,6 +38,10 @@ impl HttpServer {
             .build();
         let builder = jsonrpsee::server::Server::builder()
             .set_config(config)
+            .set_rpc_middleware(
+                jsonrpsee::server::middleware::rpc::RpcServiceBuilder::new()
+                    .layer(CountErrorsLayer),
+            )
             .to_service_builder();
         HttpServer {
             proxy,
@@ -61,8 +69,7 @@ impl HttpServer {
     }
 }
 
-type RpcService =
-    jsonrpsee::server::TowerService<tower::layer::util::Identity, tower::layer::util::Identity>;
+type RpcService = jsonrpsee::server::TowerService<RpcLayers, tower::layer::util::Identity>;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, BoxError>> + Send>>;
 
 /// Routes one connection's requests: stream attach to [`attach`], everything else to jsonrpsee.
@@ -88,7 +95,17 @@ impl Service<HttpRequest<Incoming>> for Dispatch {
             let proxy = self.proxy.clone();
             Box::pin(async move { Ok(attach::handle(proxy, req).await) })
         } else {
-            self.rpc.call(req)
+            let routed = Routed::default();
+            req.extensions_mut().insert(routed.clone());
+            let call = self.rpc.call(req);
+            Box::pin(async move {
+                let resp = call.await?;
+                if routed.was_routed() {
+                    Ok(resp)
+                } else {
+                    Ok(count_unrouted(resp).await)
+                }
+            })
         }
     }
 }

@@ -280,13 +280,18 @@ impl Registry {
                 "the control and I/O channels must be different endpoints",
             ));
         }
+        // A lost VM of this id is replaced by this registration (once it succeeds): after a host reboot every
+        // recovered VM is lost, and its id must not stay blocked until someone unregisters it.
+        let replacing: Option<Arc<Vm>>;
         {
             let vms = read(&self.vms);
-            if vms.contains_key(&params.id) {
-                return Err(ProxyError::VmExists(params.id));
-            }
+            replacing = match vms.get(&params.id) {
+                Some(old) if old.is_lost() => Some(old.clone()),
+                Some(_) => return Err(ProxyError::VmExists(params.id)),
+                None => None,
+            };
             // Connecting to another VM's channels would take them over from it.
-            if let Some(other) = vms.values().find(|v| {
+            if let Some(other) = vms.values().filter(|v| v.id != params.id).find(|v| {
                 [&v.control_uri, &v.io_uri]
                     .iter()
                     .any(|u| **u == control_uri || **u == io_uri)
@@ -321,7 +326,11 @@ impl Registry {
             control: control.to_string(),
             io: io.to_string(),
             console: console.as_ref().map(|c| c.to_string()),
-            next_seq: 3,
+            // A replacement continues after the lost VM's sequence numbers.
+            next_seq: replacing
+                .as_ref()
+                .map(|old| old.record(false).next_seq)
+                .unwrap_or(3),
             streams: Vec::new(),
             dialect: None,
             api_version: None,
@@ -340,6 +349,9 @@ impl Registry {
         // bounds the registration rate otherwise).
         vm.dirty.store(true, Ordering::Release);
         self.publish(vm.clone());
+        if let Some(old) = replacing {
+            self.end_replaced(&old);
+        }
         self.flush_now.notify_one();
         self.registrations.fetch_add(1, Ordering::Relaxed);
         METRICS
@@ -545,6 +557,33 @@ impl Registry {
         if let Some(r) = recovery {
             r.done.cancel();
         }
+    }
+
+    /// A lost VM was replaced by a new registration of its id (already published in its place): end its
+    /// streams with an error frame, free its tokens, and count it out of the `lost` gauge.
+    fn end_replaced(&self, old: &Vm) {
+        let state = match old.halt() {
+            VmState::Ready => "ready",
+            VmState::Lost(_) => "lost",
+        };
+        METRICS
+            .vms
+            .get_or_create(&StateLabel {
+                state: state.into(),
+            })
+            .dec();
+        // Its metric series are shared with the new VM of the same id, so they stay.
+        old.stop(
+            &format!(
+                "VM {} was lost and has been replaced by a new registration",
+                old.id
+            ),
+            true,
+        );
+        tracing::warn!(vm = %old.id, lost_reason = %match old.state() {
+            VmState::Lost(r) => r,
+            VmState::Ready => String::new(),
+        }, "a lost VM was replaced by a new registration of its id; its tokens are ended");
     }
 
     /// Unregister: stop the VM's tasks, end its streams with an error, free its tokens, forget its state.

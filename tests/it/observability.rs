@@ -627,3 +627,86 @@ async fn tap_bounds_hold_under_a_flood() {
     assert!(lost >= (N as u64 - got) as f64, "metric counted {lost}");
     let _ = env.stop_daemon().await;
 }
+
+/// POST `body` to the JSON-RPC endpoint over the daemon socket; returns (HTTP status, body).
+async fn post_raw(socket: &std::path::Path, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    // A body over the limit may be refused before it is all read.
+    let _ = s.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_error_is_counted() {
+    let env = Env::start().await;
+    let before = env.metrics().await;
+    let cases: [(&[u8], u16, i32, &str); 6] = [
+        (b"{not json", 200, -32700, "parse_error"),
+        (br#"{"jsonrpc":"2.0","id":1}"#, 200, -32600, "invalid_request"),
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"no.such"}"#,
+            200,
+            -32601,
+            "method_not_found",
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"vm.info","params":{}}"#,
+            200,
+            -32602,
+            "invalid_params",
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"vm.info","params":{"id":"ghost"}}"#,
+            200,
+            1002,
+            "vm_not_found",
+        ),
+        (
+            br#"[{"jsonrpc":"2.0","id":1,"method":"no.such"},{"jsonrpc":"2.0","id":2,"method":"proxy.health"}]"#,
+            200,
+            -32601,
+            "method_not_found",
+        ),
+    ];
+    for (body, status, code, _) in &cases {
+        let (got, text) = post_raw(&env.socket, body).await;
+        assert_eq!(got, *status, "{text}");
+        assert!(text.contains(&format!("\"code\":{code}")), "{text}");
+    }
+    let big = vec![b' '; (1 << 20) + 16];
+    let (got, text) = post_raw(&env.socket, &big).await;
+    assert_eq!(got, 413, "{text}");
+    assert!(text.contains("-32007"), "{text}");
+
+    let after = env.metrics().await;
+    let delta = |code: &str| {
+        let series = format!(r#"cc_proxy_api_errors_total{{code="{code}"}}"#);
+        sample(&after, &series) - sample(&before, &series)
+    };
+    for (code, want) in [
+        ("parse_error", 1.0),
+        ("invalid_request", 1.0),
+        ("method_not_found", 2.0),
+        ("invalid_params", 1.0),
+        ("vm_not_found", 1.0),
+        ("request_too_big", 1.0),
+    ] {
+        assert_eq!(delta(code), want, "{code}\n{after}");
+    }
+}

@@ -306,3 +306,85 @@ fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_replaces_a_lost_vm_of_the_same_id() {
+    let mut env = Env::start().await;
+    let first = env.agent(&[]);
+    env.register("vm1", &first, None).await;
+    let token = env.rpc("stream.allocate", json!({"id": "vm1"})).await["result"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let unread = env.rpc("stream.allocate", json!({"id": "vm1"})).await["result"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    // A shim attached when the VM dies gets the error frame; the other token keeps its frame for a shim.
+    let mut shim = env.client.attach(&token).await.expect("attach");
+    env.kill_agent(&first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.client.vm_info("vm1").await.expect("vm.info").state != "lost" {
+        assert!(Instant::now() < deadline, "not lost: {}", env.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ended = tokio::time::timeout(
+        Duration::from_secs(5),
+        cc_proxy_api::client::collect(&mut shim),
+    )
+    .await
+    .expect("the shim's stream did not end")
+    .expect("stream");
+    assert!(ended.error.is_some(), "{ended:?}");
+    assert_eq!(env.client.vm_info("vm1").await.expect("info").tokens, 1);
+
+    // The VM comes back (a new VMM, new sockets): the same id registers again, no unregister needed.
+    let second = env.agent(&["--dialect", "cc-agent"]);
+    let reg = env.register("vm1", &second, None).await;
+    assert_eq!(reg.dialect, "cc-agent");
+    let info = env.client.vm_info("vm1").await.expect("vm.info");
+    assert_eq!((info.state.as_str(), info.tokens), ("ready", 0), "{info:?}");
+    let ping = env
+        .rpc("agent.call", json!({"vm": "vm1", "command": "ping"}))
+        .await;
+    assert!(ping.get("result").is_some(), "{ping}");
+    // The lost VM's remaining token ended with it.
+    let old = env.rpc("stream.close", json!({"token": unread})).await;
+    assert_eq!(
+        old["error"]["code"],
+        cc_proxy_api::error::TOKEN_NOT_FOUND,
+        "{old}"
+    );
+    assert!(
+        env.logs()
+            .contains("a lost VM was replaced by a new registration"),
+        "{}",
+        env.logs()
+    );
+    let metrics = env.metrics().await;
+    for (line, want) in [
+        (r#"cc_proxy_vms{state="ready"} "#, "1"),
+        (r#"cc_proxy_vms{state="lost"} "#, "0"),
+    ] {
+        let got = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .unwrap_or_else(|| panic!("no {line} in\n{metrics}"));
+        assert_eq!(got, want, "{line}");
+    }
+
+    // A VM that is not lost is still protected.
+    let third = env.agent(&[]);
+    let (control, io) = third.uris(None);
+    let again = env
+        .rpc(
+            "vm.register",
+            json!({"id": "vm1", "control": control, "io": io}),
+        )
+        .await;
+    assert_eq!(
+        again["error"]["code"],
+        cc_proxy_api::error::VM_EXISTS,
+        "{again}"
+    );
+}

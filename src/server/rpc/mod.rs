@@ -1,6 +1,7 @@
 //! The JSON-RPC 2.0 methods, one file per family: `proxy.*`, `vm.*`, `agent.*`, `stream.*`, `events.*`.
 
 pub mod agent;
+pub mod errors;
 pub mod events;
 pub mod proxy;
 pub mod stream;
@@ -27,9 +28,7 @@ pub fn module(proxy: Arc<Proxy>) -> RpcModule<Arc<Proxy>> {
     m
 }
 
-/// Parse params into `T`, answering -32602 with serde's explanation on failure.
+/// Parse params into `T`, answering -32602 with serde's explanation on failure (counted by [`errors`]).
 pub fn parse<T: DeserializeOwned>(params: &Params<'_>) -> Result<T, ErrorObjectOwned> {
-    params
-        .parse::<T>()
-        .inspect_err(|_| crate::admin::metrics::METRICS.api_error(-32602))
+    params.parse::<T>()
 }
