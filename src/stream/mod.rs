@@ -4,7 +4,9 @@
 //! - the VM's I/O reader pushes agent output into the stream ([`Stream::push_output`]) in arrival order;
 //! - the shim connection's writer takes frames out ([`Stream::next_output`]) and writes them;
 //! - exit reports (an I/O packet in the cc-agent dialect, a control event in hyperstart's) become the last
-//!   frame, but only after the stdout EOF packet, so no output can follow the exit frame.
+//!   frame, but only after the stdout EOF packet, so no output can follow the exit frame;
+//! - signals and resizes that arrive before the process started are held here ([`Stream::control_target`],
+//!   at most [`MAX_HELD_CONTROLS`]) and handed, in order, to the start ([`Stream::take_held`]).
 //!
 //! No-loss policy: output that arrives while no shim is attached, or faster than the shim reads, is kept in
 //! the stream's queue. Each stream has its own bound (`--stream-buffer`, default 4 MiB); past it, the stream
@@ -33,6 +35,48 @@ pub const EXIT_EOF_GRACE: Duration = Duration::from_secs(2);
 
 /// Largest batch of bytes a shim writer takes at once.
 pub const MAX_BATCH: usize = 256 * 1024;
+
+/// Most signals and resizes held for a process that has not started yet; more are refused.
+pub const MAX_HELD_CONTROLS: usize = 16;
+
+/// A signal or window size sent before the process started, delivered in order once it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldControl {
+    Signal(i32),
+    Resize { rows: u16, cols: u16 },
+}
+
+/// Which command started the process. The cc-agent dialect can signal only a container's init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessRole {
+    /// Started by NEWCONTAINER: the container's init (also assumed for records older than this field).
+    #[default]
+    Init,
+    /// Started by EXECCMD in an existing container.
+    Exec,
+}
+
+/// The process a signal or resize is for, as the agent names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessName {
+    pub container: String,
+    pub process: String,
+    pub role: ProcessRole,
+}
+
+/// Where a signal or resize goes ([`Stream::control_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlTarget {
+    /// The process has not started: the request is held for the start.
+    Held,
+    /// The process was started: send the request to it now.
+    Now(ProcessName),
+    /// The hold is full ([`MAX_HELD_CONTROLS`]).
+    HoldFull,
+    /// Started, but the process's name is unknown (cannot happen for a stream started by the daemon).
+    Unknown,
+}
 
 /// Who, if anyone, is reading the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +113,11 @@ struct Inner {
     pending_exit: Option<i32>,
     /// Container and process id the agent knows the process by (hyperstart names processes this way).
     process: Option<(String, String)>,
+    /// Which command started the process.
+    role: ProcessRole,
     terminal: bool,
+    /// Signals and resizes waiting for the start, in arrival order.
+    held: VecDeque<HeldControl>,
     /// A start command for this stream is on its way to the agent.
     starting: bool,
 }
@@ -137,7 +185,9 @@ impl Stream {
                 stdout_eof: false,
                 pending_exit: None,
                 process: None,
+                role: ProcessRole::Init,
                 terminal: false,
+                held: VecDeque::new(),
                 starting: false,
             }),
             wake_shim: Notify::new(),
@@ -165,11 +215,50 @@ impl Stream {
         lock(&self.inner).terminal
     }
 
+    /// Which command started the process.
+    pub fn role(&self) -> ProcessRole {
+        lock(&self.inner).role
+    }
+
     /// The process is being started with these names.
-    pub fn set_process(&self, container: String, process: String, terminal: bool) {
+    pub fn set_process(
+        &self,
+        container: String,
+        process: String,
+        terminal: bool,
+        role: ProcessRole,
+    ) {
         let mut inner = lock(&self.inner);
         inner.process = Some((container, process));
         inner.terminal = terminal;
+        inner.role = role;
+    }
+
+    /// Decide where a signal or resize goes: held (in order, bounded) while the process has not started, or
+    /// to the started process. One step under the lock, so nothing is held after [`Stream::take_held`] ran
+    /// for a started process.
+    pub fn control_target(&self, control: HeldControl) -> ControlTarget {
+        let mut inner = lock(&self.inner);
+        if inner.lifecycle == Lifecycle::Allocated {
+            if inner.held.len() >= MAX_HELD_CONTROLS {
+                return ControlTarget::HoldFull;
+            }
+            inner.held.push_back(control);
+            return ControlTarget::Held;
+        }
+        match &inner.process {
+            Some((container, process)) => ControlTarget::Now(ProcessName {
+                container: container.clone(),
+                process: process.clone(),
+                role: inner.role,
+            }),
+            None => ControlTarget::Unknown,
+        }
+    }
+
+    /// The signals and resizes held before the start, in order (the process has just started).
+    pub fn take_held(&self) -> Vec<HeldControl> {
+        lock(&self.inner).held.drain(..).collect()
     }
 
     /// The agent accepted the start command.

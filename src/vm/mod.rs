@@ -189,7 +189,7 @@ impl Vm {
             self.metrics.clone(),
         ));
         if let (Some(c), Some(p)) = (&rec.container, &rec.process) {
-            stream.set_process(c.clone(), p.clone(), rec.terminal);
+            stream.set_process(c.clone(), p.clone(), rec.terminal, rec.role);
         }
         if rec.started {
             stream.mark_running();
@@ -235,6 +235,7 @@ impl Vm {
         container: &str,
         process: &str,
         terminal: bool,
+        role: crate::stream::ProcessRole,
     ) -> bool {
         let key = (container.to_string(), process.to_string());
         let mut table = lock(&self.streams);
@@ -247,7 +248,7 @@ impl Vm {
         }
         table.by_process.insert(key, stream.clone());
         drop(table);
-        stream.set_process(container.to_string(), process.to_string(), terminal);
+        stream.set_process(container.to_string(), process.to_string(), terminal, role);
         self.dirty.store(true, Ordering::Relaxed);
         true
     }
@@ -503,6 +504,7 @@ impl Vm {
                     container,
                     process,
                     terminal: s.terminal(),
+                    role: s.role(),
                     started: s.lifecycle() != crate::stream::Lifecycle::Allocated,
                     pending,
                     stdout_eof,

@@ -46,6 +46,9 @@ pub struct StreamRecord {
     pub process: Option<String>,
     #[serde(default)]
     pub terminal: bool,
+    /// Which command started the process (records without it are taken for a container's init).
+    #[serde(default)]
+    pub role: crate::stream::ProcessRole,
     #[serde(default)]
     pub started: bool,
     /// Output (and a final exit or error) queued for the shim when the daemon stopped; written only at a
@@ -213,6 +216,7 @@ mod tests {
                 container: Some("c".into()),
                 process: Some("p".into()),
                 terminal: false,
+                role: crate::stream::ProcessRole::Init,
                 started: true,
                 pending: vec![PendingFrame {
                     channel: 1,

@@ -859,7 +859,8 @@ async fn invalid_stream_requests_are_refused() {
         "refused starts leave no token"
     );
 
-    // Signal or resize before the process is started.
+    // Signal or resize before the process is started: held for the start (issue 12; they used to be
+    // refused), but a bad signal number is still refused at once.
     let alloc: Value = env
         .client
         .call("stream.allocate", json!({"vm": "inv"}))
@@ -869,14 +870,24 @@ async fn invalid_stream_requests_are_refused() {
     let r = env
         .rpc("stream.signal", json!({"token": token, "signal": 15}))
         .await;
-    assert_eq!(code_of(&r), invalid, "signal before start: {r}");
+    assert!(
+        r.get("result").is_some(),
+        "signal before start is held: {r}"
+    );
+    let r = env
+        .rpc("stream.signal", json!({"token": token, "signal": 65}))
+        .await;
+    assert_eq!(code_of(&r), invalid, "bad signal before start: {r}");
     let r = env
         .rpc(
             "stream.resize",
             json!({"token": token, "rows": 1, "cols": 1}),
         )
         .await;
-    assert_eq!(code_of(&r), invalid, "resize before start: {r}");
+    assert!(
+        r.get("result").is_some(),
+        "resize before start is held: {r}"
+    );
 
     // A process id already running in the container (hyperstart names processes by id).
     let data =
@@ -956,4 +967,191 @@ async fn hyperstart_stdin_of_any_size_arrives_whole() {
     );
     assert_eq!(out.status, Some(0));
     assert!(env.client.vm_info("hs").await.expect("vm.info").state == "ready");
+}
+
+/// A signal reaches only the process its token names. cc-agent can signal only a container's init
+/// (KILLCONTAINER): a signal for an `execcmd` token is refused there and the init lives on.
+/// hyperstart refuses signals in its pseudo-container, and the error says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_only_the_tokens_process() {
+    let mut env = Env::start().await;
+    let cc = env.agent(&["--dialect", "cc-agent", "--pair"]);
+    env.register("cc", &cc, None).await;
+    let init = env
+        .client
+        .call::<Value>(
+            "agent.call",
+            json!({"vm": "cc", "command": "newcontainer", "streams": 1,
+                   "data": {"id": "c1", "process": {"args": ["sleep", "30"]}}}),
+        )
+        .await
+        .expect("newcontainer");
+    let init_token = init["token"].as_str().expect("token").to_string();
+    let exec = env
+        .client
+        .call::<Value>(
+            "agent.call",
+            json!({"vm": "cc", "command": "execcmd", "streams": 1,
+                   "data": {"container": "c1", "process": {"args": ["sleep", "30"]}}}),
+        )
+        .await
+        .expect("execcmd");
+    let exec_token = exec["token"].as_str().expect("token").to_string();
+    let r = env
+        .rpc("stream.signal", json!({"token": exec_token, "signal": 15}))
+        .await;
+    assert_eq!(r["error"]["code"], code::INVALID_ARGUMENT, "{r}");
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("execcmd") && msg.contains("init"), "{msg}");
+    // The shim's signal control frame is refused the same way.
+    let mut s = attach(&env, &exec_token).await;
+    s.send(control_frame(&ControlMessage::Signal { signal: 9 }))
+        .await
+        .expect("signal frame");
+    // The init is still running: its own signal ends it with its own status.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut init_stream = attach(&env, &init_token).await;
+    env.client
+        .signal(&init_token, 9)
+        .await
+        .expect("signal init");
+    let out = tokio::time::timeout(SHORT, collect(&mut init_stream))
+        .await
+        .expect("init exit")
+        .expect("io");
+    assert_eq!(
+        out.status,
+        Some(137),
+        "the init was killed earlier? {out:?}"
+    );
+    // The exec'd process was never signalled: it is still there until killed with its container.
+    let info = env.client.vm_info("cc").await.expect("vm.info");
+    assert!(info.streams >= 1, "{info:?}");
+    drop(s);
+
+    let hs = env.agent(&["--pair"]);
+    env.register("hs", &hs, None).await;
+    let token = start(&env.client, "hs", "sleep 30", false).await;
+    let r = env
+        .rpc("stream.signal", json!({"token": token, "signal": 15}))
+        .await;
+    assert_eq!(r["error"]["code"], code::AGENT_ERROR, "{r}");
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("pseudo-container"), "{msg}");
+}
+
+/// Signals and resizes sent before the process started are held and delivered, in order, at the
+/// start (they used to be refused, and a shim's first resize was lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_and_resizes_before_the_start_are_delivered_at_the_start() {
+    let mut env = Env::start().await;
+    for (args, label) in SETUPS {
+        let agent = env.agent(args);
+        env.register(label, &agent, None).await;
+        let container = format!("c-{label}");
+        env.client
+            .call::<Value>(
+                "agent.call",
+                json!({"vm": label, "command": "newcontainer",
+                       "data": {"id": container, "process": {"args": ["sleep", "30"]}}}),
+            )
+            .await
+            .expect("newcontainer");
+        // A resize through the API before the start (the call returns before the start), and one
+        // sent by the shim before the start: the process sees the size.
+        for (via_shim, rows, cols) in [(false, 33u16, 77u16), (true, 44, 88)] {
+            let alloc = env.rpc("stream.allocate", json!({"id": label})).await;
+            let token = alloc["result"]["token"]
+                .as_str()
+                .expect("token")
+                .to_string();
+            if !via_shim {
+                env.client
+                    .resize(&token, rows, cols)
+                    .await
+                    .expect("held resize");
+            }
+            let mut s = attach(&env, &token).await;
+            // A shim's first resize, sent before the start, is not lost.
+            if via_shim {
+                s.send(control_frame(&ControlMessage::Resize { rows, cols }))
+                    .await
+                    .expect("resize frame");
+            }
+            // Held requests are delivered before the start command returns; the process reads its
+            // size once told to go on, after that.
+            let script = "read x; stty size";
+            env.client
+                .call::<Value>(
+                    "agent.call",
+                    json!({"vm": label, "command": "execcmd", "token": token,
+                           "data": {"container": container,
+                                    "process": {"args": sh(script), "terminal": true}}}),
+                )
+                .await
+                .expect("execcmd");
+            s.send(Frame::new(Channel::Stdin, Bytes::from_static(b"go\n")))
+                .await
+                .expect("stdin");
+            let out = tokio::time::timeout(SHORT, collect(&mut s))
+                .await
+                .expect("exit")
+                .expect("io");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains(&format!("{rows} {cols}")),
+                "{label}: {text:?}"
+            );
+        }
+
+        // A signal held for a container's init ends it once it starts.
+        let alloc = env.rpc("stream.allocate", json!({"id": label})).await;
+        let token = alloc["result"]["token"]
+            .as_str()
+            .expect("token")
+            .to_string();
+        env.client.signal(&token, 15).await.expect("held signal");
+        let mut s = attach(&env, &token).await;
+        env.client
+            .call::<Value>(
+                "agent.call",
+                json!({"vm": label, "command": "newcontainer", "token": token,
+                       "data": {"id": format!("k-{label}"), "process": {"args": ["sleep", "30"]}}}),
+            )
+            .await
+            .expect("newcontainer");
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(SHORT, collect(&mut s))
+            .await
+            .expect("exit")
+            .expect("io");
+        assert_eq!(
+            out.status,
+            Some(signal_status(label, 15)),
+            "{label}: {out:?}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{label}: the sleep ran out"
+        );
+
+        // The hold is bounded.
+        let alloc = env.rpc("stream.allocate", json!({"id": label})).await;
+        let token = alloc["result"]["token"]
+            .as_str()
+            .expect("token")
+            .to_string();
+        for _ in 0..16 {
+            env.client.resize(&token, 1, 1).await.expect("held");
+        }
+        let r = env
+            .rpc(
+                "stream.resize",
+                json!({"token": token, "rows": 2, "cols": 2}),
+            )
+            .await;
+        assert_eq!(r["error"]["code"], code::LIMIT_EXCEEDED, "{label}: {r}");
+        let r = env.rpc("stream.close", json!({"token": token})).await;
+        assert!(r.get("result").is_some(), "{r}");
+    }
 }

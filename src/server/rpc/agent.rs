@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::parse;
 use crate::error::ProxyError;
 use crate::server::Proxy;
-use crate::stream::{Lifecycle, Stream, Token};
+use crate::stream::{Lifecycle, ProcessRole, Stream, Token};
 use crate::vm::Vm;
 
 /// Default reply deadline of an agent command.
@@ -226,6 +226,7 @@ pub async fn forward(
         });
         tracing::info!(vm = %vm.id, token = %s.token, command = name,
             process = process_id.as_deref().unwrap_or(""), "process started");
+        super::stream::deliver_held(vm, s).await;
     }
     Ok((reply, stream, process_id))
 }
@@ -279,7 +280,12 @@ fn wire_stream(
             id
         }
     };
-    if !vm.bind_process(stream, &container, &id, terminal) {
+    let role = if code == code::NEWCONTAINER {
+        ProcessRole::Init
+    } else {
+        ProcessRole::Exec
+    };
+    if !vm.bind_process(stream, &container, &id, terminal, role) {
         return Err(ProxyError::invalid(
             "data.process.id",
             format!("process {id:?} is already running in {container:?}"),

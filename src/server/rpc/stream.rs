@@ -1,5 +1,6 @@
 //! `stream.allocate`, `stream.signal`, `stream.resize`, `stream.close`; the signal and resize helpers are
-//! shared with the shim's control frames and the legacy protocol.
+//! shared with the shim's control frames and the legacy protocol. Signals and resizes for a process that
+//! has not started yet are held by its stream and delivered, in order, by the start ([`deliver_held`]).
 
 use std::sync::Arc;
 
@@ -15,7 +16,9 @@ use super::agent::DEFAULT_TIMEOUT;
 use super::parse;
 use crate::error::ProxyError;
 use crate::server::Proxy;
-use crate::stream::{Lifecycle, Stream, Token};
+use crate::stream::{
+    ControlTarget, HeldControl, ProcessName, ProcessRole, Stream, Token, MAX_HELD_CONTROLS,
+};
 use crate::vm::Vm;
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
@@ -60,19 +63,30 @@ async fn find(proxy: &Proxy, token: &str) -> Result<(Arc<Vm>, Arc<Stream>), Prox
         .ok_or(ProxyError::TokenNotFound)
 }
 
-fn started(stream: &Stream) -> Result<(String, String), ProxyError> {
-    if stream.lifecycle() == Lifecycle::Allocated {
-        return Err(ProxyError::invalid(
+/// The pseudo-container in which hyperstart runs processes in its own namespaces.
+const PSEUDO_CONTAINER: &str = "hyperstart";
+
+/// Where a signal or resize goes: `None` when it was held for the start.
+fn target(stream: &Stream, control: HeldControl) -> Result<Option<ProcessName>, ProxyError> {
+    match stream.control_target(control) {
+        ControlTarget::Held => {
+            tracing::debug!(token = %stream.token, ?control, "process not started yet: held for its start");
+            Ok(None)
+        }
+        ControlTarget::Now(name) => Ok(Some(name)),
+        ControlTarget::HoldFull => Err(ProxyError::Limit(format!(
+            "{MAX_HELD_CONTROLS} signals and resizes are already held for the token's process, which has not started"
+        ))),
+        ControlTarget::Unknown => Err(ProxyError::invalid(
             "token",
-            "the token's process has not been started",
-        ));
+            "the token's process is unknown",
+        )),
     }
-    stream
-        .process()
-        .ok_or_else(|| ProxyError::invalid("token", "the token's process is unknown"))
 }
 
-/// Deliver a signal: SIGNALPROCESS in the hyperstart dialect, KILLCONTAINER (the container's init) in cc-agent's.
+/// Deliver a signal to the token's process, or hold it until the process starts. Only ever the process the
+/// token names: hyperstart's SIGNALPROCESS names it; cc-agent can only KILLCONTAINER a container's init, so a
+/// signal for a process started by `execcmd` is refused there rather than sent to another process.
 pub async fn signal(vm: &Vm, stream: &Stream, signal: i32) -> Result<(), ProxyError> {
     if !(0..=64).contains(&signal) {
         return Err(ProxyError::invalid(
@@ -80,44 +94,133 @@ pub async fn signal(vm: &Vm, stream: &Stream, signal: i32) -> Result<(), ProxyEr
             "a signal number is between 0 and 64",
         ));
     }
-    let (container, process) = started(stream)?;
-    let (code, name, payload) = match vm.dialect.signal_process_code() {
-        Some(c) if vm.dialect == Dialect::Hyperstart => (
+    match target(stream, HeldControl::Signal(signal))? {
+        Some(name) => send_signal(vm, stream, &name, signal).await,
+        None => Ok(()),
+    }
+}
+
+async fn send_signal(
+    vm: &Vm,
+    stream: &Stream,
+    name: &ProcessName,
+    signal: i32,
+) -> Result<(), ProxyError> {
+    let (code, command, payload) = match (vm.dialect, vm.dialect.signal_process_code()) {
+        (Dialect::Hyperstart, Some(c)) => (
             c,
             "signalprocess",
-            json!({"container": container, "process": process, "signal": signal}),
+            json!({"container": name.container, "process": name.process, "signal": signal}),
         ),
+        _ if name.role == ProcessRole::Exec => {
+            return Err(ProxyError::invalid(
+                "token",
+                format!(
+                    "the {} dialect cannot signal a process started by execcmd: its only signal command, \
+                     killcontainer, reaches the init of container {:?}, another process",
+                    vm.dialect.name(),
+                    name.container
+                ),
+            ))
+        }
         _ => (
             code::KILLCONTAINER,
             "killcontainer",
-            json!({"container": container, "signal": signal, "allProcesses": false}),
+            json!({"container": name.container, "signal": signal, "allProcesses": false}),
         ),
     };
-    vm.call(
-        code,
-        name,
-        Bytes::from(payload.to_string()),
-        DEFAULT_TIMEOUT,
-    )
-    .await
-    .map(|_| ())
+    tracing::debug!(vm = %vm.id, token = %stream.token, signal, command, "signal");
+    call(vm, name, code, command, payload).await
 }
 
-/// Resize the process's terminal with WINSIZE in the dialect's shape.
+/// Resize the process's terminal with WINSIZE in the dialect's shape, or hold it until the process starts.
 pub async fn resize(vm: &Vm, stream: &Stream, rows: u16, cols: u16) -> Result<(), ProxyError> {
-    let (container, process) = started(stream)?;
+    match target(stream, HeldControl::Resize { rows, cols })? {
+        Some(name) => send_resize(vm, stream, &name, rows, cols).await,
+        None => Ok(()),
+    }
+}
+
+async fn send_resize(
+    vm: &Vm,
+    stream: &Stream,
+    name: &ProcessName,
+    rows: u16,
+    cols: u16,
+) -> Result<(), ProxyError> {
     let payload = match vm.dialect {
         Dialect::CcAgent => json!({"seq": stream.stdio, "row": rows, "column": cols}),
         Dialect::Hyperstart => {
-            json!({"container": container, "process": process, "row": rows, "column": cols})
+            json!({"container": name.container, "process": name.process, "row": rows, "column": cols})
         }
     };
-    vm.call(
-        code::WINSIZE,
-        "winsize",
-        Bytes::from(payload.to_string()),
-        DEFAULT_TIMEOUT,
-    )
-    .await
-    .map(|_| ())
+    call(vm, name, code::WINSIZE, "winsize", payload).await
+}
+
+/// Send one signal or resize command; hyperstart's bare ERROR for the pseudo-container is explained.
+async fn call(
+    vm: &Vm,
+    name: &ProcessName,
+    code: u32,
+    command: &str,
+    payload: serde_json::Value,
+) -> Result<(), ProxyError> {
+    match vm
+        .call(
+            code,
+            command,
+            Bytes::from(payload.to_string()),
+            DEFAULT_TIMEOUT,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(ProxyError::Agent {
+            vm: id,
+            command,
+            message,
+        }) if vm.dialect == Dialect::Hyperstart && name.container == PSEUDO_CONTAINER => {
+            Err(ProxyError::Agent {
+                vm: id,
+                command,
+                message: format!(
+                    "{message}{}hyperstart cannot signal or resize a process of its {PSEUDO_CONTAINER:?} \
+                     pseudo-container; start the process in a container (startpod, newcontainer)",
+                    if message.is_empty() { "" } else { "; " }
+                ),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The process has just started: deliver what was held for it, in order. Failures are logged (their
+/// senders were answered when the requests were held).
+pub async fn deliver_held(vm: &Vm, stream: &Stream) {
+    let held = stream.take_held();
+    if held.is_empty() {
+        return;
+    }
+    let Some((container, process)) = stream.process() else {
+        return;
+    };
+    let name = ProcessName {
+        container,
+        process,
+        role: stream.role(),
+    };
+    for control in held {
+        let result = match control {
+            HeldControl::Signal(n) => send_signal(vm, stream, &name, n).await,
+            HeldControl::Resize { rows, cols } => send_resize(vm, stream, &name, rows, cols).await,
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %vm.id, token = %stream.token, ?control, "held until the start, delivered")
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.id, token = %stream.token, ?control, error = %e, "held until the start, refused")
+            }
+        }
+    }
 }
