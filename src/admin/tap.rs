@@ -87,6 +87,10 @@ impl TapEvent {
 /// One event with the time it happened.
 #[derive(Debug, Clone, Serialize)]
 pub struct Observed {
+    /// The daemon's event number: one more for every event emitted, assigned in the order the events enter
+    /// the ring, so a tap sees them, and each VM's events, in increasing `seq` (gaps are other VMs' events
+    /// or filtered ones).
+    pub seq: u64,
     /// Milliseconds since the Unix epoch.
     pub ts_ms: u64,
     #[serde(flatten)]
@@ -97,11 +101,15 @@ pub struct Observed {
 pub struct Tap {
     /// Open taps; zero makes [`emit`] a single load.
     taps: AtomicUsize,
+    /// The next `seq`. Numbering and sending happen under this lock (never held across an await), so the
+    /// ring holds events in `seq` order even when several tasks emit at once.
+    next_seq: std::sync::Mutex<u64>,
     tx: broadcast::Sender<Arc<Observed>>,
 }
 
 pub static TAP: LazyLock<Tap> = LazyLock::new(|| Tap {
     taps: AtomicUsize::new(0),
+    next_seq: std::sync::Mutex::new(1),
     tx: broadcast::channel(TAP_BUFFER).0,
 });
 
@@ -115,14 +123,18 @@ pub fn enabled() -> bool {
 #[inline]
 pub fn emit(make: impl FnOnce() -> TapEvent) {
     if enabled() {
+        let event = make();
+        let mut next = TAP.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let _ = TAP.tx.send(Arc::new(Observed {
+            seq: *next,
             ts_ms,
-            event: make(),
+            event,
         }));
+        *next += 1;
     }
 }
 
@@ -195,6 +207,15 @@ mod tests {
         assert_eq!(v["vm"], "vm1");
         assert_eq!(v["status"], 3);
         assert!(v["ts_ms"].as_u64().unwrap_or(0) > 0);
+        let first = v["seq"].as_u64().unwrap_or(0);
+        emit(|| TapEvent::StreamAttached {
+            vm: "vm1".into(),
+            token: "t".into(),
+        });
+        let Ok(next) = tap.rx.try_recv() else {
+            panic!("no second event")
+        };
+        assert_eq!(next.seq, first + 1);
         drop(tap);
         assert!(!enabled());
 

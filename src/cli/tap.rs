@@ -272,7 +272,7 @@ pub fn format_event(e: &Value) -> String {
     let name = obj.get("event").and_then(Value::as_str).unwrap_or("?");
     let mut line = format!("{}Z {vm:<16} {name:<16}", clock(ts));
     for (k, v) in obj {
-        if matches!(k.as_str(), "ts_ms" | "vm" | "event") || v.is_null() {
+        if matches!(k.as_str(), "ts_ms" | "seq" | "vm" | "event") || v.is_null() {
             continue;
         }
         match (k.as_str(), v.as_u64()) {

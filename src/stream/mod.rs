@@ -140,6 +140,9 @@ pub struct Stream {
     wake_started: Notify,
     /// Wakes whoever waits for a shim to attach (the legacy protocol waits before starting a process).
     wake_attached: Notify,
+    /// The tap's `process_started` for this stream was emitted (by the start's caller or, when the exit
+    /// report won the race, just before `process_exited`), so taps never see an exit before its start.
+    tap_started: std::sync::atomic::AtomicBool,
     metrics: VmMetrics,
 }
 
@@ -194,8 +197,16 @@ impl Stream {
             wake_space: Notify::new(),
             wake_started: Notify::new(),
             wake_attached: Notify::new(),
+            tap_started: std::sync::atomic::AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// True the first time it is called: whoever gets true emits the tap's `process_started`.
+    pub fn claim_tap_start(&self) -> bool {
+        !self
+            .tap_started
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     pub fn lifecycle(&self) -> Lifecycle {

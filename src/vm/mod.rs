@@ -316,6 +316,17 @@ impl Vm {
         });
     }
 
+    /// Tell the tap a stream's process started, once (see [`Stream::claim_tap_start`]).
+    pub fn tap_process_started(&self, stream: &Stream) {
+        if stream.claim_tap_start() {
+            crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessStarted {
+                vm: self.id.clone(),
+                token: stream.token.short().to_string(),
+                process: stream.process().map(|(_, p)| p).unwrap_or_default(),
+            });
+        }
+    }
+
     /// A process finished: queue its exit frame (now or after the stdout EOF) and publish the event.
     pub fn process_exited(self: &Arc<Self>, stream: &Arc<Stream>, status: i32) {
         tracing::debug!(vm = %self.id, token = %stream.token, status, "process exited");
@@ -326,6 +337,8 @@ impl Vm {
                 s.flush_pending_exit();
             });
         }
+        // The exit report can be handled before the start's caller woke up from the ACK: its start first.
+        self.tap_process_started(stream);
         crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessExited {
             vm: self.id.clone(),
             token: stream.token.short().to_string(),

@@ -710,3 +710,54 @@ async fn every_api_error_is_counted() {
         assert_eq!(delta(code), want, "{code}\n{after}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_events_arrive_in_order_with_a_sequence_number() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&[]);
+    env.register("ord", &agent, None).await;
+    let mut ws = Ws::connect(&env.socket).await;
+    ws.observe(json!({"vm": "ord", "filter": ["process_started", "process_exited"], "rate": 1000}))
+        .await;
+    // Processes that exit at once: their exit report races with the start's reply.
+    const RUNS: usize = 20;
+    for _ in 0..RUNS {
+        let r = env
+            .client
+            .exec("ord", &["true".into()], false)
+            .await
+            .expect("exec");
+        let token = r.token.expect("token");
+        let mut s = env.client.attach(&token).await.expect("attach");
+        let _ = cc_proxy_api::client::collect(&mut s).await;
+    }
+    let mut events = Vec::new();
+    while let Some(v) = ws.recv(Duration::from_millis(500)).await {
+        if let Some(e) = v.pointer("/params/result") {
+            events.push(e.clone());
+        }
+    }
+    assert_eq!(events.len(), 2 * RUNS, "{events:#?}");
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seq not increasing: {seqs:?}"
+    );
+    let mut started = std::collections::HashSet::new();
+    for e in &events {
+        let token = e["token"].as_str().expect("token").to_string();
+        match e["event"].as_str() {
+            Some("process_started") => assert!(started.insert(token), "started twice: {e}"),
+            Some("process_exited") => {
+                assert!(
+                    started.contains(&token),
+                    "exited before started: {events:#?}"
+                )
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+}

@@ -219,11 +219,7 @@ pub async fn forward(
     if let Some(s) = &stream {
         s.mark_running();
         s.set_starting(false);
-        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::ProcessStarted {
-            vm: vm.id.clone(),
-            token: s.token.short().to_string(),
-            process: process_id.clone().unwrap_or_default(),
-        });
+        vm.tap_process_started(s);
         tracing::info!(vm = %vm.id, token = %s.token, command = name,
             process = process_id.as_deref().unwrap_or(""), "process started");
         super::stream::deliver_held(vm, s).await;

@@ -4,7 +4,7 @@
 //! `process_exited`, `stream_attached`, `stream_detached`, `vm_state`); `limit` ends the tap after that many
 //! events; `rate` lowers the per-tap bound on events per second (default and maximum [`DEFAULT_RATE`]).
 //!
-//! Each notification is one JSON object: `ts_ms`, `event` and the event's fields. Events this tapper lost
+//! Each notification is one JSON object: `seq`, `ts_ms`, `event` and the event's fields. Events this tapper lost
 //! (over its rate, its client not reading, or behind the shared ring) are counted and, as soon as there is
 //! room, reported in order as `{"ts_ms": .., "event": "dropped", "count": N}`.
 
