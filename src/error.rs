@@ -5,7 +5,11 @@ use std::time::Duration;
 use cc_proxy_api::error as code;
 use serde_json::{json, Value};
 
+use cc_proxy_protocol::Dialect;
+
+use crate::admin::tap::TapError;
 use crate::transport::TransportError;
+use crate::vm::LostReason;
 
 /// Everything a client request can fail with. Each variant maps to one stable code in `cc_proxy_api::error`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -14,10 +18,10 @@ pub enum ProxyError {
     VmExists(String),
     #[error("no VM {0:?} is registered")]
     VmNotFound(String),
-    #[error("{0}")]
-    InvalidUri(String),
-    #[error("{0}")]
-    Unreachable(String),
+    #[error(transparent)]
+    InvalidUri(std::sync::Arc<TransportError>),
+    #[error(transparent)]
+    Unreachable(Unreachable),
     #[error("VM {vm:?}: agent sent no READY and did not answer GETVERSION within {after:?}")]
     ReadyTimeout { vm: String, after: Duration },
     #[error("VM {vm:?}: agent did not answer {command} within {after:?}")]
@@ -33,7 +37,7 @@ pub enum ProxyError {
         message: String,
     },
     #[error("VM {vm:?} is lost: {reason}")]
-    Lost { vm: String, reason: String },
+    Lost { vm: String, reason: LostReason },
     #[error("unknown agent command {command:?} for the {dialect} dialect")]
     UnknownCommand { command: String, dialect: String },
     #[error("unknown stream token")]
@@ -42,7 +46,10 @@ pub enum ProxyError {
     StreamBusy,
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: String, reason: String },
-    #[error("VM {vm:?}: agent API version {version} is not a dialect cc-proxy speaks (4242, 4243, 4244)")]
+    #[error(
+        "VM {vm:?}: agent API version {version} is not a dialect cc-proxy speaks ({})",
+        supported_versions()
+    )]
     UnsupportedAgent { vm: String, version: u32 },
     #[error("VM {vm:?}: agent protocol error: {reason}")]
     Protocol { vm: String, reason: String },
@@ -51,9 +58,50 @@ pub enum ProxyError {
     #[error("VM {0:?} was unregistered")]
     Unregistered(String),
     #[error("limit exceeded: {0}")]
-    Limit(String),
+    Limit(Limit),
     #[error("VM {0:?} is still being recovered after a restart")]
     Recovering(String),
+}
+
+/// Why an agent could not be reached.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unreachable {
+    /// The channel could not be opened (connect failed, timed out, hybrid-vsock handshake refused).
+    #[error(transparent)]
+    Transport(std::sync::Arc<TransportError>),
+    #[error("VM {vm:?}: the agent closed the control channel during the handshake")]
+    ClosedInHandshake { vm: String },
+    #[error("VM {vm:?}: writing GETVERSION: {reason}")]
+    HandshakeWrite { vm: String, reason: String },
+}
+
+/// Which bound a request ran into.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Limit {
+    #[error("VM {vm} has {max} commands queued")]
+    QueuedCommands { vm: String, max: usize },
+    #[error("{0} VMs registered")]
+    Vms(usize),
+    #[error(transparent)]
+    Taps(#[from] TapError),
+    #[error(
+        "{0} signals and resizes are already held for the token's process, which has not started"
+    )]
+    HeldControls(usize),
+}
+
+/// The API versions of every dialect, for the message of [`ProxyError::UnsupportedAgent`].
+fn supported_versions() -> String {
+    let mut versions: Vec<u32> = Dialect::ALL
+        .iter()
+        .flat_map(|d| d.api_versions().iter().copied())
+        .collect();
+    versions.sort_unstable();
+    versions
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl ProxyError {
@@ -107,7 +155,7 @@ impl ProxyError {
                 command,
                 message,
             } => json!({"vm": vm, "command": command, "agent_error": message}),
-            ProxyError::Lost { vm, reason } => json!({"vm": vm, "reason": reason}),
+            ProxyError::Lost { vm, reason } => json!({"vm": vm, "reason": reason.to_string()}),
             ProxyError::UnknownCommand { command, dialect } => {
                 json!({"command": command, "dialect": dialect})
             }
@@ -121,12 +169,14 @@ impl ProxyError {
             ProxyError::ShuttingDown | ProxyError::Limit(_) => Value::Null,
         }
     }
+}
 
-    /// Classify a transport failure.
-    pub fn from_transport(e: TransportError) -> ProxyError {
+/// A URI that does not parse is the client's mistake; anything else means the agent cannot be reached.
+impl From<TransportError> for ProxyError {
+    fn from(e: TransportError) -> ProxyError {
         match e {
-            TransportError::InvalidUri { .. } => ProxyError::InvalidUri(e.to_string()),
-            _ => ProxyError::Unreachable(e.to_string()),
+            TransportError::InvalidUri { .. } => ProxyError::InvalidUri(std::sync::Arc::new(e)),
+            _ => ProxyError::Unreachable(Unreachable::Transport(std::sync::Arc::new(e))),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod admin;
 mod cli;
+mod config;
 mod error;
 mod logging;
 mod server;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use cli::{Cli, LogLevel};
+use cli::Cli;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -45,18 +46,14 @@ fn main() -> ExitCode {
         return ExitCode::from(cli::commands::run(cli.socket, cli.json, command));
     }
 
-    let level = match cli.log {
-        Some(level) => level,
-        None => match std::env::var("CC_PROXY_LOG_LEVEL") {
-            Ok(v) if !v.trim().is_empty() => match LogLevel::parse_env(&v) {
-                Some(level) => level,
-                None => {
-                    eprintln!("cc-proxy: invalid CC_PROXY_LOG_LEVEL {v:?} (error, warn, info, debug or trace)");
-                    return ExitCode::from(2);
-                }
-            },
-            _ => LogLevel::Warn,
-        },
+    let config = match config::Config::from_cli(&cli, |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("cc-proxy: {e}");
+            }
+            return ExitCode::from(2);
+        }
     };
     // The activated socket must be claimed before anything else opens file descriptors.
     let activated = match server::listener::take_activated() {
@@ -66,11 +63,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let (log, _sink) = logging::init(level, cli.log_format, cli.log_target);
+    let (log, _sink) = logging::init(config.log_level, config.log_format, config.log_target);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("cc-proxy");
-    if cli.threads > 0 {
-        builder.worker_threads(cli.threads);
+    if config.threads > 0 {
+        builder.worker_threads(config.threads);
     }
     let runtime = match builder.build() {
         Ok(rt) => rt,
@@ -78,19 +75,6 @@ fn main() -> ExitCode {
             eprintln!("cc-proxy: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
-    };
-    let config = server::DaemonConfig {
-        socket: cli.socket,
-        socket_group: cli.socket_group,
-        state_dir: cli.state_dir,
-        admin_addr: cli.admin_addr,
-        vm: vm::VmConfig {
-            stream_buffer: cli.stream_buffer,
-            keepalive: (cli.agent_keepalive > 0).then(|| Duration::from_secs(cli.agent_keepalive)),
-            stall_timeout: Duration::from_secs(cli.stall_timeout.max(1)),
-            vm_buffer: cli.vm_buffer,
-            recovery_timeout: Duration::from_secs(cli.recovery_timeout.max(1)),
-        },
     };
     let code = runtime.block_on(server::run(config, activated, log));
     runtime.shutdown_timeout(Duration::from_millis(500));

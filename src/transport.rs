@@ -236,6 +236,72 @@ impl Connection {
     }
 }
 
+/// Calls `$method` on whichever stream the connection is, pinned (every variant is `Unpin`).
+macro_rules! each_stream {
+    ($conn:expr, $s:ident => $body:expr) => {
+        match $conn.get_mut() {
+            Connection::Unix($s) => {
+                let $s = Pin::new($s);
+                $body
+            }
+            Connection::UnixRewound($s) => {
+                let $s = Pin::new($s);
+                $body
+            }
+            Connection::Tcp($s) => {
+                let $s = Pin::new($s);
+                $body
+            }
+            Connection::Vsock($s) => {
+                let $s = Pin::new($s);
+                $body
+            }
+        }
+    };
+}
+
+/// One object for TLS and HTTP layers (tokio-rustls and hyper take a single `AsyncRead + AsyncWrite`).
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        each_stream!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        each_stream!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Connection::Unix(s) => s.is_write_vectored(),
+            Connection::UnixRewound(s) => s.is_write_vectored(),
+            Connection::Tcp(s) => s.is_write_vectored(),
+            Connection::Vsock(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_shutdown(cx))
+    }
+}
+
 /// A stream that first yields bytes already read from it (protocol detection, hybrid-vsock handshakes).
 pub struct Rewind<S> {
     prefix: Vec<u8>,

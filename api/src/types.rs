@@ -68,9 +68,7 @@ pub struct VmId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
     pub id: String,
-    /// `"ready"`, `"lost"`, or `"recovering"` (loaded from the state directory after a restart, its agent
-    /// not reconnected yet).
-    pub state: String,
+    pub state: VmStateName,
     /// Why the VM is lost, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_reason: Option<String>,
@@ -92,6 +90,41 @@ pub struct VmInfo {
     pub tokens: usize,
     /// True when this VM was recovered from the state directory after a daemon restart.
     pub recovered: bool,
+}
+
+/// A VM's state as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStateName {
+    /// The agent answers; commands and streams work.
+    Ready,
+    /// A channel to the agent failed; the VM stays listed (with `lost_reason`) until it is unregistered.
+    Lost,
+    /// Loaded from the state directory after a restart, its agent not reconnected yet.
+    Recovering,
+}
+
+impl VmStateName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmStateName::Ready => "ready",
+            VmStateName::Lost => "lost",
+            VmStateName::Recovering => "recovering",
+        }
+    }
+}
+
+/// Compares with the wire name, so `info.state == "ready"` reads as the JSON does.
+impl PartialEq<&str> for VmStateName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for VmStateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// `agent.call` parameters.

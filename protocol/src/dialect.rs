@@ -53,10 +53,16 @@ impl Dialect {
 
     /// The dialect that an agent reporting API version `v` speaks, if we know it.
     pub fn from_api_version(v: u32) -> Option<Dialect> {
-        match v {
-            4242 => Some(Dialect::CcAgent),
-            4243 | 4244 => Some(Dialect::Hyperstart),
-            _ => None,
+        Dialect::ALL
+            .into_iter()
+            .find(|d| d.api_versions().contains(&v))
+    }
+
+    /// Every GETVERSION answer an agent of this dialect gives.
+    pub fn api_versions(self) -> &'static [u32] {
+        match self {
+            Dialect::CcAgent => &[4242],
+            Dialect::Hyperstart => &[4243, 4244],
         }
     }
 

@@ -6,7 +6,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use cc_proxy_api::types::VmStateName;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -20,14 +21,83 @@ pub struct VmLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
-    pub state: String,
+    pub state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabels {
     pub vm: String,
     pub command: String,
-    pub result: String,
+    pub result: CommandOutcome,
+}
+
+/// How an agent command ended: the `result` label of `cc_proxy_agent_commands` and of the tap's
+/// `agent_command` events.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandOutcome {
+    /// ACK.
+    Ok,
+    /// ERROR from the agent.
+    Error,
+    /// No reply before the deadline.
+    Timeout,
+    /// The VM was lost first.
+    Lost,
+    /// Refused or cut short by the daemon (queue full, unregistered, stopping).
+    Failed,
+}
+
+impl CommandOutcome {
+    /// The label value, as the tap serializes it too.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandOutcome::Ok => "ok",
+            CommandOutcome::Error => "error",
+            CommandOutcome::Timeout => "timeout",
+            CommandOutcome::Lost => "lost",
+            CommandOutcome::Failed => "failed",
+        }
+    }
+
+    /// The agent answered (ACK or ERROR).
+    pub fn answered(self) -> bool {
+        matches!(self, CommandOutcome::Ok | CommandOutcome::Error)
+    }
+}
+
+/// How a shim left a stream: the `kind` label of `cc_proxy_shim_detaches` and of the tap's
+/// `stream_detached` events.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetachKind {
+    /// A clean detach that keeps the token.
+    Detach,
+    /// The shim (or a client) freed the token.
+    Close,
+    /// The connection went away; the token is kept.
+    Drop,
+    /// The stream ended and its last frame was written.
+    Done,
+}
+
+impl DetachKind {
+    /// The label value, as the tap serializes it too.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetachKind::Detach => "detach",
+            DetachKind::Close => "close",
+            DetachKind::Drop => "drop",
+            DetachKind::Done => "done",
+        }
+    }
+
+    pub const ALL: [DetachKind; 4] = [
+        DetachKind::Detach,
+        DetachKind::Close,
+        DetachKind::Drop,
+        DetachKind::Done,
+    ];
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,7 +125,19 @@ pub struct CodeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetachLabels {
     pub vm: String,
-    pub kind: String,
+    pub kind: DetachKind,
+}
+
+impl EncodeLabelValue for CommandOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+impl EncodeLabelValue for DetachKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -204,6 +286,15 @@ impl Metrics {
         );
     }
 
+    /// The `vms{state}` gauge of one state.
+    pub fn vms_in(&self, state: VmStateName) -> Gauge {
+        self.vms
+            .get_or_create(&StateLabel {
+                state: state.as_str(),
+            })
+            .clone()
+    }
+
     /// Count an API error by its stable name.
     pub fn api_error(&self, code: i32) {
         self.api_errors
@@ -222,7 +313,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 pub struct VmMetrics {
     vm: String,
     /// (command, result) pairs this VM has counted, so [`VmMetrics::remove`] can find their series.
-    commands_seen: Arc<Mutex<HashSet<(String, String)>>>,
+    commands_seen: Arc<Mutex<HashSet<(String, CommandOutcome)>>>,
     /// Set by [`VmMetrics::remove`]: late events of an unregistered VM must not recreate its series.
     removed: Arc<std::sync::atomic::AtomicBool>,
     pub io_in_bytes: Counter,
@@ -285,20 +376,33 @@ impl VmMetrics {
         }
     }
 
+    /// The handles a VM's streams count with; `buffered` is the VM's buffer account.
+    pub fn stream_counters(
+        &self,
+        buffered: Arc<crate::stream::BufferAccount>,
+    ) -> crate::stream::StreamCounters {
+        crate::stream::StreamCounters {
+            buffered,
+            streams_open: self.streams_open.clone(),
+            dropped: self.dropped.clone(),
+            attaches: self.attaches.clone(),
+        }
+    }
+
     /// Count one agent command's outcome and latency.
-    pub fn command(&self, command: &str, result: &str, seconds: f64) {
+    pub fn command(&self, command: &str, result: CommandOutcome, seconds: f64) {
         if self.removed.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         let m = &*METRICS;
         if let Ok(mut seen) = self.commands_seen.lock() {
-            seen.insert((command.to_string(), result.to_string()));
+            seen.insert((command.to_string(), result));
         }
         m.agent_commands
             .get_or_create(&CommandLabels {
                 vm: self.vm.clone(),
                 command: command.into(),
-                result: result.into(),
+                result,
             })
             .inc();
         m.agent_command_duration
@@ -309,7 +413,7 @@ impl VmMetrics {
             .observe(seconds);
     }
 
-    pub fn detach(&self, kind: &str) {
+    pub fn detach(&self, kind: DetachKind) {
         if self.removed.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
@@ -317,7 +421,7 @@ impl VmMetrics {
             .shim_detaches
             .get_or_create(&DetachLabels {
                 vm: self.vm.clone(),
-                kind: kind.into(),
+                kind,
             })
             .inc();
     }
@@ -370,7 +474,7 @@ impl VmMetrics {
         m.shim_attaches.remove(&vl);
         m.agent_connects.remove(&vl);
         m.vm_lost.remove(&vl);
-        let seen: Vec<(String, String)> = self
+        let seen: Vec<(String, CommandOutcome)> = self
             .commands_seen
             .lock()
             .map(|s| s.iter().cloned().collect())
@@ -386,10 +490,10 @@ impl VmMetrics {
                 command,
             });
         }
-        for kind in ["detach", "close", "drop", "done"] {
+        for kind in DetachKind::ALL {
             m.shim_detaches.remove(&DetachLabels {
                 vm: self.vm.clone(),
-                kind: kind.into(),
+                kind,
             });
         }
     }

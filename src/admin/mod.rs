@@ -60,25 +60,34 @@ pub struct AdminHandle {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Start the admin server on `addr` (`off` disables it). Binding errors are logged, never fatal.
-pub fn start(addr: &str, proxy: Arc<Proxy>) -> Option<AdminHandle> {
-    if addr == "off" || addr.is_empty() {
-        return None;
-    }
-    let std_listener = match std::net::TcpListener::bind(addr) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(addr, error = %e, "cannot start the admin server; metrics are unavailable");
-            return None;
-        }
-    };
-    let local = std_listener.local_addr().ok()?;
-    if let Err(e) = std_listener.set_nonblocking(true) {
-        tracing::warn!(addr, error = %e, "cannot start the admin server; metrics are unavailable");
-        return None;
-    }
+/// Why the admin server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot serve the admin server on {addr} (see --admin-addr): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the admin server: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Bind the admin server's address (at startup, before the client socket serves: a bad address is fatal).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, AdminError> {
+    let bind_err = |source| AdminError::Bind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Serve the admin server on `std_listener` from its own thread.
+pub fn start(
+    std_listener: std::net::TcpListener,
+    proxy: Arc<Proxy>,
+) -> Result<AdminHandle, AdminError> {
+    let local = std_listener.local_addr().map_err(AdminError::Thread)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("cc-proxy-admin".into())
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -87,18 +96,15 @@ pub fn start(addr: &str, proxy: Arc<Proxy>) -> Option<AdminHandle> {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the admin runtime");
+                    tracing::error!(error = %e, "cannot start the admin runtime");
                     return;
                 }
             };
             rt.block_on(serve(std_listener, proxy, stop_rx));
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the admin thread");
-        return None;
-    }
+        })
+        .map_err(AdminError::Thread)?;
     tracing::info!(addr = %local, "admin server listening");
-    Some(AdminHandle { _stop: stop_tx })
+    Ok(AdminHandle { _stop: stop_tx })
 }
 
 async fn serve(

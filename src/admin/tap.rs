@@ -14,6 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+pub use crate::admin::metrics::{CommandOutcome, DetachKind};
+
 /// Events buffered for taps before the slowest one starts losing events. A tap task drains the ring as
 /// fast as it can filter; 4096 events (about 1 MiB) absorb a burst of a few milliseconds of busy host.
 pub const TAP_BUFFER: usize = 4096;
@@ -24,11 +26,11 @@ pub const MAX_TAPS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum TapEvent {
-    /// An agent command finished (result: ok, error, timeout, lost, failed).
+    /// An agent command finished.
     AgentCommand {
         vm: String,
         command: String,
-        result: String,
+        result: CommandOutcome,
         latency_us: u64,
     },
     /// A process was started with a stream.
@@ -45,18 +47,27 @@ pub enum TapEvent {
     },
     /// A shim attached to a stream.
     StreamAttached { vm: String, token: String },
-    /// A shim left a stream (kind: detach, close, drop, done).
+    /// A shim left a stream.
     StreamDetached {
         vm: String,
         token: String,
-        kind: String,
+        kind: DetachKind,
     },
-    /// A VM changed state (registered, ready, lost, unregistered).
+    /// A VM changed state.
     VmState {
         vm: String,
-        state: String,
+        state: VmStateKind,
         reason: Option<String>,
     },
+}
+
+/// The states a `vm_state` event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStateKind {
+    Ready,
+    Lost,
+    Unregistered,
 }
 
 impl TapEvent {
@@ -71,7 +82,17 @@ impl TapEvent {
         }
     }
 
-    /// The event's name as serialized (`agent_command`, ...), for filters.
+    /// Every event name, as serialized and as `cc-proxy tap --filter` takes them.
+    pub const NAMES: [&'static str; 6] = [
+        "agent_command",
+        "process_started",
+        "process_exited",
+        "stream_attached",
+        "stream_detached",
+        "vm_state",
+    ];
+
+    /// The event's name as serialized (one of [`TapEvent::NAMES`]), for filters.
     pub fn name(&self) -> &'static str {
         match self {
             TapEvent::AgentCommand { .. } => "agent_command",
@@ -144,7 +165,7 @@ pub struct TapSubscription {
 }
 
 /// Why a tap could not be opened.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum TapError {
     #[error("{MAX_TAPS} taps are open already")]
     TooManyTaps,
@@ -182,7 +203,7 @@ mod tests {
             built.store(true, Ordering::Relaxed);
             TapEvent::VmState {
                 vm: "a".into(),
-                state: "ready".into(),
+                state: VmStateKind::Ready,
                 reason: None,
             }
         });

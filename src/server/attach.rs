@@ -21,11 +21,12 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::{rpc, Proxy};
+use super::Proxy;
+use crate::admin::metrics::DetachKind;
 use crate::admin::tap::TapEvent;
 use crate::error::ProxyError;
 use crate::stream::{AttachError, Stream, Take, Token};
-use crate::vm::Vm;
+use crate::vm::{process, Vm};
 
 /// True for a stream attach request.
 pub fn is_attach(req: &HttpRequest<Incoming>) -> bool {
@@ -170,12 +171,12 @@ async fn run(
             }
             Channel::Control => match serde_json::from_slice::<ControlMessage>(&frame.payload) {
                 Ok(ControlMessage::Signal { signal }) => {
-                    if let Err(e) = rpc::stream::signal(&vm, &stream, signal).await {
+                    if let Err(e) = process::signal(&vm, &stream, signal).await {
                         tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "signal from shim failed");
                     }
                 }
                 Ok(ControlMessage::Resize { rows, cols }) => {
-                    if let Err(e) = rpc::stream::resize(&vm, &stream, rows, cols).await {
+                    if let Err(e) = process::resize(&vm, &stream, rows, cols).await {
                         tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "resize from shim failed");
                     }
                 }
@@ -204,7 +205,7 @@ async fn run(
     }
     if close {
         vm.free_stream(&stream.token);
-        vm.shim_detached(&stream.token, "close");
+        vm.shim_detached(&stream.token, DetachKind::Close);
         gone.cancel();
     } else if !stream.is_detaching(attach) {
         // EOF or error from the shim: it is gone; keep the token for a re-attach.
@@ -227,13 +228,13 @@ async fn write_loop(
             Take::Frames(frames) => {
                 if let Err(unwritten) = write_all(&mut out, frames, &gone).await {
                     stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, "drop");
+                    vm.shim_detached(&stream.token, DetachKind::Drop);
                     gone.cancel();
                     return;
                 }
             }
             Take::Gone => {
-                vm.shim_detached(&stream.token, "drop");
+                vm.shim_detached(&stream.token, DetachKind::Drop);
                 tracing::info!(vm = %vm.id, token = %stream.token, "shim went away; token kept for re-attach");
                 return;
             }
@@ -241,13 +242,13 @@ async fn write_loop(
                 if let Err(unwritten) = write_all(&mut out, frames, &gone).await {
                     // Keep the token: the next shim gets the rest, the exit status included.
                     stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, "drop");
+                    vm.shim_detached(&stream.token, DetachKind::Drop);
                     gone.cancel();
                     return;
                 }
                 let _ = out.shutdown().await;
                 vm.free_stream(&stream.token);
-                vm.shim_detached(&stream.token, "done");
+                vm.shim_detached(&stream.token, DetachKind::Done);
                 gone.cancel();
                 tracing::debug!(vm = %vm.id, token = %stream.token, "stream complete; token freed");
                 return;
@@ -260,7 +261,7 @@ async fn write_loop(
                 let _ = write_all(&mut out, vec![ack], &gone).await;
                 let _ = out.shutdown().await;
                 stream.release(attach, Vec::new());
-                vm.shim_detached(&stream.token, "detach");
+                vm.shim_detached(&stream.token, DetachKind::Detach);
                 tracing::info!(vm = %vm.id, token = %stream.token, "shim detached; token kept");
                 return;
             }

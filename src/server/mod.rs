@@ -22,9 +22,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::{ProtocolLabel, METRICS};
+use crate::config::Config;
 use crate::logging::LogHandle;
-use crate::vm::state::{StateDir, StateError};
-use crate::vm::{Registry, VmConfig};
+use crate::vm::state::StateDir;
+use crate::vm::Registry;
 
 /// How long in-flight requests may take to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -73,34 +74,29 @@ impl std::fmt::Display for Peer {
     }
 }
 
-/// Daemon settings from the command line.
-pub struct DaemonConfig {
-    pub socket: std::path::PathBuf,
-    pub socket_group: Option<String>,
-    pub state_dir: std::path::PathBuf,
-    pub admin_addr: String,
-    pub vm: VmConfig,
-}
-
 /// Run the daemon until SIGTERM/SIGINT. Returns the process exit status.
 pub async fn run(
-    config: DaemonConfig,
+    config: Config,
     activated: Option<std::os::unix::net::UnixListener>,
     log: LogHandle,
 ) -> i32 {
     let started = Instant::now();
     // The state directory is locked before the socket is touched: a second daemon on the same directory
-    // must not replace the first one's socket file either.
+    // must not replace the first one's socket file either. A directory that cannot be used is fatal too:
+    // registered VMs would silently not survive a restart.
     let state = match StateDir::open(&config.state_dir) {
-        Ok(s) => Some(s),
-        Err(e @ StateError::Locked { .. }) => {
-            log.startup_error(&e);
+        Ok(s) => s,
+        Err(e) => {
+            log.startup_error(&format_args!("{e} (see --state-dir)"));
             return 1;
         }
+    };
+    // Bound before the client socket: a configured admin address that cannot be served is fatal.
+    let admin_listener = match config.admin_addr.map(crate::admin::bind).transpose() {
+        Ok(l) => l,
         Err(e) => {
-            tracing::warn!(dir = %config.state_dir.display(), error = %e,
-                "cannot use the state directory; registered VMs will not survive a restart");
-            None
+            log.startup_error(&e);
+            return 1;
         }
     };
     let listener = match activated {
@@ -138,7 +134,8 @@ pub async fn run(
     };
 
     let (events, _) = tokio::sync::broadcast::channel::<Event>(1024);
-    let registry = Registry::new(state, config.vm.clone(), events);
+    let registry = Registry::new(Some(state), config.vm.clone(), events);
+    registry.spawn_state_writer();
     let proxy = Arc::new(Proxy {
         registry: registry.clone(),
         socket: listener.path.clone(),
@@ -151,10 +148,20 @@ pub async fn run(
 
     // Loaded before anything serves: with nothing to reconnect, `/ready` is true from the first request.
     let records = registry.records_to_recover();
+    if records.is_empty() {
+        registry.set_recovered();
+    }
     let (stop_handle, server_handle) = jsonrpsee::server::stop_channel();
     let http = http::HttpServer::new(proxy.clone(), stop_handle.clone());
 
-    let admin = crate::admin::start(&config.admin_addr, proxy.clone());
+    let admin = match admin_listener.map(|l| crate::admin::start(l, proxy.clone())) {
+        Some(Ok(handle)) => Some(handle),
+        Some(Err(e)) => {
+            proxy.log.startup_error(&e);
+            return 1;
+        }
+        None => None,
+    };
 
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,

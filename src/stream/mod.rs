@@ -20,14 +20,16 @@
 pub mod token;
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use cc_proxy_api::stream::{Channel, Frame};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
-use crate::admin::metrics::VmMetrics;
 pub use token::Token;
 
 /// How long an exit report waits for the stdout EOF packet before it is delivered anyway.
@@ -76,6 +78,49 @@ pub enum ControlTarget {
     HoldFull,
     /// Started, but the process's name is unknown (cannot happen for a stream started by the daemon).
     Unknown,
+}
+
+/// Bytes queued across one VM's streams. The VM's buffer budget (`--vm-buffer`) is checked against this
+/// count; the `stream_buffered` gauge only mirrors it.
+pub struct BufferAccount {
+    bytes: AtomicUsize,
+    gauge: Gauge,
+}
+
+impl BufferAccount {
+    pub fn new(gauge: Gauge) -> BufferAccount {
+        BufferAccount {
+            bytes: AtomicUsize::new(0),
+            gauge,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+        self.gauge.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    fn sub(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.gauge.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+/// What a stream counts, handed in by its VM (one per VM, shared by its streams), so this module depends on
+/// no global metric registry.
+pub struct StreamCounters {
+    /// Bytes queued across the VM's streams.
+    pub buffered: Arc<BufferAccount>,
+    /// Streams whose process runs.
+    pub streams_open: Gauge,
+    /// Output discarded because its stream was closed.
+    pub dropped: Counter,
+    /// Shim attachments.
+    pub attaches: Counter,
 }
 
 /// Who, if anyone, is reading the stream.
@@ -143,7 +188,7 @@ pub struct Stream {
     /// The tap's `process_started` for this stream was emitted (by the start's caller or, when the exit
     /// report won the race, just before `process_exited`), so taps never see an exit before its start.
     tap_started: std::sync::atomic::AtomicBool,
-    metrics: VmMetrics,
+    metrics: Arc<StreamCounters>,
 }
 
 /// What the shim writer got from [`Stream::take`].
@@ -173,7 +218,7 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 }
 
 impl Stream {
-    pub fn new(token: Token, stdio: u64, limit: usize, metrics: VmMetrics) -> Stream {
+    pub fn new(token: Token, stdio: u64, limit: usize, metrics: Arc<StreamCounters>) -> Stream {
         Stream {
             token,
             stdio,
@@ -333,7 +378,7 @@ impl Stream {
             self.metrics.streams_open.inc();
         }
         inner.buffered += data.len();
-        self.metrics.buffered.inc_by(data.len() as i64);
+        self.metrics.buffered.add(data.len());
         inner.queue.push_back(Frame::new(channel, data));
         let has_room = inner.buffered < self.limit;
         drop(inner);
@@ -426,7 +471,7 @@ impl Stream {
         inner.pending_exit = None; // exactly one last frame
         self.wake_started.notify_waiters();
         inner.buffered += last.payload.len();
-        self.metrics.buffered.inc_by(last.payload.len() as i64);
+        self.metrics.buffered.add(last.payload.len());
         inner.queue.push_back(last);
         self.wake_shim.notify_one();
         self.wake_space.notify_waiters();
@@ -441,7 +486,7 @@ impl Stream {
         inner.lifecycle = Lifecycle::Closed;
         inner.pending_exit = None;
         self.wake_started.notify_waiters();
-        self.metrics.buffered.dec_by(inner.buffered as i64);
+        self.metrics.buffered.sub(inner.buffered);
         self.metrics.dropped.inc_by(inner.buffered as u64);
         inner.queue.clear();
         inner.buffered = 0;
@@ -510,7 +555,7 @@ impl Stream {
         } else {
             for f in unwritten.into_iter().rev() {
                 inner.buffered += f.payload.len();
-                self.metrics.buffered.inc_by(f.payload.len() as i64);
+                self.metrics.buffered.add(f.payload.len());
                 inner.queue.push_front(f);
             }
         }
@@ -543,7 +588,7 @@ impl Stream {
         }
         let was_full = inner.buffered >= self.limit;
         inner.buffered -= bytes;
-        self.metrics.buffered.dec_by(bytes as i64);
+        self.metrics.buffered.sub(bytes);
         let last = inner.lifecycle == Lifecycle::Finished && inner.queue.is_empty();
         drop(inner);
         if was_full && bytes > 0 {
@@ -626,7 +671,13 @@ mod tests {
     use super::*;
 
     fn stream() -> Stream {
-        Stream::new(Token::generate(), 3, 64 * 1024, VmMetrics::new("unit-test"))
+        let counters = StreamCounters {
+            buffered: Arc::new(BufferAccount::new(Gauge::default())),
+            streams_open: Gauge::default(),
+            dropped: Counter::default(),
+            attaches: Counter::default(),
+        };
+        Stream::new(Token::generate(), 3, 64 * 1024, Arc::new(counters))
     }
 
     fn payloads(t: Take) -> (Vec<Vec<u8>>, bool) {

@@ -1,18 +1,24 @@
 //! The control actor: the only writer and reader of a VM's control channel.
 //!
 //! The agent protocol has no request ids: the agent answers commands strictly in order, one at a time. So the
-//! actor keeps one command in flight and a FIFO queue behind it shared by every client. Events it reacts to:
+//! actor keeps one command on the wire (its [`Slot`]) and a FIFO queue behind it shared by every client.
+//! Events it reacts to:
 //!
 //! - a client's [`Call`] arrives: queue it (bounded by [`MAX_QUEUED`]);
-//! - the channel is idle: send the next queued call whose client still waits and whose deadline has not passed;
-//! - ACK/ERROR arrives: it answers the in-flight call;
-//! - PROCESSASYNCEVENT arrives (hyperstart): a process exited; never a reply;
-//! - NEXT arrives (hyperstart's flow-control credit): ignored, as the original host libraries effectively did;
-//! - a deadline passes: a queued call fails without being sent; an in-flight call fails, and its slot stays
-//!   "abandoned" until the late reply arrives (so it is not taken as the next command's reply); if that takes
-//!   longer than [`ABANDON_GRACE`], the agent is considered hung and the VM lost;
-//! - the keepalive interval passes with nothing sent: a PING is sent; if it is not answered in time, the VM is lost;
-//! - the channel closes or sends a malformed frame: the VM is lost.
+//! - the slot is `Idle`: send the next queued call whose client still waits and whose deadline has not
+//!   passed; the slot becomes `Waiting`;
+//! - ACK/ERROR arrives: it answers whatever the slot holds (`Waiting`: the client gets it; `Pinging`: the
+//!   keepalive succeeded; `Abandoned`: a late reply, discarded; `Idle`: a protocol violation, the VM is lost);
+//! - PROCESSASYNCEVENT arrives (hyperstart): a process exited; never a reply, whatever the slot holds;
+//! - NEXT (hyperstart's flow-control credit) and repeated READY arrive: ignored;
+//! - a deadline passes: a queued call fails without being sent; a `Waiting` call fails and the slot becomes
+//!   `Abandoned` until the late reply arrives (so it is not taken as the next command's reply); if that takes
+//!   longer than [`ABANDON_GRACE`] the agent is hung and the VM lost;
+//! - the keepalive interval passes with the channel idle: a PING is sent and the slot is `Pinging`; no answer
+//!   by the next interval and the VM is lost;
+//! - the channel closes, sends a malformed frame, or a write fails or stalls: the VM is lost;
+//! - the VM ends (lost elsewhere, unregistered, the daemon stopping): every call still held fails with the
+//!   VM's fate.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -26,15 +32,22 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::handshake::{ControlReader, ControlWriter};
+use super::lifecycle::{LostReason, VmState};
 use super::Vm;
-use crate::error::ProxyError;
+use crate::admin::metrics::CommandOutcome;
+use crate::admin::tap::{self, TapEvent};
+use crate::error::{Limit, ProxyError};
 use crate::logging::escape_bytes;
 
 /// Most commands queued per VM; more fail with `LIMIT_EXCEEDED` rather than growing memory without bound.
+/// Calls wait in two places, the VM's channel to the actor and the actor's queue, each bounded by this.
 pub const MAX_QUEUED: usize = 1024;
 
 /// How long an abandoned (timed-out) command may stay unanswered before the agent is considered hung.
 pub const ABANDON_GRACE: Duration = Duration::from_secs(30);
+
+/// Longest escaped dump of one control frame at `--log debug`.
+const DUMP_BYTES: usize = 512;
 
 /// One command from a client.
 pub struct Call {
@@ -46,172 +59,351 @@ pub struct Call {
     pub deadline: Instant,
     pub timeout: Duration,
     pub reply: oneshot::Sender<Result<Bytes, ProxyError>>,
-    /// Sent by the actor itself (keepalive PING): a timeout means the agent is hung.
-    pub internal: bool,
 }
 
-/// The command on the wire.
-struct InFlight {
-    /// None once the client was answered with a timeout (the slot is abandoned).
-    call: Option<Call>,
-    name: String,
-    sent: Instant,
-    /// When to give up: the call's deadline, or the abandon grace.
-    deadline: Instant,
+/// What the control channel is busy with. At most one command is on the wire.
+enum Slot {
+    /// Nothing on the wire: the next queued call may be sent.
+    Idle,
+    /// A client's command is on the wire and its client waits for the reply.
+    Waiting(Box<Call>),
+    /// The actor's own keepalive PING is on the wire; no answer by `deadline` and the agent is hung.
+    Pinging { deadline: Instant },
+    /// The command on the wire timed out for its client; its late reply must still be read and discarded.
+    Abandoned { command: String, deadline: Instant },
 }
 
-/// Start the actor; `deferred` are unsolicited messages the handshake received before the VM existed.
-pub fn spawn(
+/// How the actor's loop ended.
+enum End {
+    /// The VM ended elsewhere (lost on its I/O channel, unregistered, the daemon stopping).
+    VmEnded,
+    /// Something on the control channel lost the VM.
+    Lost(LostReason),
+}
+
+impl From<LostReason> for End {
+    fn from(r: LostReason) -> End {
+        End::Lost(r)
+    }
+}
+
+/// The owner of one VM's control channel.
+pub struct ControlActor {
     vm: Arc<Vm>,
-    rx: mpsc::Receiver<Call>,
+    /// New calls from clients ([`Vm::call`]).
+    calls: mpsc::Receiver<Box<Call>>,
+    /// Calls waiting for the channel, in arrival order.
+    queue: VecDeque<Box<Call>>,
+    /// What is on the wire.
+    slot: Slot,
     reader: ControlReader,
     writer: ControlWriter,
-    deferred: Vec<ControlFrame>,
-) {
-    tokio::spawn(run(vm, rx, reader, writer, deferred));
+    /// When something was last written; the keepalive measures idleness from here.
+    last_sent: Instant,
 }
 
-async fn run(
-    vm: Arc<Vm>,
-    mut rx: mpsc::Receiver<Call>,
-    mut reader: ControlReader,
-    mut writer: ControlWriter,
-    deferred: Vec<ControlFrame>,
-) {
-    let mut queue: VecDeque<Call> = VecDeque::new();
-    let mut inflight: Option<InFlight> = None;
-    for frame in deferred {
-        if let Some(reason) = on_frame(&vm, frame, &mut inflight) {
-            vm.mark_lost(reason);
+impl ControlActor {
+    /// Start the actor; `deferred` are unsolicited messages the handshake received before the VM existed.
+    pub fn spawn(
+        vm: Arc<Vm>,
+        calls: mpsc::Receiver<Box<Call>>,
+        reader: ControlReader,
+        writer: ControlWriter,
+        deferred: Vec<ControlFrame>,
+    ) {
+        let actor = ControlActor {
+            vm,
+            calls,
+            queue: VecDeque::new(),
+            slot: Slot::Idle,
+            reader,
+            writer,
+            last_sent: Instant::now(),
+        };
+        tokio::spawn(actor.run(deferred));
+    }
+
+    async fn run(mut self, deferred: Vec<ControlFrame>) {
+        let mut end = Ok(());
+        for frame in deferred {
+            end = end.and_then(|()| self.on_frame(frame));
+        }
+        let end = match end {
+            Ok(()) => self.serve().await,
+            Err(e) => e.into(),
+        };
+        if let End::Lost(reason) = end {
+            self.vm.transition(VmState::Lost(reason));
+        }
+        self.fail_all();
+    }
+
+    /// The event loop; returns when the VM ends.
+    async fn serve(&mut self) -> End {
+        loop {
+            if let Err(end) = self.send_next().await {
+                return end;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = self.vm.ended.cancelled() => return End::VmEnded,
+                frame = self.reader.next() => match frame {
+                    Some(Ok(frame)) => {
+                        if let Err(reason) = self.on_frame(frame) {
+                            return reason.into();
+                        }
+                    }
+                    Some(Err(e)) => return LostReason::ControlMalformed(e.to_string()).into(),
+                    None => return LostReason::ControlClosed.into(),
+                },
+                call = self.calls.recv() => match call {
+                    Some(call) => self.enqueue(call),
+                    None => return End::VmEnded,
+                },
+                _ = sleep_until_opt(wake) => {
+                    if let Err(reason) = self.on_deadline(Instant::now()) {
+                        return reason.into();
+                    }
+                }
+            }
         }
     }
-    let mut last_activity = Instant::now();
-    let end = 'actor: loop {
-        // Put the next live call on the wire when the channel is idle.
-        while inflight.is_none() {
-            let Some(call) = queue.pop_front() else { break };
-            if call.reply.is_closed() && !call.internal {
+
+    fn enqueue(&mut self, call: Box<Call>) {
+        if self.queue.len() >= MAX_QUEUED {
+            let e = ProxyError::Limit(Limit::QueuedCommands {
+                vm: self.vm.id.clone(),
+                max: MAX_QUEUED,
+            });
+            self.finish(*call, Err(e));
+        } else {
+            self.queue.push_back(call);
+        }
+    }
+
+    /// When the keepalive is due: the channel idle, nothing queued, and a keepalive configured.
+    fn keepalive_at(&self) -> Option<Instant> {
+        match (&self.slot, self.vm.config.keepalive) {
+            (Slot::Idle, Some(every)) if self.queue.is_empty() => Some(self.last_sent + every),
+            _ => None,
+        }
+    }
+
+    /// The earliest deadline the loop must wake for.
+    fn next_wake(&self) -> Option<Instant> {
+        let slot = match &self.slot {
+            Slot::Idle => None,
+            Slot::Waiting(call) => Some(call.deadline),
+            Slot::Pinging { deadline } | Slot::Abandoned { deadline, .. } => Some(*deadline),
+        };
+        let queued = self.queue.iter().map(|c| c.deadline).min();
+        [slot, queued, self.keepalive_at()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// While the slot is idle, put the next live call on the wire (or a keepalive PING when one is due).
+    async fn send_next(&mut self) -> Result<(), End> {
+        while matches!(self.slot, Slot::Idle) {
+            let Some(call) = self.queue.pop_front() else {
+                break;
+            };
+            if call.reply.is_closed() {
                 continue; // the client went away; don't spend the agent's time on it
             }
             if Instant::now() >= call.deadline {
-                let err = timeout_error(&vm, Some(&call));
-                finish(&vm, call, Err(err), None);
+                let err = self.timeout_error(&call);
+                self.finish(*call, Err(err));
                 continue;
             }
-            if tracing::enabled!(tracing::Level::DEBUG) {
-                tracing::debug!(vm = %vm.id, command = %call.name, len = call.payload.len(),
-                    data = %escape_bytes(&call.payload, 512), "to agent (control)");
+            if let Err(end) = self
+                .write(call.code, &call.name, &call.payload, call.deadline)
+                .await
+            {
+                self.queue.push_front(call);
+                return Err(end);
             }
-            let frame = ControlFrame {
-                code: call.code,
-                payload: call.payload.clone(),
-            };
-            // An agent that stops reading its control channel must not wedge the actor: the write races the
-            // call's deadline and the VM's fate. A write cut short leaves the channel mid-frame, so the VM is lost.
-            let written = tokio::select! {
-                r = writer.send(frame) => r.map_err(|e| format!("control channel write failed: {e}")),
-                _ = tokio::time::sleep_until(call.deadline) => {
-                    Err("the agent stopped reading its control channel (a command write timed out)".to_string())
-                }
-                _ = vm.lost.cancelled() => Err("lost".to_string()),
-                _ = vm.stop.cancelled() => Err("stopped".to_string()),
-            };
-            if let Err(reason) = written {
-                queue.push_front(call);
-                if vm.is_lost() || vm.stop.is_cancelled() {
-                    break 'actor None;
-                }
-                break 'actor Some(reason);
-            }
-            last_activity = Instant::now();
-            inflight = Some(InFlight {
-                name: call.name.clone(),
-                sent: Instant::now(),
-                deadline: call.deadline,
-                call: Some(call),
-            });
+            self.slot = Slot::Waiting(call);
         }
-        if vm.is_lost() {
-            break None;
+        if let Some(due) = self.keepalive_at().filter(|due| Instant::now() >= *due) {
+            let every = self.vm.config.keepalive.unwrap_or_default();
+            let deadline = due.max(Instant::now()) + every;
+            self.write(code::PING, "ping", &Bytes::new(), deadline)
+                .await?;
+            self.slot = Slot::Pinging { deadline };
         }
+        Ok(())
+    }
 
-        let keepalive_at = match (vm.config.keepalive, &inflight, queue.is_empty()) {
-            (Some(every), None, true) => Some(last_activity + every),
-            _ => None,
+    /// Write one frame. An agent that stops reading its control channel must not wedge the actor: the write
+    /// races `deadline` and the VM's end. A write cut short leaves the channel mid-frame, so the VM is lost.
+    async fn write(
+        &mut self,
+        code: u32,
+        name: &str,
+        payload: &Bytes,
+        deadline: Instant,
+    ) -> Result<(), End> {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(vm = %self.vm.id, command = name, len = payload.len(),
+                data = %escape_bytes(payload, DUMP_BYTES), "to agent (control)");
+        }
+        let frame = ControlFrame {
+            code,
+            payload: payload.clone(),
         };
-        let queue_deadline = queue.iter().map(|c| c.deadline).min();
-        let wake = [
-            inflight.as_ref().map(|f| f.deadline),
-            queue_deadline,
-            keepalive_at,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let written = tokio::select! {
+            r = self.writer.send(frame) => r.map_err(|e| LostReason::ControlWrite(e.to_string()).into()),
+            _ = tokio::time::sleep_until(deadline) => Err(LostReason::ControlStalled.into()),
+            _ = self.vm.ended.cancelled() => Err(End::VmEnded),
+        };
+        self.last_sent = Instant::now();
+        written
+    }
 
-        tokio::select! {
-            _ = vm.lost.cancelled() => break None,
-            _ = vm.stop.cancelled() => break None,
-            frame = reader.next() => match frame {
-                Some(Ok(frame)) => {
-                    if let Some(reason) = on_frame(&vm, frame, &mut inflight) {
-                        break Some(reason);
-                    }
-                }
-                Some(Err(e)) => break Some(format!("malformed control frame from the agent: {e}")),
-                None => break Some("the agent closed the control channel".to_string()),
-            },
-            call = rx.recv() => match call {
-                Some(call) => {
-                    if queue.len() >= MAX_QUEUED {
-                        let e = ProxyError::Limit(format!("VM {} has {MAX_QUEUED} commands queued", vm.id));
-                        finish(&vm, call, Err(e), None);
-                    } else {
-                        queue.push_back(call);
-                    }
-                }
-                None => break None,
-            },
-            _ = sleep_until_opt(wake) => {
-                let now = Instant::now();
-                if let Some(reason) = expire(&vm, now, &mut queue, &mut inflight) {
-                    break Some(reason);
-                }
-                if keepalive_at.is_some_and(|k| now >= k) && inflight.is_none() && queue.is_empty() {
-                    let every = vm.config.keepalive.unwrap_or(Duration::from_secs(10));
-                    let (tx, _rx) = oneshot::channel();
-                    queue.push_back(Call { code: code::PING, name: "ping".into(), payload: Bytes::new(), queued: now,
-                        deadline: now + every, timeout: every, reply: tx, internal: true });
-                }
+    /// Handle one frame from the agent.
+    fn on_frame(&mut self, frame: ControlFrame) -> Result<(), LostReason> {
+        let vm = &self.vm;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(vm = %vm.id, code = frame.code, len = frame.payload.len(),
+                data = %escape_bytes(&frame.payload, DUMP_BYTES), "from agent (control)");
+        }
+        match frame.code {
+            code::ACK | code::ERROR => self.on_reply(frame),
+            code::NEXT => Ok(()),
+            code::READY => {
+                tracing::debug!(vm = %vm.id, "agent sent READY again");
+                Ok(())
+            }
+            c if c == vm.dialect.process_async_event_code() => {
+                on_async_event(vm, &frame.payload);
+                Ok(())
+            }
+            other => {
+                tracing::warn!(vm = %vm.id, code = other, "unexpected message from the agent ignored");
+                Ok(())
             }
         }
-    };
-    if let Some(reason) = end {
-        vm.mark_lost(reason);
     }
-    // Whatever is left fails with the VM's fate.
-    let err = if vm.is_lost() {
-        ProxyError::Lost {
+
+    /// ACK or ERROR: the answer to whatever is on the wire.
+    fn on_reply(&mut self, frame: ControlFrame) -> Result<(), LostReason> {
+        match std::mem::replace(&mut self.slot, Slot::Idle) {
+            Slot::Idle => Err(LostReason::UnsolicitedReply(frame.code)),
+            Slot::Waiting(call) => {
+                let result = if frame.code == code::ACK {
+                    Ok(frame.payload)
+                } else {
+                    Err(ProxyError::Agent {
+                        vm: self.vm.id.clone(),
+                        command: call.name.clone(),
+                        message: String::from_utf8_lossy(&frame.payload)
+                            .trim_end_matches('\0')
+                            .to_string(),
+                    })
+                };
+                self.finish(*call, result);
+                Ok(())
+            }
+            Slot::Pinging { .. } => {
+                if frame.code == code::ERROR {
+                    tracing::warn!(vm = %self.vm.id, "agent answered keepalive PING with ERROR");
+                }
+                Ok(())
+            }
+            Slot::Abandoned { command, .. } => {
+                tracing::debug!(vm = %self.vm.id, command = %command, "late reply to an abandoned command discarded");
+                Ok(())
+            }
+        }
+    }
+
+    /// Fail what is past its deadline.
+    fn on_deadline(&mut self, now: Instant) -> Result<(), LostReason> {
+        match std::mem::replace(&mut self.slot, Slot::Idle) {
+            Slot::Waiting(call) if now >= call.deadline => {
+                tracing::warn!(vm = %self.vm.id, command = %call.name, "agent command timed out");
+                self.slot = Slot::Abandoned {
+                    command: call.name.clone(),
+                    deadline: now + ABANDON_GRACE,
+                };
+                let err = self.timeout_error(&call);
+                self.finish(*call, Err(err));
+            }
+            Slot::Pinging { deadline } if now >= deadline => {
+                return Err(LostReason::KeepaliveMissed(
+                    self.vm.config.keepalive.unwrap_or_default(),
+                ));
+            }
+            Slot::Abandoned { command, deadline } if now >= deadline => {
+                return Err(LostReason::Hung {
+                    command,
+                    grace: ABANDON_GRACE,
+                });
+            }
+            other => self.slot = other,
+        }
+        let (expired, live): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|c| now >= c.deadline);
+        self.queue = live;
+        for call in expired {
+            let err = self.timeout_error(&call);
+            self.finish(*call, Err(err));
+        }
+        Ok(())
+    }
+
+    fn timeout_error(&self, call: &Call) -> ProxyError {
+        ProxyError::CommandTimeout {
+            vm: self.vm.id.clone(),
+            command: call.name.clone(),
+            after: call.timeout,
+        }
+    }
+
+    /// Answer a call and count it.
+    fn finish(&self, call: Call, result: Result<Bytes, ProxyError>) {
+        let vm = &self.vm;
+        let seconds = call.queued.elapsed().as_secs_f64();
+        let outcome = match &result {
+            Ok(_) => CommandOutcome::Ok,
+            Err(ProxyError::Agent { .. }) => CommandOutcome::Error,
+            Err(ProxyError::CommandTimeout { .. }) => CommandOutcome::Timeout,
+            Err(ProxyError::Lost { .. }) => CommandOutcome::Lost,
+            Err(_) => CommandOutcome::Failed,
+        };
+        if outcome.answered() {
+            vm.commands.fetch_add(1, Ordering::Relaxed);
+        }
+        if outcome != CommandOutcome::Ok {
+            vm.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        vm.metrics.command(&call.name, outcome, seconds);
+        tap::emit(|| TapEvent::AgentCommand {
             vm: vm.id.clone(),
-            reason: match vm.state() {
-                super::VmState::Lost(r) => r,
-                _ => String::new(),
-            },
-        }
-    } else {
-        vm.gone_error()
-    };
-    if let Some(f) = inflight.take() {
-        if let Some(call) = f.call {
-            finish(&vm, call, Err(err.clone()), Some(f.sent));
-        }
+            command: call.name.clone(),
+            result: outcome,
+            latency_us: (seconds * 1e6) as u64,
+        });
+        tracing::debug!(vm = %vm.id, command = %call.name, result = ?outcome, ms = seconds * 1000.0, "agent command done");
+        let _ = call.reply.send(result);
     }
-    rx.close();
-    while let Ok(call) = rx.try_recv() {
-        queue.push_back(call);
-    }
-    for call in queue {
-        finish(&vm, call, Err(err.clone()), None);
+
+    /// The VM ended: every call still held (on the wire, queued, or not yet received) fails with its fate.
+    fn fail_all(&mut self) {
+        let err = self.vm.gone_error();
+        if let Slot::Waiting(call) = std::mem::replace(&mut self.slot, Slot::Idle) {
+            self.finish(*call, Err(err.clone()));
+        }
+        self.calls.close();
+        while let Ok(call) = self.calls.try_recv() {
+            self.queue.push_back(call);
+        }
+        for call in std::mem::take(&mut self.queue) {
+            self.finish(*call, Err(err.clone()));
+        }
     }
 }
 
@@ -222,99 +414,8 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-fn timeout_error(vm: &Vm, call: Option<&Call>) -> ProxyError {
-    ProxyError::CommandTimeout {
-        vm: vm.id.clone(),
-        command: call
-            .map(|c| c.name.clone())
-            .unwrap_or_else(|| "command".into()),
-        after: call.map(|c| c.timeout).unwrap_or_default(),
-    }
-}
-
-/// Answer a call and count it.
-fn finish(vm: &Vm, call: Call, result: Result<Bytes, ProxyError>, _sent: Option<Instant>) {
-    let seconds = call.queued.elapsed().as_secs_f64();
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(ProxyError::Agent { .. }) => "error",
-        Err(ProxyError::CommandTimeout { .. }) => "timeout",
-        Err(ProxyError::Lost { .. }) => "lost",
-        Err(_) => "failed",
-    };
-    if !call.internal {
-        vm.commands.fetch_add(
-            u64::from(outcome == "ok" || outcome == "error"),
-            Ordering::Relaxed,
-        );
-        if outcome != "ok" {
-            vm.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    vm.metrics.command(&call.name, outcome, seconds);
-    crate::admin::tap::emit(|| crate::admin::tap::TapEvent::AgentCommand {
-        vm: vm.id.clone(),
-        command: call.name.clone(),
-        result: outcome.to_string(),
-        latency_us: (seconds * 1e6) as u64,
-    });
-    tracing::debug!(vm = %vm.id, command = %call.name, result = outcome, ms = seconds * 1000.0, "agent command done");
-    let _ = call.reply.send(result);
-}
-
-/// Handle one frame from the agent. Returns a reason when the VM must be marked lost.
-fn on_frame(vm: &Arc<Vm>, frame: ControlFrame, inflight: &mut Option<InFlight>) -> Option<String> {
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        tracing::debug!(vm = %vm.id, code = frame.code, len = frame.payload.len(),
-            data = %escape_bytes(&frame.payload, 512), "from agent (control)");
-    }
-    match frame.code {
-        code::ACK | code::ERROR => {
-            let Some(f) = inflight.take() else {
-                return Some(format!(
-                    "the agent sent a reply (code {}) with no command outstanding",
-                    frame.code
-                ));
-            };
-            if let Some(call) = f.call {
-                let result = if frame.code == code::ACK {
-                    Ok(frame.payload)
-                } else {
-                    Err(ProxyError::Agent {
-                        vm: vm.id.clone(),
-                        command: call.name.clone(),
-                        message: String::from_utf8_lossy(&frame.payload)
-                            .trim_end_matches('\0')
-                            .to_string(),
-                    })
-                };
-                if call.internal && result.is_err() {
-                    tracing::warn!(vm = %vm.id, "agent answered keepalive PING with ERROR");
-                }
-                finish(vm, call, result, Some(f.sent));
-            } else {
-                tracing::debug!(vm = %vm.id, command = %f.name, "late reply to an abandoned command discarded");
-            }
-            None
-        }
-        code::NEXT => None,
-        code::READY => {
-            tracing::debug!(vm = %vm.id, "agent sent READY again");
-            None
-        }
-        c if c == vm.dialect.process_async_event_code() => {
-            on_async_event(vm, &frame.payload);
-            None
-        }
-        other => {
-            tracing::warn!(vm = %vm.id, code = other, "unexpected message from the agent ignored");
-            None
-        }
-    }
-}
-
 /// PROCESSASYNCEVENT: `{"container","process","event":"finished","status"}`.
-fn on_async_event(vm: &Arc<Vm>, payload: &[u8]) {
+fn on_async_event(vm: &Vm, payload: &[u8]) {
     let event: ProcessAsyncEvent = match serde_json::from_slice(payload) {
         Ok(e) => e,
         Err(e) => {
@@ -335,47 +436,6 @@ fn on_async_event(vm: &Arc<Vm>, payload: &[u8]) {
     }
 }
 
-/// Fail what is past its deadline. Returns a reason when the VM must be marked lost.
-fn expire(
-    vm: &Arc<Vm>,
-    now: Instant,
-    queue: &mut VecDeque<Call>,
-    inflight: &mut Option<InFlight>,
-) -> Option<String> {
-    if let Some(f) = inflight.as_mut() {
-        if now >= f.deadline {
-            match f.call.take() {
-                Some(call) if call.internal => {
-                    return Some(format!(
-                        "the agent did not answer a keepalive PING within {:?}",
-                        call.timeout
-                    ));
-                }
-                Some(call) => {
-                    tracing::warn!(vm = %vm.id, command = %call.name, "agent command timed out");
-                    let err = timeout_error(vm, Some(&call));
-                    finish(vm, call, Err(err), Some(f.sent));
-                    f.deadline = now + ABANDON_GRACE;
-                }
-                None => {
-                    return Some(format!(
-                        "the agent did not answer {} within {:?} of its deadline",
-                        f.name, ABANDON_GRACE
-                    ));
-                }
-            }
-        }
-    }
-    let mut i = 0;
-    while i < queue.len() {
-        if now >= queue[i].deadline {
-            if let Some(call) = queue.remove(i) {
-                let err = timeout_error(vm, Some(&call));
-                finish(vm, call, Err(err), None);
-            }
-        } else {
-            i += 1;
-        }
-    }
-    None
-}
+#[cfg(test)]
+#[path = "actor_tests.rs"]
+mod tests;

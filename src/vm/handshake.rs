@@ -14,7 +14,7 @@ use cc_proxy_protocol::{code, parse_version, ControlCodec, ControlFrame, Dialect
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Unreachable};
 use crate::transport::{BoxRead, BoxWrite};
 
 pub type ControlReader = FramedRead<BoxRead, ControlCodec>;
@@ -36,8 +36,12 @@ pub enum ReadyRule {
     Probe,
 }
 
-/// The codes an exit event has in either dialect (the dialect is not known yet during the handshake).
-const ASYNC_EVENT_CODES: [u32; 2] = [23, 24];
+/// True for the code of an exit event in either dialect (the dialect is not known yet during the handshake).
+fn is_async_event(code: u32) -> bool {
+    Dialect::ALL
+        .iter()
+        .any(|d| d.process_async_event_code() == code)
+}
 
 /// What the handshake learned.
 pub struct Handshake {
@@ -62,9 +66,7 @@ async fn next_of(
             Some(Ok(frame)) if frame.code == code::NEXT || frame.code == code::READY => {}
             Some(Ok(frame)) => {
                 let kept: usize = deferred.iter().map(|f| f.payload.len()).sum();
-                if ASYNC_EVENT_CODES.contains(&frame.code)
-                    && kept + frame.payload.len() <= MAX_DEFERRED_BYTES
-                {
+                if is_async_event(frame.code) && kept + frame.payload.len() <= MAX_DEFERRED_BYTES {
                     tracing::debug!(
                         vm,
                         code = frame.code,
@@ -87,9 +89,9 @@ async fn next_of(
                 })
             }
             None => {
-                return Err(ProxyError::Unreachable(format!(
-                    "VM {vm:?}: the agent closed the control channel during the handshake"
-                )))
+                return Err(ProxyError::Unreachable(Unreachable::ClosedInHandshake {
+                    vm: vm.into(),
+                }))
             }
         }
     }
@@ -126,7 +128,12 @@ pub async fn handshake(
             payload: Bytes::new(),
         })
         .await
-        .map_err(|e| ProxyError::Unreachable(format!("VM {vm:?}: writing GETVERSION: {e}")))?;
+        .map_err(|e| {
+            ProxyError::Unreachable(Unreachable::HandshakeWrite {
+                vm: vm.into(),
+                reason: e.to_string(),
+            })
+        })?;
     let reply = match tokio::time::timeout_at(
         deadline,
         next_of(vm, reader, &[code::ACK, code::ERROR], &mut deferred),

@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use cc_proxy_api::stream::Channel;
-use cc_proxy_protocol::{encode_io, Dialect, IoCodec, IoFrame};
+use cc_proxy_protocol::{encode_io, Dialect, IoCodec, IoFrame, IO_HEADER_LEN};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
+use super::lifecycle::{LostReason, VmState};
 use super::Vm;
 use crate::logging::escape_bytes;
 use crate::transport::{BoxRead, BoxWrite};
@@ -29,8 +30,11 @@ pub const STDIN_CHUNK: usize = 64 * 1024;
 /// Bytes the writer gathers from the queue into one write.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// Read buffer of the I/O reader; agents send at most 64 KiB per packet on vsock.
-const READ_BUFFER: usize = 128 * 1024;
+/// Largest write buffer kept between batches; a bigger one (after a burst) is freed.
+const KEPT_WRITE_BUFFER: usize = 1 << 20;
+
+// Neither the reader's nor the writer's buffer is allocated before the first packet: an idle VM costs no
+// buffer. The reader's grows to the largest packet seen (agents send at most 64 KiB per packet on vsock).
 
 /// Longest escaped dump of one packet at `--log debug`.
 const DUMP_BYTES: usize = 256;
@@ -48,27 +52,31 @@ pub fn spawn(vm: Arc<Vm>, read: BoxRead, write: BoxWrite, rx: mpsc::Receiver<IoO
 }
 
 async fn reader(vm: Arc<Vm>, read: BoxRead) {
-    let mut frames = FramedRead::with_capacity(read, IoCodec::default(), READ_BUFFER);
+    let mut frames = FramedRead::with_capacity(read, IoCodec::default(), 0);
     loop {
         let next = tokio::select! {
-            _ = vm.lost.cancelled() => return,
-            _ = vm.stop.cancelled() => return,
+            _ = vm.ended.cancelled() => return,
             next = frames.next() => next,
         };
-        match next {
-            Some(Ok(frame)) => route(&vm, frame).await,
-            Some(Err(e)) => {
-                return vm.mark_lost(format!("malformed I/O frame from the agent: {e}"))
+        let lost = match next {
+            Some(Ok(frame)) => {
+                route(&vm, frame).await;
+                continue;
             }
-            None => return vm.mark_lost("the agent closed the I/O channel"),
-        }
+            Some(Err(e)) => LostReason::IoMalformed(e.to_string()),
+            None => LostReason::IoClosed,
+        };
+        vm.transition(VmState::Lost(lost));
+        return;
     }
 }
 
 /// Deliver one agent packet to its stream, waiting (backpressure) while that stream is full.
 async fn route(vm: &Arc<Vm>, frame: IoFrame) {
     vm.metrics.io_in_packets.inc();
-    vm.metrics.io_in_bytes.inc_by(frame.data.len() as u64 + 12);
+    vm.metrics
+        .io_in_bytes
+        .inc_by((frame.data.len() + IO_HEADER_LEN) as u64);
     if tracing::enabled!(tracing::Level::DEBUG) {
         tracing::debug!(vm = %vm.id, seq = frame.seq, direction = "from_agent", len = frame.data.len(),
             data = %escape_bytes(&frame.data, DUMP_BYTES), "io");
@@ -100,8 +108,7 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
     };
     // Past its own bound a stream borrows from the VM's budget, so a stalled shim does not hold up the VM's
     // other streams; only when the VM's budget is spent too does the I/O channel pause (backpressure).
-    let vm_buffered = usize::try_from(vm.metrics.buffered.get()).unwrap_or(0);
-    if !has_room && vm_buffered > vm.config.vm_buffer {
+    if !has_room && vm.buffered() > vm.config.vm_buffer {
         vm.metrics.backpressure.inc();
         tracing::debug!(vm = %vm.id, token = %stream.token, "stream buffer full: pausing the I/O channel");
         if !stream.wait_for_space(vm.config.stall_timeout).await {
@@ -117,11 +124,10 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
 }
 
 async fn writer(vm: Arc<Vm>, mut write: BoxWrite, mut rx: mpsc::Receiver<IoOut>) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::new();
     loop {
         let first = tokio::select! {
-            _ = vm.lost.cancelled() => return,
-            _ = vm.stop.cancelled() => return,
+            _ = vm.ended.cancelled() => return,
             msg = rx.recv() => match msg { Some(m) => m, None => return },
         };
         encode(&vm, &first, &mut buf);
@@ -135,15 +141,15 @@ async fn writer(vm: Arc<Vm>, mut write: BoxWrite, mut rx: mpsc::Receiver<IoOut>)
         // must end with the VM.
         let written = tokio::select! {
             r = write.write_all(&buf) => r,
-            _ = vm.lost.cancelled() => return,
-            _ = vm.stop.cancelled() => return,
+            _ = vm.ended.cancelled() => return,
         };
         if let Err(e) = written {
-            return vm.mark_lost(format!("I/O channel write failed: {e}"));
+            vm.transition(VmState::Lost(LostReason::IoWrite(e.to_string())));
+            return;
         }
         buf.clear();
-        if buf.capacity() > 1 << 20 {
-            buf = BytesMut::with_capacity(64 * 1024);
+        if buf.capacity() > KEPT_WRITE_BUFFER {
+            buf = BytesMut::new();
         }
     }
 }
@@ -169,5 +175,5 @@ fn encode(vm: &Vm, msg: &IoOut, buf: &mut BytesMut) {
     vm.metrics.io_out_packets.inc_by(packets);
     vm.metrics
         .io_out_bytes
-        .inc_by(msg.data.len() as u64 + 12 * packets);
+        .inc_by(msg.data.len() as u64 + IO_HEADER_LEN as u64 * packets);
 }

@@ -1,6 +1,11 @@
 //! The registry of every VM on the host: registration (connect, READY, GETVERSION), lookup, unregistration,
 //! and recovery from the state directory after a restart.
 //!
+//! Registration connects the control and I/O channels in parallel, runs the handshake, builds the [`Vm`]
+//! ([`Vm::new`]), starts the tasks that own its channels, and publishes it. What is saved of each VM is
+//! written by the [`StateWriter`]; the registry only tells it about registrations, unregistrations and the
+//! daemon's exit.
+//!
 //! Recovery: at startup, before the socket serves its first request, [`Registry::records_to_recover`] lists
 //! every recorded VM as *recovering* (with its tokens in the token index). Each is then reconnected in the
 //! background, bounded by `--recovery-timeout`, and published as ready or lost. Until then `vm.list` and
@@ -10,20 +15,21 @@
 //! registered".
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cc_proxy_api::types::{Event, RegisterParams, VmInfo};
+use cc_proxy_api::types::{Event, RegisterParams, VmInfo, VmStateName};
 use cc_proxy_protocol::{ControlCodec, Dialect};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::actor::ControlActor;
+use super::persist::StateWriter;
 use super::state::{StateDir, VmRecord};
-use super::{actor, handshake, io, StreamTable, Vm, VmConfig, VmState};
-use crate::admin::metrics::{StateLabel, VmMetrics, METRICS};
-use crate::error::ProxyError;
+use super::{console, handshake, io, lock, LostReason, Vm, VmConfig, VmShared, VmState};
+use crate::error::{Limit, ProxyError};
 use crate::stream::{Stream, Token};
 use crate::transport::Endpoint;
 
@@ -35,8 +41,6 @@ pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 const SETTLE_GRACE: Duration = Duration::from_millis(500);
 /// Most VMs one daemon serves.
 pub const MAX_VMS: usize = 65_536;
-/// How often changed VM state is written to the state directory.
-const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// A VM loaded from the state directory whose agent is being reconnected.
 struct Recovery {
@@ -53,21 +57,22 @@ pub struct Registry {
     /// Recorded VMs still being reconnected after a restart; an id leaves it under the `vms` write lock when
     /// the VM is published.
     recovering: Mutex<HashMap<String, Arc<Recovery>>>,
-    /// Token → VM id for every live token.
-    tokens: Arc<super::TokenIndex>,
     /// Ids whose registration is in progress, so two clients cannot register one id twice.
     registering: Mutex<HashSet<String>>,
-    state: Option<StateDir>,
-    config: VmConfig,
-    events: broadcast::Sender<Event>,
+    /// What every VM shares: settings, the event stream, the token → VM index.
+    shared: VmShared,
+    /// Keeps the state directory up to date; `None` when there is no usable state directory.
+    writer: Option<Arc<StateWriter>>,
     /// Set once recovery at startup finished (the admin `/ready` waits for it).
     recovered: AtomicBool,
     shutting_down: AtomicBool,
-    pub registrations: AtomicU64,
-    /// Serialises state-file writes between the state writer, unregister and shutdown.
-    save_lock: Mutex<()>,
-    /// Wakes the state writer at once (a registration was just made).
-    flush_now: Arc<tokio::sync::Notify>,
+}
+
+/// The parsed endpoints of one VM.
+struct Endpoints {
+    control: Endpoint,
+    io: Endpoint,
+    console: Option<Endpoint>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -75,9 +80,6 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
-}
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Check a VM id: 1-128 characters of `[A-Za-z0-9._-]`, not `.` or `..` (it names a state file).
@@ -104,76 +106,55 @@ fn parse_endpoints(
     control: &str,
     io: &str,
     console: Option<&str>,
-) -> Result<(Endpoint, Endpoint, Option<Endpoint>), ProxyError> {
-    let parse = |uri: &str| Endpoint::parse(uri).map_err(ProxyError::from_transport);
-    Ok((parse(control)?, parse(io)?, console.map(parse).transpose()?))
+) -> Result<Endpoints, ProxyError> {
+    let parse = |uri: &str| Endpoint::parse(uri).map_err(ProxyError::from);
+    Ok(Endpoints {
+        control: parse(control)?,
+        io: parse(io)?,
+        console: console.map(parse).transpose()?,
+    })
 }
 
 impl Registry {
+    /// An empty registry. With a state directory, start its writer with [`Registry::spawn_state_writer`].
     pub fn new(
         state: Option<StateDir>,
         config: VmConfig,
         events: broadcast::Sender<Event>,
     ) -> Arc<Registry> {
-        let reg = Arc::new(Registry {
+        Arc::new(Registry {
             vms: RwLock::new(HashMap::new()),
             recovering: Mutex::new(HashMap::new()),
-            tokens: Arc::new(Mutex::new(HashMap::new())),
             registering: Mutex::new(HashSet::new()),
-            state,
-            config,
-            events,
+            shared: VmShared {
+                config,
+                events,
+                tokens: Arc::new(Mutex::new(HashMap::new())),
+            },
+            writer: state.map(|dir| Arc::new(StateWriter::new(dir))),
             recovered: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
-            registrations: AtomicU64::new(0),
-            flush_now: Arc::new(tokio::sync::Notify::new()),
-            save_lock: Mutex::new(()),
-        });
-        if reg.state.is_some() {
-            let weak = Arc::downgrade(&reg);
-            let wake = reg.flush_now.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(FLUSH_EVERY);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = wake.notified() => {}
-                    }
-                    let Some(reg) = weak.upgrade() else { return };
-                    // File writes block: keep them off the data plane's worker threads.
-                    let _ = tokio::task::spawn_blocking(move || reg.flush()).await;
-                }
-            });
+        })
+    }
+
+    /// Start writing changed VM state to the state directory (if there is one).
+    pub fn spawn_state_writer(self: &Arc<Self>) {
+        if let Some(writer) = &self.writer {
+            writer.spawn(Arc::downgrade(self));
         }
-        reg
     }
 
     pub fn events(&self) -> &broadcast::Sender<Event> {
-        &self.events
+        &self.shared.events
     }
 
     pub fn is_recovered(&self) -> bool {
         self.recovered.load(Ordering::Acquire)
     }
 
-    /// Write every changed VM's record.
-    pub fn flush(&self) {
-        let Some(state) = &self.state else { return };
-        let _saving = lock(&self.save_lock);
-        if self.shutting_down.load(Ordering::Acquire) {
-            return; // shutdown writes the final records itself
-        }
-        let vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
-        for vm in vms {
-            if vm.stop.is_cancelled() {
-                continue; // unregistered meanwhile: its file must stay deleted
-            }
-            if vm.dirty.swap(false, Ordering::AcqRel) {
-                if let Err(e) = state.save(&vm.record(false)) {
-                    tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state");
-                }
-            }
-        }
+    /// Recovery is over (or there was nothing to recover): `/ready` answers 200 from now on.
+    pub fn set_recovered(&self) {
+        self.recovered.store(true, Ordering::Release);
     }
 
     /// The VM as it is now; a VM still being recovered is [`ProxyError::Recovering`] (use [`Registry::settle`]
@@ -206,6 +187,13 @@ impl Registry {
         self.get(id)
     }
 
+    /// Every published VM, by id.
+    pub fn list(&self) -> Vec<Arc<Vm>> {
+        let mut vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
+        vms.sort_by(|a, b| a.id.cmp(&b.id));
+        vms
+    }
+
     /// Every VM as `vm.list` shows it (recovering ones included), by id.
     pub fn list_info(&self) -> Vec<VmInfo> {
         let vms = read(&self.vms);
@@ -236,14 +224,17 @@ impl Registry {
     /// (all VMs, lost VMs, VMs being recovered); the first count includes the other two.
     pub fn counts(&self) -> (usize, usize, usize) {
         let vms = read(&self.vms);
-        let lost = vms.values().filter(|v| v.is_lost()).count();
+        let lost = vms
+            .values()
+            .filter(|v| matches!(v.state(), VmState::Lost(_)))
+            .count();
         let recovering = lock(&self.recovering).len();
         (vms.len() + recovering, lost, recovering)
     }
 
     /// Find the VM and stream of a token.
     pub fn find_token(&self, token: &Token) -> Option<(Arc<Vm>, Arc<Stream>)> {
-        let id = lock(&self.tokens).get(token).cloned()?;
+        let id = lock(&self.shared.tokens).get(token).cloned()?;
         let vm = read(&self.vms).get(&id).cloned()?;
         let stream = vm.stream_by_token(token)?;
         Some((vm, stream))
@@ -252,7 +243,7 @@ impl Registry {
     /// [`Registry::find_token`] after waiting for the recovery of the token's VM, so a shim re-attaching
     /// while the daemon reconnects its VM is not told its valid token is unknown.
     pub async fn find_token_settled(&self, token: &Token) -> Option<(Arc<Vm>, Arc<Stream>)> {
-        let id = lock(&self.tokens).get(token).cloned()?;
+        let id = lock(&self.shared.tokens).get(token).cloned()?;
         self.settle(&id).await;
         self.find_token(token)
     }
@@ -265,16 +256,24 @@ impl Registry {
         validate_id(&params.id)?;
         // A recorded VM of this id is being reconnected: its outcome decides what this registration meets.
         self.settle(&params.id).await;
-        let (control, io, console) =
-            parse_endpoints(&params.control, &params.io, params.console.as_deref())?;
+        let endpoints = parse_endpoints(&params.control, &params.io, params.console.as_deref())?;
         let timeout = Duration::from_millis(
             params
                 .timeout_ms
                 .unwrap_or(DEFAULT_READY_TIMEOUT.as_millis() as u64)
                 .max(1),
         );
-        let (control_uri, io_uri) = (control.to_string(), io.to_string());
-        if control_uri == io_uri {
+        let record = VmRecord {
+            id: params.id.clone(),
+            control: endpoints.control.to_string(),
+            io: endpoints.io.to_string(),
+            console: endpoints.console.as_ref().map(|c| c.to_string()),
+            next_seq: 3,
+            streams: Vec::new(),
+            dialect: None,
+            api_version: None,
+        };
+        if record.control == record.io {
             return Err(ProxyError::invalid(
                 "io",
                 "the control and I/O channels must be different endpoints",
@@ -282,178 +281,124 @@ impl Registry {
         }
         // A lost VM of this id is replaced by this registration (once it succeeds): after a host reboot every
         // recovered VM is lost, and its id must not stay blocked until someone unregisters it.
-        let replacing: Option<Arc<Vm>>;
-        {
-            let vms = read(&self.vms);
-            replacing = match vms.get(&params.id) {
-                Some(old) if old.is_lost() => Some(old.clone()),
-                Some(_) => return Err(ProxyError::VmExists(params.id)),
-                None => None,
-            };
-            // Connecting to another VM's channels would take them over from it.
-            if let Some(other) = vms.values().filter(|v| v.id != params.id).find(|v| {
-                [&v.control_uri, &v.io_uri]
-                    .iter()
-                    .any(|u| **u == control_uri || **u == io_uri)
-            }) {
-                return Err(ProxyError::invalid(
-                    "control",
-                    format!("the endpoint is already used by VM {:?}", other.id),
-                ));
-            }
-            if let Some(other) = lock(&self.recovering).values().find(|r| {
-                [&r.record.control, &r.record.io]
-                    .iter()
-                    .any(|u| **u == control_uri || **u == io_uri)
-            }) {
-                return Err(ProxyError::invalid(
-                    "control",
-                    format!(
-                        "the endpoint is used by VM {:?}, which is being recovered",
-                        other.record.id
-                    ),
-                ));
-            }
-            if vms.len() >= MAX_VMS {
-                return Err(ProxyError::Limit(format!("{MAX_VMS} VMs registered")));
-            }
-            if !lock(&self.registering).insert(params.id.clone()) {
-                return Err(ProxyError::VmExists(params.id));
-            }
-        }
-        let record = VmRecord {
-            id: params.id.clone(),
-            control: control.to_string(),
-            io: io.to_string(),
-            console: console.as_ref().map(|c| c.to_string()),
+        let replacing = self.reserve(&record)?;
+        let mut record = record;
+        if let Some(old) = &replacing {
             // A replacement continues after the lost VM's sequence numbers.
-            next_seq: replacing
-                .as_ref()
-                .map(|old| old.record(false).next_seq)
-                .unwrap_or(3),
-            streams: Vec::new(),
-            dialect: None,
-            api_version: None,
-        };
-        let result = self
-            .connect(&record, control, io, console, timeout, false)
-            .await;
-        let vm = match result {
+            record.next_seq = old.record(false).next_seq;
+        }
+        let vm = match self.connect(&record, endpoints, timeout, false).await {
             Ok(vm) => vm,
             Err(e) => {
                 lock(&self.registering).remove(&params.id);
                 return Err(e);
             }
         };
-        // The state writer records the new VM right away, off this request's path (file creation is what
-        // bounds the registration rate otherwise).
-        vm.dirty.store(true, Ordering::Release);
-        self.publish(vm.clone());
-        if let Some(old) = replacing {
-            self.end_replaced(&old);
-        }
-        self.flush_now.notify_one();
-        self.registrations.fetch_add(1, Ordering::Relaxed);
-        METRICS
-            .vms
-            .get_or_create(&StateLabel {
-                state: "ready".into(),
-            })
-            .inc();
         tracing::info!(vm = %vm.id, dialect = vm.dialect.name(), api_version = vm.api_version,
             control = %vm.control_uri, io = %vm.io_uri, "VM registered");
-        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::VmState {
-            vm: vm.id.clone(),
-            state: "ready".into(),
-            reason: None,
-        });
-        let _ = self.events.send(Event::VmRegistered { vm: vm.id.clone() });
+        vm.transition(VmState::Ready);
+        self.publish(vm.clone());
+        if let Some(old) = replacing {
+            old.transition(VmState::Replaced);
+        }
+        // The state writer records the new VM right away, off this request's path (file creation is what
+        // bounds the registration rate otherwise).
+        vm.touch();
+        if let Some(writer) = &self.writer {
+            writer.wake();
+        }
         Ok(vm)
+    }
+
+    /// Claim `record.id` for a registration in progress, refusing duplicates, endpoint takeovers and more than
+    /// [`MAX_VMS`] VMs. Returns the lost VM of that id the registration will replace, if there is one.
+    fn reserve(&self, record: &VmRecord) -> Result<Option<Arc<Vm>>, ProxyError> {
+        let vms = read(&self.vms);
+        let replacing = match vms.get(&record.id) {
+            Some(old) if matches!(old.state(), VmState::Lost(_)) => Some(old.clone()),
+            Some(_) => return Err(ProxyError::VmExists(record.id.clone())),
+            None => None,
+        };
+        // Connecting to another VM's channels would take them over from it.
+        if let Some(other) = vms.values().filter(|v| v.id != record.id).find(|v| {
+            [&v.control_uri, &v.io_uri]
+                .iter()
+                .any(|u| **u == record.control || **u == record.io)
+        }) {
+            return Err(ProxyError::invalid(
+                "control",
+                format!("the endpoint is already used by VM {:?}", other.id),
+            ));
+        }
+        if let Some(other) = lock(&self.recovering).values().find(|r| {
+            [&r.record.control, &r.record.io]
+                .iter()
+                .any(|u| **u == record.control || **u == record.io)
+        }) {
+            return Err(ProxyError::invalid(
+                "control",
+                format!(
+                    "the endpoint is used by VM {:?}, which is being recovered",
+                    other.record.id
+                ),
+            ));
+        }
+        if vms.len() >= MAX_VMS {
+            return Err(ProxyError::Limit(Limit::Vms(MAX_VMS)));
+        }
+        if !lock(&self.registering).insert(record.id.clone()) {
+            return Err(ProxyError::VmExists(record.id.clone()));
+        }
+        Ok(replacing)
     }
 
     /// Connect both channels and run the handshake; on success the VM's tasks are running.
     async fn connect(
         &self,
         record: &VmRecord,
-        control: Endpoint,
-        io: Endpoint,
-        console: Option<Endpoint>,
+        endpoints: Endpoints,
         timeout: Duration,
         recovered: bool,
     ) -> Result<Arc<Vm>, ProxyError> {
-        let (ctl, iochan) = tokio::join!(control.connect(timeout), io.connect(timeout));
-        let ctl = ctl.map_err(ProxyError::from_transport)?;
-        let iochan = iochan.map_err(ProxyError::from_transport)?;
-        let (cr, cw) = ctl.into_split();
-        let mut reader = FramedRead::new(cr, ControlCodec::default());
-        let mut writer = FramedWrite::new(cw, ControlCodec::default());
+        let (ctl, iochan) = tokio::join!(
+            endpoints.control.connect(timeout),
+            endpoints.io.connect(timeout)
+        );
+        let (cr, cw) = ctl?.into_split();
+        let iochan = iochan?;
+        // No buffer before the first frame: most of an idle VM's memory would otherwise be empty buffers.
+        let mut reader = FramedRead::with_capacity(cr, ControlCodec::default(), 0);
+        let mut writer = FramedWrite::with_capacity(cw, ControlCodec::default(), 0);
         let ready = if recovered {
             handshake::ReadyRule::Probe
         } else {
             handshake::ReadyRule::WaitThenProbe
         };
         let hs = handshake::handshake(&record.id, &mut reader, &mut writer, timeout, ready).await?;
-        let (dialect, api_version) = (hs.dialect, hs.api_version);
-        let metrics = VmMetrics::new(&record.id);
-        metrics.connected();
-        let (calls_tx, calls_rx) = mpsc::channel(actor::MAX_QUEUED);
-        let (io_tx, io_rx) = mpsc::channel(io::IO_QUEUE);
-        let vm = Arc::new(Vm {
-            id: record.id.clone(),
-            control_uri: record.control.clone(),
-            io_uri: record.io.clone(),
-            console_uri: record.console.clone(),
-            dialect,
-            api_version,
-            registered: Instant::now(),
+        let (vm, inbox) = Vm::new(
+            record,
+            Some((hs.dialect, hs.api_version)),
             recovered,
-            calls: calls_tx,
-            io_out: io_tx,
-            state: Mutex::new(VmState::Ready),
-            lost: CancellationToken::new(),
-            stop: CancellationToken::new(),
-            streams: Mutex::new(StreamTable {
-                next_seq: record.next_seq.max(3),
-                ..Default::default()
-            }),
-            tokens: self.tokens.clone(),
-            daemon_stopping: AtomicBool::new(false),
-            dirty: std::sync::atomic::AtomicBool::new(false),
-            commands: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            metrics,
-            config: self.config.clone(),
-            events: self.events.clone(),
-        });
-        for s in &record.streams {
-            if vm.restore_stream(s).is_none() {
-                tracing::warn!(vm = %vm.id, "skipping a malformed recorded token");
-            }
-        }
+            &self.shared,
+        );
+        vm.metrics.connected();
+        vm.restore_streams(&record.streams);
         let (ir, iw) = iochan.into_split();
-        actor::spawn(vm.clone(), calls_rx, reader, writer, hs.deferred);
-        io::spawn(vm.clone(), ir, iw, io_rx);
-        if let Some(console) = console {
-            spawn_console(vm.clone(), console);
+        ControlActor::spawn(vm.clone(), inbox.calls, reader, writer, hs.deferred);
+        io::spawn(vm.clone(), ir, iw, inbox.io);
+        if let Some(console) = endpoints.console {
+            console::spawn(vm.clone(), console);
         }
         Ok(vm)
     }
 
-    /// The records to reconnect after a restart, each listed as recovering (its tokens indexed) before this
-    /// returns, so a request served afterwards finds it. With none, the daemon is recovered at once (so
-    /// `/ready` is true as soon as the socket serves).
+    /// The records the previous daemon saved, to reconnect with [`Registry::recover`]; each is listed as
+    /// recovering (its tokens indexed) before this returns, so a request served afterwards finds it.
     pub fn records_to_recover(&self) -> Vec<VmRecord> {
-        let records = self
-            .state
-            .as_ref()
-            .map(StateDir::load_all)
-            .unwrap_or_default();
-        if records.is_empty() {
-            self.recovered.store(true, Ordering::Release);
-        }
-        let deadline = tokio::time::Instant::now() + self.config.recovery_timeout;
+        let records = self.writer.as_ref().map(|w| w.load()).unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + self.shared.config.recovery_timeout;
         let mut recovering = lock(&self.recovering);
-        let mut tokens = lock(&self.tokens);
+        let mut tokens = lock(&self.shared.tokens);
         for record in &records {
             for s in &record.streams {
                 if let Some(token) = Token::parse(&s.token) {
@@ -472,7 +417,8 @@ impl Registry {
         records
     }
 
-    /// Reconnect the recorded VMs in parallel; VMs that cannot be reached are listed as lost.
+    /// Reconnect the recorded VMs in parallel; VMs that cannot be reached are listed as lost. Recovery is over
+    /// when this returns.
     pub async fn recover(self: &Arc<Self>, records: Vec<VmRecord>) {
         let mut tasks = Vec::new();
         for record in records {
@@ -482,7 +428,7 @@ impl Registry {
         for t in tasks {
             let _ = t.await;
         }
-        self.recovered.store(true, Ordering::Release);
+        self.set_recovered();
     }
 
     async fn recover_one(self: &Arc<Self>, record: VmRecord) {
@@ -494,55 +440,44 @@ impl Registry {
         let deadline = lock(&self.recovering)
             .get(&record.id)
             .map(|r| r.deadline)
-            .unwrap_or_else(|| tokio::time::Instant::now() + self.config.recovery_timeout);
-        let timeout = self.config.recovery_timeout;
+            .unwrap_or_else(|| tokio::time::Instant::now() + self.shared.config.recovery_timeout);
+        let timeout = self.shared.config.recovery_timeout;
         let result = match parsed {
-            Ok((c, i, k)) => {
-                // The whole reconnection (connect, handshake) is bounded, so requests waiting for it are too.
-                match tokio::time::timeout_at(
-                    deadline,
-                    self.connect(&record, c, i, k, timeout, true),
-                )
-                .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(ProxyError::ReadyTimeout {
-                        vm: record.id.clone(),
-                        after: timeout,
-                    }),
-                }
+            // The whole reconnection (connect, handshake) is bounded, so requests waiting for it are too.
+            Ok(endpoints) => {
+                tokio::time::timeout_at(deadline, self.connect(&record, endpoints, timeout, true))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ProxyError::ReadyTimeout {
+                            vm: record.id.clone(),
+                            after: timeout,
+                        })
+                    })
             }
             Err(e) => Err(e),
         };
-        match result {
+        let vm = match result {
             Ok(vm) => {
                 tracing::info!(vm = %vm.id, tokens = record.streams.len(), "VM recovered after restart");
-                METRICS
-                    .vms
-                    .get_or_create(&StateLabel {
-                        state: "ready".into(),
-                    })
-                    .inc();
-                self.publish(vm);
+                vm.transition(VmState::Ready);
+                vm
             }
             Err(e) => {
                 tracing::warn!(vm = %record.id, error = %e, "VM could not be recovered; listed as lost");
-                let vm = lost_vm(
-                    &record,
-                    &self.config,
-                    &self.events,
-                    &self.tokens,
-                    format!("recovery after restart failed: {e}"),
-                );
-                METRICS
-                    .vms
-                    .get_or_create(&StateLabel {
-                        state: "lost".into(),
-                    })
-                    .inc();
-                self.publish(vm);
+                // Listed with its tokens, which end with an error frame naming the cause.
+                // The last dialect the agent spoke, as recorded (records from before it was recorded: unknown).
+                let agent = record
+                    .dialect
+                    .as_deref()
+                    .and_then(|d| d.parse::<Dialect>().ok())
+                    .zip(record.api_version);
+                let (vm, _no_tasks) = Vm::new(&record, agent, true, &self.shared);
+                vm.restore_streams(&record.streams);
+                vm.transition(VmState::Lost(LostReason::NotRecovered(Box::new(e))));
+                vm
             }
-        }
+        };
+        self.publish(vm);
     }
 
     /// Make a VM visible; its id leaves `registering` (and `recovering`) under the same write lock, so no
@@ -559,64 +494,16 @@ impl Registry {
         }
     }
 
-    /// A lost VM was replaced by a new registration of its id (already published in its place): end its
-    /// streams with an error frame, free its tokens, and count it out of the `lost` gauge.
-    fn end_replaced(&self, old: &Vm) {
-        let state = match old.halt() {
-            VmState::Ready => "ready",
-            VmState::Lost(_) => "lost",
-        };
-        METRICS
-            .vms
-            .get_or_create(&StateLabel {
-                state: state.into(),
-            })
-            .dec();
-        // Its metric series are shared with the new VM of the same id, so they stay.
-        old.stop(
-            &format!(
-                "VM {} was lost and has been replaced by a new registration",
-                old.id
-            ),
-            true,
-        );
-        tracing::warn!(vm = %old.id, lost_reason = %match old.state() {
-            VmState::Lost(r) => r,
-            VmState::Ready => String::new(),
-        }, "a lost VM was replaced by a new registration of its id; its tokens are ended");
-    }
-
     /// Unregister: stop the VM's tasks, end its streams with an error, free its tokens, forget its state.
     pub fn unregister(&self, id: &str) -> Result<(), ProxyError> {
         let vm = write(&self.vms)
             .remove(id)
             .ok_or_else(|| ProxyError::VmNotFound(id.to_string()))?;
-        let state = match vm.halt() {
-            VmState::Ready => "ready",
-            VmState::Lost(_) => "lost",
-        };
-        METRICS
-            .vms
-            .get_or_create(&StateLabel {
-                state: state.into(),
-            })
-            .dec();
-        vm.stop(&format!("VM {id} was unregistered"), true);
+        vm.transition(VmState::Unregistered);
         vm.metrics.remove();
-        if let Some(st) = &self.state {
-            // Under the save lock: a state write in progress finishes first, later ones skip the stopped VM.
-            let _saving = lock(&self.save_lock);
-            st.remove(id);
+        if let Some(writer) = &self.writer {
+            writer.remove(id);
         }
-        tracing::info!(vm = %id, "VM unregistered");
-        crate::admin::tap::emit(|| crate::admin::tap::TapEvent::VmState {
-            vm: id.to_string(),
-            state: "unregistered".into(),
-            reason: None,
-        });
-        let _ = self
-            .events
-            .send(Event::VmUnregistered { vm: id.to_string() });
         Ok(())
     }
 
@@ -626,15 +513,10 @@ impl Registry {
         self.shutting_down.store(true, Ordering::Release);
         let vms: Vec<Arc<Vm>> = read(&self.vms).values().cloned().collect();
         for vm in &vms {
-            vm.stop("cc-proxy is stopping", false);
+            vm.transition(VmState::Stopping);
         }
-        if let Some(state) = &self.state {
-            let _saving = lock(&self.save_lock);
-            for vm in &vms {
-                if let Err(e) = state.save(&vm.record(true)) {
-                    tracing::warn!(vm = %vm.id, error = %e, "cannot write VM state at shutdown");
-                }
-            }
+        if let Some(writer) = &self.writer {
+            writer.save_final(&vms);
         }
     }
 }
@@ -643,7 +525,7 @@ impl Registry {
 fn recovering_info(record: &VmRecord) -> VmInfo {
     VmInfo {
         id: record.id.clone(),
-        state: "recovering".into(),
+        state: VmStateName::Recovering,
         lost_reason: None,
         dialect: record.dialect.clone().unwrap_or_else(|| "unknown".into()),
         api_version: record.api_version.unwrap_or(0),
@@ -657,102 +539,4 @@ fn recovering_info(record: &VmRecord) -> VmInfo {
         tokens: record.streams.len(),
         recovered: true,
     }
-}
-
-/// A VM known from the state directory whose agent could not be reached: listed as lost, with no tasks.
-fn lost_vm(
-    record: &VmRecord,
-    config: &VmConfig,
-    events: &broadcast::Sender<Event>,
-    tokens: &Arc<super::TokenIndex>,
-    reason: String,
-) -> Arc<Vm> {
-    let (calls, _) = mpsc::channel(1);
-    let (io_out, _) = mpsc::channel(1);
-    let lost = CancellationToken::new();
-    lost.cancel();
-    let vm = Arc::new(Vm {
-        id: record.id.clone(),
-        control_uri: record.control.clone(),
-        io_uri: record.io.clone(),
-        console_uri: record.console.clone(),
-        // The last dialect the agent spoke, as recorded (records from before it was recorded: unknown).
-        dialect: record
-            .dialect
-            .as_deref()
-            .and_then(|d| d.parse().ok())
-            .unwrap_or(Dialect::Hyperstart),
-        api_version: record.api_version.unwrap_or(0),
-        registered: Instant::now(),
-        recovered: true,
-        calls,
-        io_out,
-        state: Mutex::new(VmState::Lost(reason)),
-        lost,
-        stop: CancellationToken::new(),
-        streams: Mutex::new(StreamTable {
-            next_seq: record.next_seq.max(3),
-            ..Default::default()
-        }),
-        tokens: tokens.clone(),
-        daemon_stopping: AtomicBool::new(false),
-        dirty: std::sync::atomic::AtomicBool::new(false),
-        commands: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        metrics: VmMetrics::new(&record.id),
-        config: config.clone(),
-        events: events.clone(),
-    });
-    for s in &record.streams {
-        if let Some(stream) = vm.restore_stream(s) {
-            stream.fail(&format!(
-                "VM {} could not be reconnected after a restart",
-                vm.id
-            ));
-        }
-    }
-    vm
-}
-
-/// Longest console line logged as one; longer ones are split.
-const MAX_CONSOLE_LINE: usize = 4096;
-
-/// Log the guest console's lines at debug with `source=guest`.
-fn spawn_console(vm: Arc<Vm>, console: Endpoint) {
-    use tokio::io::AsyncReadExt;
-    tokio::spawn(async move {
-        let conn = match console.connect(Duration::from_secs(5)).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(vm = %vm.id, error = %e, "cannot open the console");
-                return;
-            }
-        };
-        let (mut r, _w) = conn.into_split();
-        let mut pending: Vec<u8> = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = tokio::select! {
-                _ = vm.stop.cancelled() => return,
-                n = r.read(&mut chunk) => n,
-            };
-            let n = match n {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            pending.extend_from_slice(&chunk[..n]);
-            while let Some(pos) = pending
-                .iter()
-                .position(|&b| b == b'\n')
-                .or_else(|| (pending.len() >= MAX_CONSOLE_LINE).then_some(MAX_CONSOLE_LINE))
-            {
-                let line: Vec<u8> = pending.drain(..pos.min(pending.len())).collect();
-                if pending.first() == Some(&b'\n') {
-                    pending.remove(0);
-                }
-                let text = crate::logging::escape_bytes(&line, MAX_CONSOLE_LINE);
-                tracing::debug!(vm = %vm.id, source = "guest", "{text}");
-            }
-        }
-    });
 }

@@ -128,6 +128,10 @@ impl StateDir {
             }
             Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
         };
+        // A directory the daemon cannot write to is found now, not at the first registration.
+        let probe = vms.join(".probe");
+        std::fs::write(&probe, b"").map_err(io)?;
+        std::fs::remove_file(&probe).map_err(io)?;
         // Best effort: the pid only makes the refusal message more useful.
         let _ = lock.set_len(0);
         let _ = lock.rewind();

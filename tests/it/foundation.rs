@@ -1039,6 +1039,124 @@ fn unknown_option_exits_2_with_one_line() {
     assert_one_line_naming(&stderr, "frobnicate", "--frobnicate");
 }
 
+/// Runs the daemon with a clean environment and exactly `args` (plus `--socket`), expecting it to exit on
+/// its own; returns (exit code, stderr, whether the socket file exists afterwards).
+fn run_bare(
+    dir: &Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, bool) {
+    let socket = dir.join("run").join("proxy.sock");
+    let mut cmd = Command::new(bin());
+    for var in INHERITED_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.arg("--socket").arg(&socket).args(args);
+    let mut daemon = Daemon::spawn(cmd, &socket);
+    let status = daemon.wait_exit(EXIT_TIMEOUT);
+    let stderr = daemon.stderr_after_exit();
+    (status.and_then(|s| s.code()), stderr, socket.exists())
+}
+
+#[test]
+fn invalid_admin_addr_exits_2_with_one_line_before_binding_anything() {
+    let dir = tempdir();
+    let state = dir.path().join("state");
+    let args = [
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--admin-addr".as_ref(),
+        "nonsense".as_ref(),
+    ];
+    let (code, stderr, socket) = run_bare(dir.path(), &args, &[]);
+    assert_eq!(code, Some(2), "--admin-addr nonsense\nstderr:\n{stderr}");
+    assert_one_line_naming(
+        &stderr,
+        "--admin-addr \"nonsense\"",
+        "--admin-addr nonsense",
+    );
+    assert!(
+        !socket,
+        "a configuration error must not leave a socket behind"
+    );
+}
+
+#[test]
+fn every_configuration_error_is_reported_together() {
+    let dir = tempdir();
+    let state = dir.path().join("state");
+    let args = [
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--admin-addr".as_ref(),
+        "127.0.0.1".as_ref(),
+    ];
+    let (code, stderr, _) = run_bare(dir.path(), &args, &[("CC_PROXY_LOG_LEVEL", "loud")]);
+    assert_eq!(code, Some(2), "stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 2, "one line per error:\n{stderr}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("CC_PROXY_LOG_LEVEL") && l.contains("loud")),
+        "{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("--admin-addr") && l.contains("127.0.0.1")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unusable_state_dir_exits_1_naming_it() {
+    let dir = tempdir();
+    // A regular file where the directory should be.
+    let state = dir.path().join("state-is-a-file");
+    std::fs::write(&state, b"not a directory").expect("create a file");
+    let admin = free_admin_addr();
+    let args = [
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--admin-addr".as_ref(),
+        admin.as_ref(),
+    ];
+    let (code, stderr, socket) = run_bare(dir.path(), &args, &[]);
+    assert_eq!(code, Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("state directory") && stderr.contains("state-is-a-file"),
+        "{stderr}"
+    );
+    assert!(
+        !socket,
+        "a daemon that cannot keep state must not leave a socket behind"
+    );
+}
+
+#[test]
+fn an_admin_address_in_use_exits_1_naming_it() {
+    let dir = tempdir();
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    let addr = taken.local_addr().expect("local addr").to_string();
+    let state = dir.path().join("state");
+    let args = [
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--admin-addr".as_ref(),
+        addr.as_ref(),
+    ];
+    let (code, stderr, socket) = run_bare(dir.path(), &args, &[]);
+    assert_eq!(code, Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("--admin-addr") && stderr.contains(&addr),
+        "{stderr}"
+    );
+    assert!(!socket);
+    drop(taken);
+}
+
 #[test]
 fn version_and_help() {
     let out = Command::new(bin())

@@ -13,14 +13,14 @@ use cc_proxy_api::legacy::{
     AttachVm, Command, Hyper, IoInfo, RegisterVm, UnregisterVm, VmIo, HYPER_NAMES,
 };
 use cc_proxy_api::types::RegisterParams;
-use cc_proxy_protocol::{code, process_object_mut};
+use cc_proxy_protocol::process_object_mut;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::Session;
 use crate::error::ProxyError;
-use crate::server::rpc::agent::{self, StreamUse};
 use crate::stream::Token;
+use crate::vm::process::{self, StreamUse, DEFAULT_TIMEOUT};
 use crate::vm::Vm;
 
 /// How long a start command waits for its token's shim to connect (the original's value).
@@ -178,8 +178,8 @@ impl Session {
             return Err(CommandError::UnknownHyper(name));
         }
         let vm = self.vm.clone().ok_or(CommandError::NotAttached)?;
-        let code = agent::command_code(&vm, &name)?;
-        let starts = code == code::NEWCONTAINER || code == code::EXECCMD;
+        let code = process::command_code(&vm, &name)?;
+        let starts = process::starts_process(code);
         let tokens = p.tokens.unwrap_or_default();
         if tokens.len() > 1 {
             return Err(CommandError::Tokens("a command takes at most one token"));
@@ -206,9 +206,8 @@ impl Session {
                 None => use_null_session(&mut data),
             }
         }
-        let (reply, _, _) =
-            agent::forward(&vm, code, &name, data, agent::DEFAULT_TIMEOUT, use_stream).await?;
-        Ok(reply)
+        let done = process::forward(&vm, code, &name, data, DEFAULT_TIMEOUT, use_stream).await?;
+        Ok(done.reply)
     }
 }
 

@@ -25,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::commands::{parse, CommandError};
 use super::{Flow, Session, SessionError, Writer};
-use crate::server::rpc;
+use crate::admin::metrics::DetachKind;
 use crate::stream::{AttachError, Lifecycle, Stream, Take, Token};
-use crate::vm::Vm;
+use crate::vm::{process, Vm};
 
 /// The exit code a shim gets when its stream ends without an exit status (VM lost, token freed elsewhere).
 pub const FAILED_EXIT_CODE: u8 = 255;
@@ -122,7 +122,7 @@ impl Shim {
     pub(super) async fn abandon(self) {
         let (vm, stream, end) = self.stop().await;
         if end == OutputEnd::Stopped {
-            vm.shim_detached(&stream.token, "drop");
+            vm.shim_detached(&stream.token, DetachKind::Drop);
             tracing::info!(vm = %vm.id, token = %stream.token, "legacy shim went away; token kept for a reclaim");
         }
     }
@@ -212,7 +212,7 @@ impl Session {
         let (vm, stream, end) = shim.stop().await;
         vm.free_stream(&stream.token);
         if end == OutputEnd::Stopped {
-            vm.shim_detached(&stream.token, "close");
+            vm.shim_detached(&stream.token, DetachKind::Close);
         }
         tracing::info!(vm = %vm.id, token = %stream.token, "legacy shim disconnected; token freed");
         Ok(Flow::Close)
@@ -242,7 +242,7 @@ impl Session {
                     "SIGWINCH needs non-zero columns and rows".into(),
                 ));
             }
-            rpc::stream::resize(&shim.vm, &shim.stream, rows, cols).await?;
+            process::resize(&shim.vm, &shim.stream, rows, cols).await?;
             return Ok(Bytes::new());
         }
         if p.columns != 0 || p.rows != 0 {
@@ -268,7 +268,7 @@ impl Session {
             return Ok(Bytes::new());
         }
         // n < 31 always fits.
-        rpc::stream::signal(&shim.vm, &shim.stream, n as i32).await?;
+        process::signal(&shim.vm, &shim.stream, n as i32).await?;
         Ok(Bytes::new())
     }
 }
@@ -312,7 +312,7 @@ async fn output_loop(
             Take::Frames(frames) => {
                 if let Err(unwritten) = write_batch(&vm, &stream, &out, frames, false).await {
                     stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, "drop");
+                    vm.shim_detached(&stream.token, DetachKind::Drop);
                     return OutputEnd::WriteFailed;
                 }
             }
@@ -320,7 +320,7 @@ async fn output_loop(
                 if let Err(unwritten) = write_batch(&vm, &stream, &out, frames, true).await {
                     // Keep the token: a reclaiming shim gets the rest, exit included.
                     stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, "drop");
+                    vm.shim_detached(&stream.token, DetachKind::Drop);
                     return OutputEnd::WriteFailed;
                 }
                 vm.free_stream(&stream.token);

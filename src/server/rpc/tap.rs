@@ -30,15 +30,6 @@ pub const TAP_QUEUE: usize = 256;
 /// How often a pending `dropped` report is retried when no event comes to carry it.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
-const EVENT_NAMES: [&str; 6] = [
-    "agent_command",
-    "process_started",
-    "process_exited",
-    "stream_attached",
-    "stream_detached",
-    "vm_state",
-];
-
 #[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
 struct TapParams {
@@ -55,10 +46,13 @@ struct TapParams {
 impl TapParams {
     fn check(&self) -> Result<(), ProxyError> {
         if let Some(f) = &self.filter {
-            if let Some(bad) = f.iter().find(|n| !EVENT_NAMES.contains(&n.as_str())) {
+            if let Some(bad) = f.iter().find(|n| !TapEvent::NAMES.contains(&n.as_str())) {
                 return Err(ProxyError::invalid(
                     "filter",
-                    format!("unknown event {bad:?}; known: {}", EVENT_NAMES.join(", ")),
+                    format!(
+                        "unknown event {bad:?}; known: {}",
+                        TapEvent::NAMES.join(", ")
+                    ),
                 ));
             }
         }
@@ -212,7 +206,7 @@ async fn observe(params: TapParams, pending: PendingSubscriptionSink) {
     let mut tap = match tap::subscribe() {
         Ok(t) => t,
         Err(e) => {
-            pending.reject(ProxyError::Limit(e.to_string())).await;
+            pending.reject(ProxyError::Limit(e.into())).await;
             return;
         }
     };

@@ -1,0 +1,213 @@
+//! The daemon's configuration: its command-line flags and environment turned into typed values, in one place.
+//!
+//! Every setting has a flag (see `cli/mod.rs` for the flags and their defaults) and, where one exists, a
+//! named environment variable below. Parsing checks every setting and reports every error together, so an
+//! operator fixes a unit file in one go; the daemon then exits 2 without touching anything. Parsing takes the
+//! environment as a lookup function, so tests feed a map instead of the real environment.
+//!
+//! What can only be checked by using it (the state directory, binding the admin address) is checked at
+//! startup, before the client socket serves, and is fatal too (exit 1).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::{Cli, LogFormat, LogLevel, LogTarget};
+use crate::vm::VmConfig;
+
+/// The log level when `--log` is absent.
+pub const ENV_LOG_LEVEL: &str = "CC_PROXY_LOG_LEVEL";
+
+/// The `--admin-addr` value that disables the admin server.
+pub const ADMIN_OFF: &str = "off";
+
+/// The log level when neither `--log` nor [`ENV_LOG_LEVEL`] is set.
+pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Warn;
+
+/// Shortest `--stall-timeout`; 0 would fail every stream whose shim pauses at all.
+pub const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Shortest `--recovery-timeout`.
+pub const MIN_RECOVERY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Everything the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The client socket's path (unless systemd hands one over).
+    pub socket: PathBuf,
+    /// Group owning the socket the daemon creates.
+    pub socket_group: Option<String>,
+    /// Where registered VMs are recorded for a restart.
+    pub state_dir: PathBuf,
+    /// The admin server's address; `None` disables it.
+    pub admin_addr: Option<SocketAddr>,
+    pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    pub log_target: LogTarget,
+    /// Data-plane worker threads; 0 = one per core.
+    pub threads: usize,
+    /// Settings every VM shares.
+    pub vm: VmConfig,
+}
+
+/// One invalid setting. Each names the flag or variable and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid --admin-addr {value:?}: {reason} (expected HOST:PORT such as 127.0.0.1:4191, or `off`)")]
+    AdminAddr { value: String, reason: String },
+    #[error("invalid {ENV_LOG_LEVEL} {0:?} (error, warn, info, debug or trace)")]
+    LogLevelEnv(String),
+}
+
+impl Config {
+    /// Check and convert the daemon's flags; `env` looks up environment variables. Returns every error.
+    pub fn from_cli(
+        cli: &Cli,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let log_level = match cli.log {
+            Some(level) => level,
+            None => match env(ENV_LOG_LEVEL).filter(|v| !v.trim().is_empty()) {
+                Some(v) => LogLevel::parse_env(&v).unwrap_or_else(|| {
+                    errors.push(ConfigError::LogLevelEnv(v));
+                    DEFAULT_LOG_LEVEL
+                }),
+                None => DEFAULT_LOG_LEVEL,
+            },
+        };
+        let admin_addr = parse_admin_addr(&cli.admin_addr).unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Config {
+            socket: cli.socket.clone(),
+            socket_group: cli.socket_group.clone(),
+            state_dir: cli.state_dir.clone(),
+            admin_addr,
+            log_level,
+            log_format: cli.log_format,
+            log_target: cli.log_target,
+            threads: cli.threads,
+            vm: VmConfig {
+                stream_buffer: cli.stream_buffer,
+                keepalive: (cli.agent_keepalive > 0)
+                    .then(|| Duration::from_secs(cli.agent_keepalive)),
+                stall_timeout: Duration::from_secs(cli.stall_timeout).max(MIN_STALL_TIMEOUT),
+                vm_buffer: cli.vm_buffer,
+                recovery_timeout: Duration::from_secs(cli.recovery_timeout)
+                    .max(MIN_RECOVERY_TIMEOUT),
+            },
+        })
+    }
+}
+
+/// `off`, or a `HOST:PORT` that resolves (the first address is used).
+fn parse_admin_addr(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value == ADMIN_OFF {
+        return Ok(None);
+    }
+    let invalid = |reason: String| ConfigError::AdminAddr {
+        value: value.to_string(),
+        reason,
+    };
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(Some(addr));
+    }
+    if !value.contains(':') {
+        return Err(invalid("no port".into()));
+    }
+    let mut addrs = value
+        .to_socket_addrs()
+        .map_err(|e| invalid(e.to_string()))?;
+    addrs
+        .next()
+        .map(Some)
+        .ok_or_else(|| invalid("the host has no address".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, Vec<ConfigError>> {
+        let cli = match Cli::try_parse_from(std::iter::once("cc-proxy").chain(args.iter().copied()))
+        {
+            Ok(c) => c,
+            Err(e) => panic!("flags do not parse: {e}"),
+        };
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_cli(&cli, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let Ok(c) = parse(&[], &[]) else {
+            panic!("the defaults are valid")
+        };
+        assert_eq!(c.admin_addr, Some(SocketAddr::from(([127, 0, 0, 1], 4191))));
+        assert_eq!(c.log_level, LogLevel::Warn);
+        assert_eq!(c.vm.keepalive, None);
+        assert_eq!(c.vm.stall_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn admin_off_and_addresses() {
+        let c = parse(&["--admin-addr", "off"], &[]).ok();
+        assert_eq!(c.map(|c| c.admin_addr), Some(None));
+        let c = parse(&["--admin-addr", "[::1]:0"], &[]).ok();
+        assert_eq!(
+            c.and_then(|c| c.admin_addr),
+            Some(SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], 0)))
+        );
+        let c = parse(&["--admin-addr", "localhost:4191"], &[]).ok();
+        assert!(c
+            .and_then(|c| c.admin_addr)
+            .is_some_and(|a| a.ip().is_loopback()));
+    }
+
+    #[test]
+    fn bad_values_are_all_reported_together() {
+        let Err(errors) = parse(&["--admin-addr", "nonsense"], &[(ENV_LOG_LEVEL, "loud")]) else {
+            panic!("accepted a bad admin address")
+        };
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.contains(&ConfigError::LogLevelEnv("loud".into())));
+        assert!(errors
+            .iter()
+            .any(|e| matches!(e, ConfigError::AdminAddr { value, .. } if value == "nonsense")));
+        for bad in ["127.0.0.1:99999", "127.0.0.1", ":", ""] {
+            assert!(parse(&["--admin-addr", bad], &[]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_environment_and_stall_timeout_has_a_floor() {
+        let Ok(c) = parse(
+            &[
+                "--log",
+                "debug",
+                "--stall-timeout",
+                "0",
+                "--agent-keepalive",
+                "5",
+            ],
+            &[(ENV_LOG_LEVEL, "loud")],
+        ) else {
+            panic!("--log makes the variable irrelevant")
+        };
+        assert_eq!(c.log_level, LogLevel::Debug);
+        assert_eq!(c.vm.stall_timeout, MIN_STALL_TIMEOUT);
+        assert_eq!(c.vm.keepalive, Some(Duration::from_secs(5)));
+    }
+}
