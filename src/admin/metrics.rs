@@ -140,6 +140,26 @@ impl EncodeLabelValue for DetachKind {
     }
 }
 
+/// The daemon-wide facts of one scrape: `cc_proxy_build_info` (always 1; the labels are the facts) and
+/// `cc_proxy_ready`, 1 exactly when `/ready` answers 200 (every recorded VM recovered or marked lost), read
+/// from the registry at scrape time, so the dashboard's "Ready" is the readiness check itself.
+pub fn register_daemon(registry: &mut Registry, ready: bool) {
+    let r = registry.sub_registry_with_prefix("cc_proxy");
+    r.register(
+        "build",
+        "The cc-proxy build: version and JSON-RPC API version",
+        prometheus_client::metrics::info::Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("api_version", cc_proxy_api::API_VERSION.to_string()),
+        ]),
+    );
+    r.register(
+        "ready",
+        "1 when the daemon is ready (the admin /ready check answers 200), else 0",
+        prometheus_client::metrics::gauge::ConstGauge::new(i64::from(ready)),
+    );
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~50 s
     Histogram::new(exponential_buckets(0.00005, 2.5, 16))

@@ -177,10 +177,12 @@ fn wants_openmetrics(req: &Request<Incoming>) -> bool {
         .any(|v| v.contains("application/openmetrics-text"))
 }
 
-/// Encode every metric family of the daemon (and of added sources) as OpenMetrics text.
-pub fn encode_openmetrics() -> Result<String, std::fmt::Error> {
+/// Encode every metric family of the daemon (and of added sources) as OpenMetrics text; `ready` is what
+/// `/ready` answers now (exported as `cc_proxy_ready`).
+pub fn encode_openmetrics(ready: bool) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
     metrics::METRICS.register(&mut registry);
+    metrics::register_daemon(&mut registry, ready);
     process::register(&mut registry);
     for source in SOURCES.read().unwrap_or_else(|p| p.into_inner()).iter() {
         source(&mut registry);
@@ -192,23 +194,24 @@ pub fn encode_openmetrics() -> Result<String, std::fmt::Error> {
 
 /// Rewrite OpenMetrics text into the classic Prometheus text format 0.0.4.
 ///
-/// The samples are the same; what differs is metadata: a counter family is named with its `_total` suffix,
-/// `# UNIT` and `# EOF` do not exist, and types the old format lacks become `untyped` (or `gauge` for
-/// `info` and `stateset`, whose samples are plain numbers).
+/// The samples are the same; what differs is metadata: a counter family is named with its `_total` suffix
+/// and an info family with its `_info` suffix (the sample names), `# UNIT` and `# EOF` do not exist, and
+/// types the old format lacks become `untyped` (or `gauge` for `info` and `stateset`, whose samples are
+/// plain numbers).
 pub fn openmetrics_to_text(om: &str) -> String {
-    let counters: std::collections::HashSet<&str> = om
+    let suffixed: std::collections::HashMap<&str, &str> = om
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))
-        .filter(|(_, t)| *t == "counter")
-        .map(|(n, _)| n)
+        .filter_map(|(n, t)| match t {
+            "counter" => Some((n, "_total")),
+            "info" if !n.ends_with("_info") => Some((n, "_info")),
+            _ => None,
+        })
         .collect();
-    let rename = |name: &str| {
-        if counters.contains(name) {
-            format!("{name}_total")
-        } else {
-            name.to_string()
-        }
+    let rename = |name: &str| match suffixed.get(name) {
+        Some(suffix) => format!("{name}{suffix}"),
+        None => name.to_string(),
     };
     let mut out = String::with_capacity(om.len() + 256);
     for line in om.lines() {
@@ -241,7 +244,7 @@ async fn route(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let openmetrics = wants_openmetrics(&req);
-            let Ok(om) = encode_openmetrics() else {
+            let Ok(om) = encode_openmetrics(proxy.registry.is_recovered()) else {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
             };
             let (body, kind) = if openmetrics {
@@ -328,6 +331,12 @@ mod tests {
              a_requests_total{vm=\"x\"} 3\n# HELP b_bytes Bytes.\n# TYPE b_bytes gauge\nb_bytes 7\n\
              # TYPE c_info gauge\nc_info{v=\"1\"} 1\n"
         );
+        // An info family `d` has the samples `d_info`: the text format names the family that way.
+        let t = openmetrics_to_text("# HELP d Build.\n# TYPE d info\nd_info{v=\"1\"} 1\n# EOF\n");
+        assert_eq!(
+            t,
+            "# HELP d_info Build.\n# TYPE d_info gauge\nd_info{v=\"1\"} 1\n"
+        );
     }
 
     #[test]
@@ -353,8 +362,17 @@ mod tests {
                 prometheus_client::metrics::gauge::ConstGauge::new(1i64),
             );
         }));
-        let om = encode_openmetrics().unwrap_or_default();
+        let om = encode_openmetrics(false).unwrap_or_default();
         assert!(om.contains("test_source_marker 1"), "{om}");
+        assert!(om.contains("cc_proxy_ready 0"), "{om}");
+        assert!(
+            om.contains(&format!(
+                "cc_proxy_build_info{{version=\"{}\",api_version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION"),
+                cc_proxy_api::API_VERSION
+            )),
+            "{om}"
+        );
         assert!(om.ends_with("# EOF\n"));
     }
 }

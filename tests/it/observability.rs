@@ -200,6 +200,8 @@ async fn ready_only_after_recovery() {
     let (status, body) = http_get(&env.admin, "/ready").await;
     assert_eq!(status, 503, "ready while recovering: {body}");
     assert_eq!(http_get(&env.admin, "/live").await.0, 200);
+    // The readiness gauge says what /ready says.
+    assert_eq!(sample(&env.metrics().await, "cc_proxy_ready"), 0.0);
     let mut ready_after = None;
     while t0.elapsed() < Duration::from_secs(15) {
         if http_get(&env.admin, "/ready").await.0 == 200 {
@@ -215,6 +217,14 @@ async fn ready_only_after_recovery() {
     );
     let info = env.client.vm_info("slow").await.expect("vm.info");
     assert_eq!(info.state, "ready", "{info:?}");
+    let metrics = env.metrics().await;
+    assert_eq!(sample(&metrics, "cc_proxy_ready"), 1.0);
+    let build = format!(
+        r#"cc_proxy_build_info{{version="{}",api_version="{}"}}"#,
+        env!("CARGO_PKG_VERSION"),
+        cc_proxy_api::API_VERSION
+    );
+    assert_eq!(sample(&metrics, &build), 1.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

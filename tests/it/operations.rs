@@ -388,3 +388,86 @@ async fn a_registration_replaces_a_lost_vm_of_the_same_id() {
         "{again}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_real_series_of_the_selected_job() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana/cc-proxy.json");
+    let text = std::fs::read_to_string(&path).expect("dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let env = Env::start().await;
+    let metrics = env.metrics().await;
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut checked = 0;
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or("?");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            // Every series the panel reads, with the selector that follows its name.
+            let mut rest = expr;
+            while let Some(at) = rest.find(|c: char| c.is_ascii_lowercase()) {
+                rest = &rest[at..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let name = &rest[..end];
+                rest = &rest[end..];
+                if !(name.starts_with("cc_proxy_") || name.starts_with("process_") || name == "up")
+                {
+                    continue;
+                }
+                checked += 1;
+                assert!(
+                    rest.starts_with("{job=~\"$job\""),
+                    "panel {title:?}: {name} is not filtered by the job variable: {expr}"
+                );
+                let known = families.iter().any(|f| {
+                    name == *f
+                        || ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| name.strip_suffix(s) == Some(*f))
+                });
+                assert!(known, "panel {title:?}: {name} is not exported\n{metrics}");
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} series found in the dashboard");
+    let panel = |title: &str| {
+        panels
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title:?}"))
+    };
+    assert_eq!(
+        panel("Ready")["targets"][0]["expr"],
+        "cc_proxy_ready{job=~\"$job\"}",
+        "Ready comes from the readiness gauge, not scrape health"
+    );
+    // Dropped output (bytes/s) has an axis of its own, not the events/s one.
+    let mixed = panel("Backpressure, stream failures, dropped output");
+    let dropped = mixed["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| {
+            t["expr"]
+                .as_str()
+                .is_some_and(|e| e.contains("dropped_bytes"))
+        })
+        .expect("dropped target");
+    let over = mixed["fieldConfig"]["overrides"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|o| o["matcher"]["options"] == dropped["refId"])
+        .expect("an override for the dropped series");
+    let props = over["properties"].to_string();
+    assert!(
+        props.contains(r#""custom.axisPlacement","value":"right""#) && props.contains(r#""Bps""#),
+        "{props}"
+    );
+}
