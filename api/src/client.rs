@@ -205,6 +205,7 @@ impl Client {
             timeout_ms: None,
             streams: Some(1),
             token: None,
+            payload_base64: None,
         })
         .await
     }

@@ -146,15 +146,21 @@ pub struct AgentCallParams {
     /// For `newcontainer`/`execcmd`: use this previously allocated token instead of a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Raw bytes (base64) sent right after the JSON payload in the same agent message, as `writefile`
+    /// needs for the file's content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
 }
 
 /// `agent.call` result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct AgentCallResult {
-    /// The agent's ACK payload when it is JSON (or `null` when empty).
+    /// The agent's ACK payload as JSON, only when its bytes are exactly that JSON as the daemon would
+    /// print it (`null` when empty or otherwise).
     #[serde(default)]
     pub data: Value,
-    /// The ACK payload in base64 when it is not JSON (e.g. GETVERSION's 4 bytes).
+    /// The ACK payload, byte for byte, in base64, whenever it is not empty (e.g. GETVERSION's 4 bytes,
+    /// `readfile`'s file content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_base64: Option<String>,
     /// The stream token when one was allocated or used.

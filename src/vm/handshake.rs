@@ -24,6 +24,10 @@ pub type ControlWriter = FramedWrite<BoxWrite, ControlCodec>;
 /// hold more.
 const MAX_DEFERRED_BYTES: usize = 1 << 20;
 
+/// The dialect assumed for an agent whose GETVERSION ACK is empty: the Clear Containers 3.0 agent, which the
+/// original cc-proxy and its mock hyperstart served.
+pub const EMPTY_VERSION_DIALECT: Dialect = Dialect::CcAgent;
+
 /// How long a fresh registration waits for READY before probing with GETVERSION anyway.
 pub const READY_PROBE_AFTER: Duration = Duration::from_millis(300);
 
@@ -162,13 +166,25 @@ pub async fn handshake(
             message: String::from_utf8_lossy(&reply.payload).into_owned(),
         });
     }
-    let api_version = parse_version(&reply.payload).ok_or_else(|| ProxyError::Protocol {
-        vm: vm.into(),
-        reason: format!(
-            "GETVERSION reply of {} bytes, expected 4",
-            reply.payload.len()
-        ),
-    })?;
+    let api_version = if reply.payload.is_empty() {
+        let assumed = EMPTY_VERSION_DIALECT.api_version();
+        tracing::warn!(
+            vm,
+            assumed,
+            "the agent answered GETVERSION without a version (as the original project's mock hyperstart does): \
+             assuming the {} dialect",
+            EMPTY_VERSION_DIALECT.name()
+        );
+        assumed
+    } else {
+        parse_version(&reply.payload).ok_or_else(|| ProxyError::Protocol {
+            vm: vm.into(),
+            reason: format!(
+                "GETVERSION reply of {} bytes, expected 4",
+                reply.payload.len()
+            ),
+        })?
+    };
     let dialect = Dialect::from_api_version(api_version).ok_or(ProxyError::UnsupportedAgent {
         vm: vm.into(),
         version: api_version,

@@ -112,7 +112,21 @@ pub async fn forward(
     vm: &Arc<Vm>,
     code: u32,
     name: &str,
+    data: Value,
+    timeout: Duration,
+    use_stream: StreamUse,
+) -> Result<Forwarded, ProxyError> {
+    forward_with_payload(vm, code, name, data, &[], timeout, use_stream).await
+}
+
+/// [`forward`], with `raw` bytes appended after the JSON payload in the same message (`writefile` takes
+/// the file's content this way).
+pub async fn forward_with_payload(
+    vm: &Arc<Vm>,
+    code: u32,
+    name: &str,
     mut data: Value,
+    raw: &[u8],
     timeout: Duration,
     use_stream: StreamUse,
 ) -> Result<Forwarded, ProxyError> {
@@ -134,11 +148,13 @@ pub async fn forward(
         Some(stream) => Some(wire_stream(vm, code, &mut data, stream)?),
         None => None,
     };
-    let payload = if data.is_null() {
-        Bytes::new()
+    let mut payload = if data.is_null() {
+        Vec::new()
     } else {
-        Bytes::from(serde_json::to_vec(&data).unwrap_or_default())
+        serde_json::to_vec(&data).unwrap_or_default()
     };
+    payload.extend_from_slice(raw);
+    let payload = Bytes::from(payload);
     if payload.len() > MAX_COMMAND_PAYLOAD {
         return Err(ProxyError::invalid(
             "data",

@@ -666,3 +666,77 @@ async fn keepalive_detects_a_hung_agent() {
     assert_eq!(info(&env, "fine").await.state, "ready");
     assert!(ping(&env, "fine").await.get("result").is_some());
 }
+
+/// `readfile` answers raw bytes and `writefile` takes raw bytes after its JSON object: both pass
+/// through the daemon unchanged (`data_base64` always, `data` only for exactly-JSON bytes;
+/// `payload_base64` appended after `data`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_payloads_are_byte_exact() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&["--pair"]);
+    env.register("files", &agent, None).await;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = env.dir.path().to_path_buf();
+    let mut binary: Vec<u8> = (0..=255u8).collect();
+    binary.extend_from_slice(b"\n{\"not\": json");
+    for (name, content) in [
+        ("spaced.json", b"  {\"x\": 1}\n".to_vec()),
+        ("binary", binary),
+        ("compact.json", b"{\"x\":1}".to_vec()),
+    ] {
+        let path = dir.join(name).display().to_string();
+        let r = env
+            .rpc(
+                "agent.call",
+                json!({"vm": "files", "command": "writefile",
+                       "data": {"container": "hyperstart", "file": path},
+                       "payload_base64": b64.encode(&content)}),
+            )
+            .await;
+        assert!(r.get("result").is_some(), "{name}: {r}");
+        assert_eq!(std::fs::read(&path).expect("written"), content, "{name}");
+        let r = env
+            .rpc(
+                "agent.call",
+                json!({"vm": "files", "command": "readfile",
+                       "data": {"container": "hyperstart", "file": path}}),
+            )
+            .await;
+        let got = b64
+            .decode(r["result"]["data_base64"].as_str().expect("data_base64"))
+            .expect("base64");
+        assert_eq!(got, content, "{name}: {r}");
+        if name == "compact.json" {
+            assert_eq!(r["result"]["data"], json!({"x": 1}), "{r}");
+        } else {
+            assert_eq!(r["result"]["data"], Value::Null, "{name}: {r}");
+        }
+    }
+    let r = env
+        .rpc(
+            "agent.call",
+            json!({"vm": "files", "command": "writefile", "data": {"file": "/x"},
+                   "payload_base64": "not base64!"}),
+        )
+        .await;
+    assert_code(&r, code::INVALID_ARGUMENT, "bad payload_base64");
+}
+
+/// The original project's mock hyperstart answers GETVERSION with an empty ACK: registration
+/// accepts it with a warning and the cc-agent dialect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_version_reply_is_accepted_with_a_warning() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&[
+        "--dialect",
+        "cc-agent",
+        "--fault",
+        "empty-version",
+        "--pair",
+    ]);
+    let reg = env.register("mock", &agent, None).await;
+    assert_eq!((reg.dialect.as_str(), reg.api_version), ("cc-agent", 4242));
+    assert!(env.logs().contains("without a version"), "{}", env.logs());
+    let out = env.cli(&["exec", "mock", "--", "echo", "hi"], b"");
+    assert_eq!(out.stdout, b"hi\n", "{out:?}");
+}

@@ -112,6 +112,7 @@ async fn garbage_on_an_attached_stream_closes_only_that_attachment() {
             timeout_ms: None,
             streams: Some(1),
             token: None,
+            payload_base64: None,
         })
         .await
         .expect("exec");

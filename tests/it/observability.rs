@@ -64,6 +64,7 @@ async fn ping(env: &Env, vm: &str) {
             timeout_ms: None,
             streams: None,
             token: None,
+            payload_base64: None,
         })
         .await
         .unwrap_or_else(|e| panic!("ping {vm}: {e}"));
@@ -564,6 +565,7 @@ async fn flood(env: &Env, vm: &str, n: usize, lanes: usize) {
                         timeout_ms: None,
                         streams: None,
                         token: None,
+                        payload_base64: None,
                     })
                     .await
                     .expect("ping");

@@ -66,11 +66,18 @@ async fn call(proxy: &Proxy, p: AgentCallParams) -> Result<AgentCallResult, Prox
         }
         (_, None) => StreamUse::New,
     };
-    let done = process::forward(
+    let raw = match &p.payload_base64 {
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| ProxyError::invalid("payload_base64", format!("not base64: {e}")))?,
+        None => Vec::new(),
+    };
+    let done = process::forward_with_payload(
         &vm,
         code,
         &p.command,
         p.data.unwrap_or(Value::Null),
+        &raw,
         timeout,
         use_stream,
     )
@@ -84,16 +91,16 @@ async fn call(proxy: &Proxy, p: AgentCallParams) -> Result<AgentCallResult, Prox
     })
 }
 
-/// An ACK payload as JSON when it is JSON, otherwise as base64.
+/// An ACK payload: always byte for byte in base64 (when not empty), and as JSON only when the bytes are
+/// exactly that JSON in its compact form, so that `data` never shows a payload other than the agent's (a
+/// `readfile` of `  {"x": 1}\n` is not `{"x":1}`).
 pub fn decode_reply(reply: &[u8]) -> (Value, Option<String>) {
     if reply.is_empty() {
         return (Value::Null, None);
     }
+    let b64 = Some(base64::engine::general_purpose::STANDARD.encode(reply));
     match serde_json::from_slice::<Value>(reply) {
-        Ok(v) => (v, None),
-        Err(_) => (
-            Value::Null,
-            Some(base64::engine::general_purpose::STANDARD.encode(reply)),
-        ),
+        Ok(v) if serde_json::to_vec(&v).is_ok_and(|compact| compact == reply) => (v, b64),
+        _ => (Value::Null, b64),
     }
 }

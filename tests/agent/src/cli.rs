@@ -98,6 +98,8 @@ pub enum Fault {
     Garbage,
     /// Exit the whole process (status 1) on the first command after GETVERSION.
     DieMidCommand,
+    /// Answer GETVERSION with an empty ACK, like the original project's mock hyperstart.
+    EmptyVersion,
 }
 
 /// What every VM of this process needs to know about how to behave.

@@ -9,6 +9,7 @@ use cc_proxy_protocol::{
 };
 use serde::de::DeserializeOwned;
 
+use crate::cli::Fault;
 use crate::process::{self, ProcessError};
 use crate::vm::Vm;
 
@@ -23,12 +24,23 @@ pub enum CommandError {
     NoContainerId,
     #[error("{0}")]
     Process(#[from] ProcessError),
+    #[error("{0}: {1}")]
+    File(String, std::io::Error),
+    #[error("writefile needs a JSON object before the content")]
+    NoFile,
+}
+
+/// READFILE and WRITEFILE name a container and a file in it.
+#[derive(Debug, serde::Deserialize)]
+struct FileRequest {
+    file: String,
 }
 
 /// Carries out one command and returns the ACK payload.
 pub async fn handle(vm: &Arc<Vm>, code: u32, payload: &[u8]) -> Result<Bytes, CommandError> {
     let dialect = vm.dialect();
     match code {
+        code::GETVERSION if vm.config.fault == Some(Fault::EmptyVersion) => Ok(Bytes::new()),
         code::GETVERSION => Ok(Bytes::copy_from_slice(&encode_version(
             vm.config.api_version,
         ))),
@@ -39,12 +51,29 @@ pub async fn handle(vm: &Arc<Vm>, code: u32, payload: &[u8]) -> Result<Bytes, Co
         | code::ONLINECPUMEM
         | code::SETUPINTERFACE
         | code::SETUPROUTE
-        | code::WRITEFILE
-        | code::READFILE
         | code::READY => {
             if !payload.is_empty() {
                 parse::<serde::de::IgnoredAny>(payload)?;
             }
+            Ok(Bytes::new())
+        }
+        code::READFILE => {
+            // No isolation: the file is read on the agent's own file system. The ACK is the raw
+            // content, like hyperstart's.
+            let req: FileRequest = parse(payload)?;
+            let data = std::fs::read(&req.file).map_err(|e| CommandError::File(req.file, e))?;
+            Ok(Bytes::from(data))
+        }
+        code::WRITEFILE => {
+            // The JSON object, then the file's raw bytes in the same message.
+            let mut objects =
+                serde_json::Deserializer::from_slice(payload).into_iter::<FileRequest>();
+            let req = match objects.next() {
+                Some(r) => r?,
+                None => return Err(CommandError::NoFile),
+            };
+            let content = &payload[objects.byte_offset()..];
+            std::fs::write(&req.file, content).map_err(|e| CommandError::File(req.file, e))?;
             Ok(Bytes::new())
         }
         code::NEWCONTAINER => {
