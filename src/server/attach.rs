@@ -10,7 +10,10 @@
 
 use std::sync::Arc;
 
-use cc_proxy_api::stream::{Channel, ControlMessage, Frame, StreamCodec};
+use bytes::{Bytes, BytesMut};
+use cc_proxy_api::stream::{
+    encode_header, Channel, ControlMessage, Frame, StreamCodec, MAX_PAYLOAD,
+};
 use cc_proxy_api::{STREAM_PATH_PREFIX, STREAM_UPGRADE};
 use futures::StreamExt;
 use hyper::body::Incoming;
@@ -25,7 +28,8 @@ use super::Proxy;
 use crate::admin::metrics::DetachKind;
 use crate::admin::tap::TapEvent;
 use crate::error::ProxyError;
-use crate::stream::{AttachError, Stream, Take, Token};
+use crate::stream::writer::{self, ShimEncoder, ShimSink, WriterEnd};
+use crate::stream::{AttachError, Stream, Token};
 use crate::vm::{process, Vm};
 
 /// True for a stream attach request.
@@ -216,85 +220,74 @@ async fn run(
 
 type Writer = tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>;
 
-async fn write_loop(
-    vm: Arc<Vm>,
-    stream: Arc<Stream>,
-    attach: u64,
-    mut out: Writer,
-    gone: CancellationToken,
-) {
-    loop {
-        match stream.next_output(attach, &gone).await {
-            Take::Frames(frames) => {
-                if let Err(unwritten) = write_all(&mut out, frames, &gone).await {
-                    stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, DetachKind::Drop);
-                    gone.cancel();
-                    return;
+/// Stream frames as they are on an attached shim's connection (`cc_proxy_api::stream`).
+struct AttachEncoder;
+
+impl ShimEncoder for AttachEncoder {
+    fn encode(&self, frames: &[Frame], _last: bool, buf: &mut BytesMut) {
+        for f in frames {
+            if f.payload.is_empty() {
+                let _ = encode_header(f.channel, 0, buf);
+                continue;
+            }
+            // Agent packets are smaller than a stream frame's limit; split anyway rather than fail.
+            for chunk in f.payload.chunks(MAX_PAYLOAD) {
+                if encode_header(f.channel, chunk.len(), buf).is_ok() {
+                    buf.extend_from_slice(chunk);
                 }
             }
-            Take::Gone => {
-                vm.shim_detached(&stream.token, DetachKind::Drop);
-                tracing::info!(vm = %vm.id, token = %stream.token, "shim went away; token kept for re-attach");
-                return;
-            }
-            Take::Last(frames) => {
-                if let Err(unwritten) = write_all(&mut out, frames, &gone).await {
-                    // Keep the token: the next shim gets the rest, the exit status included.
-                    stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, DetachKind::Drop);
-                    gone.cancel();
-                    return;
-                }
-                let _ = out.shutdown().await;
-                vm.free_stream(&stream.token);
-                vm.shim_detached(&stream.token, DetachKind::Done);
-                gone.cancel();
-                tracing::debug!(vm = %vm.id, token = %stream.token, "stream complete; token freed");
-                return;
-            }
-            Take::Detach => {
-                let ack = Frame::new(
-                    Channel::Control,
-                    serde_json::to_vec(&ControlMessage::Detached).unwrap_or_default(),
-                );
-                let _ = write_all(&mut out, vec![ack], &gone).await;
-                let _ = out.shutdown().await;
-                stream.release(attach, Vec::new());
-                vm.shim_detached(&stream.token, DetachKind::Detach);
-                tracing::info!(vm = %vm.id, token = %stream.token, "shim detached; token kept");
-                return;
-            }
-            Take::Superseded => return,
+        }
+    }
+
+    fn detach_ack(&self, buf: &mut BytesMut) {
+        let ack = serde_json::to_vec(&ControlMessage::Detached).unwrap_or_default();
+        if encode_header(Channel::Control, ack.len(), buf).is_ok() {
+            buf.extend_from_slice(&ack);
         }
     }
 }
 
-/// Write a batch in one buffer sized for it (nothing is held between batches, so an idle attachment costs
-/// no buffer); on failure give back every frame of the batch (at-least-once).
-async fn write_all(
-    out: &mut Writer,
-    frames: Vec<Frame>,
-    gone: &CancellationToken,
-) -> Result<(), Vec<Frame>> {
-    let len = frames
-        .iter()
-        .map(|f| cc_proxy_api::stream::HEADER_LEN + f.payload.len())
-        .sum();
-    let mut buf = bytes::BytesMut::with_capacity(len);
-    for f in &frames {
-        if cc_proxy_api::stream::encode_header(f.channel, f.payload.len(), &mut buf).is_err() {
-            return Err(frames);
+/// The upgraded connection's write half; finishing half-closes it.
+struct AttachSink(Writer);
+
+impl ShimSink for AttachSink {
+    async fn write(&mut self, buf: Bytes) -> bool {
+        self.0.write_all(&buf).await.is_ok() && self.0.flush().await.is_ok()
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// Write the stream's output to the shim (see [`crate::stream::writer`]), then account for how it ended.
+async fn write_loop(
+    vm: Arc<Vm>,
+    stream: Arc<Stream>,
+    attach: u64,
+    out: Writer,
+    gone: CancellationToken,
+) {
+    let mut sink = AttachSink(out);
+    match writer::drive(&stream, attach, &AttachEncoder, &mut sink, &gone).await {
+        WriterEnd::WriteFailed => {
+            vm.shim_detached(&stream.token, DetachKind::Drop);
+            gone.cancel();
         }
-        buf.extend_from_slice(&f.payload);
+        WriterEnd::Gone => {
+            vm.shim_detached(&stream.token, DetachKind::Drop);
+            tracing::info!(vm = %vm.id, token = %stream.token, "shim went away; token kept for re-attach");
+        }
+        WriterEnd::Finished => {
+            vm.free_stream(&stream.token);
+            vm.shim_detached(&stream.token, DetachKind::Done);
+            gone.cancel();
+            tracing::debug!(vm = %vm.id, token = %stream.token, "stream complete; token freed");
+        }
+        WriterEnd::Detached => {
+            vm.shim_detached(&stream.token, DetachKind::Detach);
+            tracing::info!(vm = %vm.id, token = %stream.token, "shim detached; token kept");
+        }
+        WriterEnd::Superseded => {}
     }
-    // A shim too slow to take the batch must not hold up a shutdown or a release.
-    let written = tokio::select! {
-        r = async { out.write_all(&buf).await?; out.flush().await } => r.is_ok(),
-        _ = gone.cancelled() => false,
-    };
-    if !written {
-        return Err(frames);
-    }
-    Ok(())
 }

@@ -18,6 +18,7 @@
 //! shim closed it on purpose is discarded and counted.
 
 pub mod token;
+pub mod writer;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};

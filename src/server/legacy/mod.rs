@@ -14,6 +14,7 @@
 
 mod commands;
 mod shim;
+mod writer;
 
 use std::sync::Arc;
 
@@ -21,16 +22,13 @@ use bytes::Bytes;
 use cc_proxy_api::legacy::{
     Command, Frame, FrameError, LegacyCodec, LogEntry, Message, StreamKind,
 };
-use futures::{SinkExt, StreamExt};
-use tokio::io::WriteHalf;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use futures::StreamExt;
+use tokio_util::codec::FramedRead;
 
 use super::detect::RewindUnix;
 use super::Proxy;
 use crate::vm::Vm;
-
-/// The write side of a session, shared by the command handler and a shim's output task.
-pub(crate) type Writer = Arc<tokio::sync::Mutex<FramedWrite<WriteHalf<RewindUnix>, LegacyCodec>>>;
+use writer::{Writer, WRITER_DRAIN};
 
 /// Why a session is closed. Each is logged with the client's identity.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +45,8 @@ enum SessionError {
     Log(String),
     #[error("cannot write to the client: {0}")]
     Write(FrameError),
+    #[error("the connection's writer stopped (a write failed)")]
+    WriterGone,
 }
 
 /// What the session does after a frame.
@@ -71,12 +71,12 @@ struct Session {
 pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix) {
     let (rd, wr) = tokio::io::split(conn);
     let mut reader = FramedRead::new(rd, LegacyCodec::default());
+    // The writer stops at once when the daemon stops; otherwise it writes what was queued, then ends.
+    let stop_writer = proxy.shutdown.child_token();
+    let (out, writer) = Writer::spawn(wr, stop_writer.clone());
     let mut session = Session {
         proxy,
-        out: Arc::new(tokio::sync::Mutex::new(FramedWrite::new(
-            wr,
-            LegacyCodec::default(),
-        ))),
+        out,
         vm: None,
         shim: None,
     };
@@ -105,6 +105,11 @@ pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix) {
         }
     }
     session.end().await;
+    drop(session);
+    // Responses queued before the client left are written, within a bound.
+    if tokio::time::timeout(WRITER_DRAIN, writer).await.is_err() {
+        stop_writer.cancel();
+    }
 }
 
 impl Session {
@@ -150,14 +155,9 @@ impl Session {
         }
     }
 
-    /// Write one frame now.
+    /// Queue one frame for the connection, behind everything queued before it.
     async fn send(&self, frame: Frame) -> Result<(), SessionError> {
-        self.out
-            .lock()
-            .await
-            .send(frame)
-            .await
-            .map_err(SessionError::Write)
+        self.out.send(frame).await
     }
 
     /// A log entry from a runtime or shim, written into the daemon's log at its level.

@@ -1,9 +1,9 @@
 //! The shim side of a legacy session: after ConnectShim the connection carries one process's stdio.
 //!
-//! - An output task takes frames from the token's stream and writes them: stdout and stderr as stream frames,
-//!   the exit as a ProcessExited notification. The protocol has no error frame for shims, so a stream that
-//!   fails (VM lost, unregistered, stalled) ends with ProcessExited [`FAILED_EXIT_CODE`] and a log line
-//!   naming the cause: a shim never sees a bare EOF.
+//! - An output task runs the shared shim writer ([`crate::stream::writer`]) with the legacy encoding
+//!   ([`super::writer::LegacyEncoder`]): stdout and stderr as stream frames, the exit as a ProcessExited
+//!   notification; a stream that fails (VM lost, unregistered, stalled) ends with ProcessExited
+//!   [`super::writer::FAILED_EXIT_CODE`] and a log line naming the cause: a shim never sees a bare EOF.
 //! - Frames the task could not write when the shim vanished go back to the stream; the token stays valid and
 //!   a new connection can reclaim it with ConnectShim.
 //! - stdin that arrives before the process started (cc-shim relays input as soon as it is connected) is held,
@@ -16,21 +16,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cc_proxy_api::legacy::{self, Command, Frame, Message, StreamKind, SIGNAL_LIMIT, SIGWINCH};
-use cc_proxy_api::stream::{self as shimstream, Channel};
-use futures::SinkExt;
+use cc_proxy_api::legacy::{self, Command, Frame, SIGNAL_LIMIT, SIGWINCH};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::commands::{parse, CommandError};
-use super::{Flow, Session, SessionError, Writer};
+use super::writer::{LegacyEncoder, LegacySink, Writer};
+use super::{Flow, Session, SessionError};
 use crate::admin::metrics::DetachKind;
-use crate::stream::{AttachError, Lifecycle, Stream, Take, Token};
+use crate::stream::writer::{self, WriterEnd};
+use crate::stream::{AttachError, Lifecycle, Stream, Token};
 use crate::vm::{process, Vm};
-
-/// The exit code a shim gets when its stream ends without an exit status (VM lost, token freed elsewhere).
-pub const FAILED_EXIT_CODE: u8 = 255;
 
 const SIGKILL: i64 = 9;
 const SIGTERM: i64 = 15;
@@ -51,9 +48,6 @@ pub const MAX_EARLY_STDIN: usize = 1 << 20;
 
 /// Longest wait of a SIGKILL/SIGTERM for the outcome of a start already on its way to the agent.
 const START_OUTCOME_WAIT: Duration = Duration::from_secs(60);
-
-/// How often held stdin checks whether its process has started.
-const START_POLL: Duration = Duration::from_millis(10);
 
 /// Stdin queued in order behind a process's start, delivered by [`early_stdin_loop`].
 struct EarlyStdin {
@@ -260,8 +254,6 @@ impl Session {
             // The process never started: to the shim it has ended, successfully.
             tracing::info!(vm = %shim.vm.id, token = %shim.stream.token, signal = n, "signal before the process started; reporting exit 0");
             self.out
-                .lock()
-                .await
                 .send(Frame::process_exited(0))
                 .await
                 .map_err(|e| CommandError::Signal(format!("cannot notify the shim: {e}")))?;
@@ -281,11 +273,9 @@ async fn early_stdin_loop(
     gone: CancellationToken,
 ) {
     while let Some((data, permit)) = rx.recv().await {
-        while stream.lifecycle() == Lifecycle::Allocated {
-            tokio::select! {
-                _ = gone.cancelled() => return,
-                _ = tokio::time::sleep(START_POLL) => {}
-            }
+        tokio::select! {
+            _ = stream.wait_started() => {}
+            _ = gone.cancelled() => return,
         }
         if stream.lifecycle() == Lifecycle::Running {
             if let Err(e) = vm.send_stdin(stream.stdio, data).await {
@@ -298,7 +288,8 @@ async fn early_stdin_loop(
     }
 }
 
-/// Write the stream's output to the shim until the stream ends, the shim leaves, or a write fails.
+/// Write the stream's output to the shim (see [`crate::stream::writer`]) until the stream ends, the shim
+/// leaves, or a write fails.
 async fn output_loop(
     vm: Arc<Vm>,
     stream: Arc<Stream>,
@@ -306,91 +297,22 @@ async fn output_loop(
     out: Writer,
     gone: CancellationToken,
 ) -> OutputEnd {
-    loop {
-        match stream.next_output(attach, &gone).await {
-            Take::Gone => return OutputEnd::Stopped,
-            Take::Frames(frames) => {
-                if let Err(unwritten) = write_batch(&vm, &stream, &out, frames, false).await {
-                    stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, DetachKind::Drop);
-                    return OutputEnd::WriteFailed;
-                }
-            }
-            Take::Last(frames) => {
-                if let Err(unwritten) = write_batch(&vm, &stream, &out, frames, true).await {
-                    // Keep the token: a reclaiming shim gets the rest, exit included.
-                    stream.release(attach, unwritten);
-                    vm.shim_detached(&stream.token, DetachKind::Drop);
-                    return OutputEnd::WriteFailed;
-                }
-                vm.free_stream(&stream.token);
-                tracing::debug!(vm = %vm.id, token = %stream.token, "legacy stream complete; token freed");
-                return OutputEnd::Finished;
-            }
-            Take::Detach => {
-                stream.release(attach, Vec::new());
-                return OutputEnd::Stopped;
-            }
-            Take::Superseded => return OutputEnd::Superseded,
+    let encoder = LegacyEncoder {
+        vm: &vm,
+        stream: &stream,
+    };
+    match writer::drive(&stream, attach, &encoder, &mut LegacySink(out), &gone).await {
+        WriterEnd::Gone | WriterEnd::Detached => OutputEnd::Stopped,
+        WriterEnd::WriteFailed => {
+            vm.shim_detached(&stream.token, DetachKind::Drop);
+            OutputEnd::WriteFailed
         }
-    }
-}
-
-/// Translate and write a batch. `last`: the stream is over, so make sure the shim gets an exit notification.
-/// On failure every frame of the batch is given back (at-least-once across a reclaim).
-async fn write_batch(
-    vm: &Vm,
-    stream: &Stream,
-    out: &Writer,
-    frames: Vec<shimstream::Frame>,
-    last: bool,
-) -> Result<(), Vec<shimstream::Frame>> {
-    let mut legacy_frames = Vec::with_capacity(frames.len() + 1);
-    let mut exit_written = false;
-    for f in &frames {
-        match f.channel {
-            Channel::Stdout | Channel::Stderr => {
-                let kind = if f.channel == Channel::Stdout {
-                    StreamKind::Stdout
-                } else {
-                    StreamKind::Stderr
-                };
-                for chunk in f.payload.chunks(legacy::MAX_PAYLOAD) {
-                    legacy_frames.push(Frame::new(
-                        Message::Stream(kind),
-                        f.payload.slice_ref(chunk),
-                    ));
-                }
-            }
-            Channel::Exit => {
-                let status = f.exit_status().unwrap_or(i32::from(FAILED_EXIT_CODE));
-                let code = u8::try_from(status).unwrap_or(FAILED_EXIT_CODE);
-                legacy_frames.push(Frame::process_exited(code));
-                exit_written = true;
-            }
-            Channel::Error => {
-                let reason = String::from_utf8_lossy(&f.payload);
-                tracing::warn!(vm = %vm.id, token = %stream.token, reason = %reason, code = FAILED_EXIT_CODE,
-                    "legacy shim's stream failed; reporting it as an exit");
-                legacy_frames.push(Frame::process_exited(FAILED_EXIT_CODE));
-                exit_written = true;
-            }
-            Channel::Stdin | Channel::Control => {}
+        WriterEnd::Finished => {
+            vm.free_stream(&stream.token);
+            vm.shim_detached(&stream.token, DetachKind::Done);
+            tracing::debug!(vm = %vm.id, token = %stream.token, "legacy stream complete; token freed");
+            OutputEnd::Finished
         }
+        WriterEnd::Superseded => OutputEnd::Superseded,
     }
-    if last && !exit_written {
-        tracing::warn!(vm = %vm.id, token = %stream.token, code = FAILED_EXIT_CODE,
-            "legacy shim's stream was closed before the process's exit was known; reporting it as an exit");
-        legacy_frames.push(Frame::process_exited(FAILED_EXIT_CODE));
-    }
-    let mut w = out.lock().await;
-    for f in legacy_frames {
-        if w.feed(f).await.is_err() {
-            return Err(frames);
-        }
-    }
-    if w.flush().await.is_err() {
-        return Err(frames);
-    }
-    Ok(())
 }
