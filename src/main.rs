@@ -31,13 +31,21 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line naming what is wrong; `--help` has the rest.
+            // One line naming what is wrong (clap's first paragraph, e.g. the missing argument listed under
+            // its heading); `--help` has the rest.
             let msg = e.to_string();
-            let first = msg
+            let first: Vec<&str> = msg
                 .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = first.join(" ");
+            let first = first.trim_start_matches("error: ");
+            let first = if first.is_empty() {
+                "invalid arguments"
+            } else {
+                first
+            };
             eprintln!("cc-proxy: {first} (see --help)");
             return ExitCode::from(2);
         }

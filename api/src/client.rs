@@ -196,12 +196,28 @@ impl Client {
         args: &[String],
         terminal: bool,
     ) -> Result<AgentCallResult, ClientError> {
+        self.exec_spec(
+            vm,
+            &ExecSpec {
+                args: args.to_vec(),
+                terminal,
+                ..ExecSpec::default()
+            },
+        )
+        .await
+    }
+
+    /// Start a process described by `spec` in container `hyperstart` of `vm` with a stdio stream; returns the
+    /// call's result (with token).
+    pub async fn exec_spec(
+        &self,
+        vm: &str,
+        spec: &ExecSpec,
+    ) -> Result<AgentCallResult, ClientError> {
         self.agent_call(&AgentCallParams {
             vm: vm.to_string(),
             command: "execcmd".into(),
-            data: Some(
-                json!({"container": "hyperstart", "process": {"args": args, "terminal": terminal}}),
-            ),
+            data: Some(json!({"container": "hyperstart", "process": spec.process()})),
             timeout_ms: None,
             streams: Some(1),
             token: None,
@@ -271,6 +287,42 @@ impl Client {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         Ok(Framed::new(TokioIo::new(upgraded), StreamCodec))
+    }
+}
+
+/// A process to start with [`Client::exec_spec`]: the hyperstart `process` object's fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// Program and arguments.
+    pub args: Vec<String>,
+    /// Run on a terminal (stderr merged into stdout).
+    pub terminal: bool,
+    /// Environment variables (name, value), in order.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `None` is the agent's default.
+    pub workdir: Option<String>,
+    /// User to run as (name or numeric id); `None` is the agent's default.
+    pub user: Option<String>,
+}
+
+impl ExecSpec {
+    /// The `process` object of EXECCMD.
+    pub fn process(&self) -> Value {
+        let mut p = json!({"args": self.args, "terminal": self.terminal});
+        if !self.env.is_empty() {
+            p["envs"] = self
+                .env
+                .iter()
+                .map(|(env, value)| json!({"env": env, "value": value}))
+                .collect();
+        }
+        if let Some(dir) = &self.workdir {
+            p["workdir"] = json!(dir);
+        }
+        if let Some(user) = &self.user {
+            p["user"] = json!(user);
+        }
+        p
     }
 }
 

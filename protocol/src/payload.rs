@@ -89,6 +89,8 @@ pub struct Process {
     pub envs: Vec<EnvVar>,
     /// Working directory; empty means the agent's default.
     pub workdir: String,
+    /// User to run as (a name from the guest's passwd, or a numeric uid); empty means the agent's user.
+    pub user: String,
     /// Run on a pseudo-terminal, with stderr merged into stdout.
     pub terminal: bool,
     /// Sequence number for stdin and stdout.

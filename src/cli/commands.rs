@@ -13,9 +13,67 @@ use super::{Command, VmCommand};
 
 /// Exit status when the stream ends with an error rather than an exit status.
 const STREAM_FAILED: u8 = 255;
+/// Exit status of `exec` when the agent refused to start the command (as `docker exec`: cannot invoke).
+pub const CANNOT_RUN: u8 = 126;
+/// Exit status of `exec` when the command does not exist in the guest (as `docker exec` and shells).
+pub const NOT_FOUND: u8 = 127;
+/// Exit status for a command line the user got wrong (as clap's own errors).
+const USAGE: u8 = 2;
+
+/// The exit status of an `exec` whose start the agent refused with `agent_error`. Agents say only in words
+/// why a start failed; "not found" is told apart the way shells and `docker exec` do, from the OS error text
+/// the agents pass on (hyperstart and cc-test-agent: "No such file or directory"; Go agents: "executable file
+/// not found").
+pub fn start_failure_status(agent_error: &str) -> u8 {
+    let text = agent_error.to_ascii_lowercase();
+    if text.contains("no such file or directory") || text.contains("not found") {
+        NOT_FOUND
+    } else {
+        CANNOT_RUN
+    }
+}
+
+/// Parse `-e` values: `NAME=VALUE`, or `NAME` alone for this process's own value (skipped when unset).
+fn parse_env(values: &[String]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        let (name, value) = match v.split_once('=') {
+            Some((n, val)) => (n, Some(val.to_string())),
+            None => (v.as_str(), std::env::var(v).ok()),
+        };
+        if name.is_empty() {
+            return Err(format!("-e {v:?}: the variable has no name (NAME=VALUE)"));
+        }
+        if let Some(value) = value {
+            out.push((name.to_string(), value));
+        }
+    }
+    Ok(out)
+}
 
 /// Run a client subcommand; returns the process exit status.
 pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
+    // Errors in what the user typed are reported before anything is sent, and blamed on the user.
+    let command = match command {
+        Command::Help { command } => return print_help(&command),
+        Command::Call {
+            params: Some(text), ..
+        } if serde_json::from_str::<serde_json::Value>(&text).is_err() => {
+            let e = serde_json::from_str::<serde_json::Value>(&text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            eprintln!("cc-proxy: the PARAMS argument is not JSON ({e}): {text}");
+            return USAGE;
+        }
+        Command::Exec { ref env, .. } if parse_env(env).is_err() => {
+            if let Err(e) = parse_env(env) {
+                eprintln!("cc-proxy: {e}");
+            }
+            return USAGE;
+        }
+        c => c,
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,12 +128,13 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                 }
                 Ok(0)
             }
+            Command::Help { .. } => Ok(0),
             Command::Call { method, params } => {
-                let params: serde_json::Value = match params.as_deref() {
-                    None => serde_json::json!({}),
-                    Some(text) => serde_json::from_str(text)
-                        .map_err(|e| ClientError::Decode(format!("params are not JSON: {e}")))?,
-                };
+                // Checked above: present params are JSON.
+                let params: serde_json::Value = params
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str(text).ok())
+                    .unwrap_or_else(|| serde_json::json!({}));
                 let result: serde_json::Value = client.call(&method, params).await?;
                 print_json(&result);
                 Ok(0)
@@ -150,8 +209,43 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                 }
                 Ok(0)
             }
-            Command::Exec { vm, tty, args } => {
-                let started = client.exec(&vm, &args, tty).await?;
+            Command::Exec {
+                vm,
+                tty,
+                env,
+                workdir,
+                user,
+                args,
+            } => {
+                let spec = cc_proxy_api::client::ExecSpec {
+                    args,
+                    terminal: tty,
+                    env: parse_env(&env).unwrap_or_default(),
+                    workdir,
+                    user,
+                };
+                let started = match client.exec_spec(&vm, &spec).await {
+                    Ok(s) => s,
+                    Err(ClientError::Rpc {
+                        code,
+                        message,
+                        data,
+                    }) if code == cc_proxy_api::error::AGENT_ERROR => {
+                        let agent_error = data
+                            .as_ref()
+                            .and_then(|d| d.get("agent_error"))
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or(&message);
+                        let why = if agent_error.is_empty() {
+                            "the agent refused to start it (it gave no reason)"
+                        } else {
+                            agent_error
+                        };
+                        eprintln!("cc-proxy: cannot run {:?} in {vm}: {why}", spec.args[0]);
+                        return Ok(start_failure_status(agent_error));
+                    }
+                    Err(e) => return Err(e),
+                };
                 let token = started
                     .token
                     .ok_or_else(|| ClientError::Decode("no token in the exec result".into()))?;
@@ -186,6 +280,27 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
             eprintln!("cc-proxy: {e}");
             1
         }
+    }
+}
+
+/// `cc-proxy help [COMMAND...]`: the help of cc-proxy or of the named subcommand.
+fn print_help(path: &[String]) -> u8 {
+    use clap::CommandFactory;
+    let mut cmd = super::Cli::command();
+    cmd.build();
+    let mut current = &mut cmd;
+    for name in path {
+        match current.find_subcommand_mut(name) {
+            Some(sub) => current = sub,
+            None => {
+                eprintln!("cc-proxy: no subcommand {name:?} (see cc-proxy --help)");
+                return USAGE;
+            }
+        }
+    }
+    match current.print_help() {
+        Ok(()) => 0,
+        Err(_) => 1,
     }
 }
 
@@ -276,5 +391,36 @@ async fn relay(stream: &mut AttachedStream, tty: bool) -> u8 {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_failures_map_to_docker_statuses() {
+        assert_eq!(
+            start_failure_status("cannot start '/x': No such file or directory (os error 2)"),
+            NOT_FOUND
+        );
+        assert_eq!(
+            start_failure_status("exec: \"x\": executable file not found in $PATH"),
+            NOT_FOUND
+        );
+        assert_eq!(
+            start_failure_status("cannot start '/etc/passwd': Permission denied (os error 13)"),
+            CANNOT_RUN
+        );
+        assert_eq!(start_failure_status(""), CANNOT_RUN);
+    }
+
+    #[test]
+    fn env_values_need_a_name() {
+        assert_eq!(
+            parse_env(&["A=1".into(), "B=x=y".into()]),
+            Ok(vec![("A".into(), "1".into()), ("B".into(), "x=y".into())])
+        );
+        assert!(parse_env(&["=1".into()]).is_err());
     }
 }

@@ -8,22 +8,26 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// The environment variable naming the socket when `--socket` is absent (like `DOCKER_HOST`).
+pub const SOCKET_ENV: &str = "CC_PROXY_SOCKET";
+
 const EXAMPLES: &str = "\
 Examples:
   cc-proxy                                   run the daemon on /run/cc-oci-runtime/proxy.sock
   cc-proxy --socket /tmp/p.sock --state-dir /tmp/p-state --admin-addr off --log debug
                                              a private daemon beside the system one, dumping raw agent I/O
   cc-proxy vm list                           list registered VMs
-  cc-proxy exec myvm -- uname -a             run a process in a VM and relay its stdio
+  cc-proxy exec myvm uname -a                run a process in a VM and relay its stdio
+  cc-proxy exec -e A=1 -w /tmp myvm env      ... with an environment variable and a working directory
   cc-proxy exec myvm --tty -- sh             an interactive shell
   cc-proxy --json vm info myvm               machine-readable output";
 
 /// cc-proxy: the host daemon between container runtimes/shims and the agents inside the host's VMs.
 #[derive(Debug, Parser)]
-#[command(name = "cc-proxy", version, about, after_help = EXAMPLES)]
+#[command(name = "cc-proxy", version, about, after_help = EXAMPLES, disable_help_subcommand = true)]
 pub struct Cli {
-    /// The AF_UNIX socket the daemon serves (and clients connect to).
-    #[arg(long, global = true, default_value = cc_proxy_api::DEFAULT_SOCKET, value_name = "PATH")]
+    /// The AF_UNIX socket the daemon serves (and clients connect to); the flag wins over CC_PROXY_SOCKET.
+    #[arg(long, global = true, env = SOCKET_ENV, default_value = cc_proxy_api::DEFAULT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
 
     /// Log level; when absent CC_PROXY_LOG_LEVEL is read, else `warn`.
@@ -132,27 +136,53 @@ pub enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
-    /// Run a process in a VM (container `hyperstart`) and relay this terminal's stdio; exits with its status.
+    /// Run a process in a VM (container `hyperstart`) and relay this terminal's stdio; exits with its status,
+    /// 126 when the agent cannot run the command, 127 when the command is not found.
     Exec {
         /// The VM id.
         vm: String,
         /// Run on a terminal (stderr merged into stdout).
         #[arg(long, short = 't')]
         tty: bool,
-        /// The command and its arguments.
-        #[arg(last = true, required = true)]
+        /// Set an environment variable (NAME=VALUE, or NAME to pass this shell's value); repeatable.
+        #[arg(long = "env", short = 'e', value_name = "NAME[=VALUE]")]
+        env: Vec<String>,
+        /// Working directory of the process.
+        #[arg(long, short = 'w', value_name = "DIR")]
+        workdir: Option<String>,
+        /// User to run the process as (name or uid in the guest).
+        #[arg(long, short = 'u', value_name = "USER")]
+        user: Option<String>,
+        /// The command and its arguments (options after the command are its own; `--` is optional).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
         args: Vec<String>,
     },
     /// Attach this terminal to an existing stream token.
-    Attach { token: String },
+    Attach {
+        /// The stream token (from `agent.call` with `streams: 1`, or `stream.allocate`).
+        token: String,
+    },
     /// Print the daemon's version and features.
     Version,
     /// Make a raw JSON-RPC call and print its result: `cc-proxy call vm.info '{"id":"vm1"}'`.
     Call {
         /// The method, e.g. `proxy.health`.
+        #[arg(value_name = "METHOD")]
         method: String,
         /// The params as JSON (default `{}`).
+        #[arg(value_name = "PARAMS")]
         params: Option<String>,
+    },
+    /// Print the help of cc-proxy or of one of its subcommands: `cc-proxy help vm register`.
+    Help {
+        /// The subcommand (and sub-subcommand) to describe.
+        #[arg(value_name = "COMMAND")]
+        command: Vec<String>,
     },
     /// Watch live events (agent commands, process starts and exits, attaches, VM state), one line each.
     Tap {
@@ -177,19 +207,30 @@ pub enum VmCommand {
     List,
     /// Register a VM's agent endpoints (URIs: unix://, vsock://, hvsock://, tcp://).
     Register {
+        /// The VM id: 1 to 128 characters of A-Z a-z 0-9 . _ -
         id: String,
-        #[arg(long)]
+        /// The agent's control channel, e.g. hvsock:///run/vm1.sock:2718 or unix:///run/vm1/ctl.sock.
+        #[arg(long, value_name = "URI")]
         control: String,
-        #[arg(long)]
+        /// The agent's I/O channel, e.g. hvsock:///run/vm1.sock:2719 or unix:///run/vm1/io.sock.
+        #[arg(long, value_name = "URI")]
         io: String,
-        #[arg(long)]
+        /// A console whose lines are logged at debug with source=guest.
+        #[arg(long, value_name = "URI")]
         console: Option<String>,
-        /// How long to wait for the agent's READY.
-        #[arg(long)]
+        /// How long to wait for each connect and for the agent's READY and GETVERSION, in milliseconds
+        /// (default 10000).
+        #[arg(long, value_name = "MS")]
         timeout_ms: Option<u64>,
     },
     /// Unregister a VM: its streams end and its tokens are freed.
-    Unregister { id: String },
+    Unregister {
+        /// The VM id.
+        id: String,
+    },
     /// Show one VM.
-    Info { id: String },
+    Info {
+        /// The VM id.
+        id: String,
+    },
 }

@@ -257,7 +257,7 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         "tap.observe",
         "tap.event",
         "tap.unobserve",
-        |params, pending, _, _| async move {
+        |params, pending, proxy, _| async move {
             let p: TapParams = if params.is_object() {
                 match params.parse() {
                     Ok(p) => p,
@@ -277,6 +277,14 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
                     .await;
                 return;
             };
+            // A tap of a VM that does not exist would wait for events that never come: say so instead (a VM
+            // being recovered exists).
+            if let Some(vm) = &p.vm {
+                if let Err(e) = proxy.registry.info(vm) {
+                    pending.reject(e).await;
+                    return;
+                }
+            }
             observe(p, pending).await;
         },
     );

@@ -52,6 +52,8 @@ pub enum ProcessError {
     NoSuchContainer(String),
     #[error("container '{0}' has no init process")]
     NoInit(String),
+    #[error("unknown user '{0}'")]
+    NoSuchUser(String),
     #[error("cannot allocate a terminal: {0}")]
     Pty(std::io::Error),
     #[error("cannot start '{program}': {source}")]
@@ -490,7 +492,7 @@ pub fn start(
     Ok(())
 }
 
-fn command(process: &Process) -> tokio::process::Command {
+fn command(process: &Process) -> Result<tokio::process::Command, ProcessError> {
     let mut cmd = tokio::process::Command::new(&process.args[0]);
     cmd.args(&process.args[1..]);
     for var in &process.envs {
@@ -499,7 +501,24 @@ fn command(process: &Process) -> tokio::process::Command {
     if !process.workdir.is_empty() {
         cmd.current_dir(&process.workdir);
     }
-    cmd
+    if !process.user.is_empty() {
+        let (uid, gid) = lookup_user(&process.user)
+            .ok_or_else(|| ProcessError::NoSuchUser(process.user.clone()))?;
+        cmd.uid(uid).gid(gid);
+    }
+    Ok(cmd)
+}
+
+/// A user's uid and primary gid from /etc/passwd; a numeric uid not listed there runs with gid = uid.
+fn lookup_user(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let listed = passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() > 3 && (f[0] == user || f[2] == user))
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .flatten()
+    });
+    listed.or_else(|| user.parse().ok().map(|uid| (uid, uid)))
 }
 
 fn spawn_error(process: &Process) -> impl FnOnce(std::io::Error) -> ProcessError + '_ {
@@ -510,7 +529,7 @@ fn spawn_error(process: &Process) -> impl FnOnce(std::io::Error) -> ProcessError
 }
 
 fn spawn_on_pipes(process: &Process) -> Result<Spawned, ProcessError> {
-    let mut cmd = command(process);
+    let mut cmd = command(process)?;
     // stdout (and stderr when it is merged) share one pipe, which keeps their relative order.
     let (out_r, out_w) = std::io::pipe().map_err(spawn_error(process))?;
     let stderr_r = if process.stderr != 0 {
@@ -544,7 +563,7 @@ fn spawn_on_pipes(process: &Process) -> Result<Spawned, ProcessError> {
 
 fn spawn_on_pty(process: &Process) -> Result<Spawned, ProcessError> {
     let pty = pty::open().map_err(ProcessError::Pty)?;
-    let mut cmd = command(process);
+    let mut cmd = command(process)?;
     let slave = |p: &pty::Pty| {
         p.slave
             .try_clone()
