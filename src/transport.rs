@@ -15,11 +15,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use cc_proxy_protocol::hvsock;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-
-/// Longest hybrid-vsock handshake reply line we accept (`OK <u32>\n` is at most 14 bytes).
-const MAX_HVSOCK_REPLY: usize = 64;
 
 /// A parsed endpoint URI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -155,17 +153,16 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Write `CONNECT <port>\n` and read the `OK <n>\n` line byte by byte, so no stream byte after it is consumed.
+/// Write `CONNECT <port>\n` and read the VMM's reply line (`cc_proxy_protocol::hvsock` parses it); bytes that
+/// arrive after the line already belong to the connected stream and are handed back to it.
 async fn hybrid_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     port: u32,
 ) -> Result<Vec<u8>, String> {
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
+    s.write_all(hvsock::connect_line(port).as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    // Read the reply line in as few reads as the peer allows; bytes after the newline already belong to the
-    // connected stream and are handed back to it.
-    let mut buf = [0u8; MAX_HVSOCK_REPLY];
+    let mut buf = [0u8; hvsock::MAX_REPLY_LINE];
     let mut filled = 0;
     loop {
         let n = s
@@ -175,18 +172,10 @@ async fn hybrid_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         if n == 0 {
             return Err("connection closed before the reply".into());
         }
-        let start = filled;
         filled += n;
-        if let Some(pos) = buf[start..filled].iter().position(|&b| b == b'\n') {
-            let newline = start + pos;
-            let text = String::from_utf8_lossy(&buf[..newline]);
-            if !(text.starts_with("OK ") || text == "OK") {
-                return Err(format!("unexpected reply {text:?}"));
-            }
-            return Ok(buf[newline + 1..filled].to_vec());
-        }
-        if filled == buf.len() {
-            return Err("reply line too long".into());
+        // parse_reply fails before `filled` can reach the buffer's end without a newline.
+        if let Some(reply) = hvsock::parse_reply(&buf[..filled]).map_err(|e| e.to_string())? {
+            return Ok(buf[reply.len..filled].to_vec());
         }
     }
 }
@@ -444,6 +433,32 @@ mod tests {
         rewound.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"DATA");
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn hybrid_handshake_reply_in_pieces_and_too_long() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 10];
+            let _ = b.read_exact(&mut buf).await;
+            for piece in [&b"O"[..], b"K 7", b"\nab", b"c"] {
+                let _ = b.write_all(piece).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            b
+        });
+        let leftover = hybrid_handshake(&mut a, 5).await.unwrap();
+        assert_eq!(leftover, b"ab");
+
+        let (mut a, mut b) = tokio::io::duplex(256);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 10];
+            let _ = b.read_exact(&mut buf).await;
+            let _ = b.write_all(&[b'O'; 100]).await;
+            b
+        });
+        let err = hybrid_handshake(&mut a, 5).await.unwrap_err();
+        assert!(err.contains("too long"), "{err}");
     }
 
     #[tokio::test]

@@ -4,7 +4,8 @@
 //! their ACK/ERROR replies ([`control`]), the I/O channel multiplexes the stdio of every
 //! process by sequence number ([`io`]). Command codes live in [`code`]; the two agent dialects
 //! (cc-agent and hyperstart), which disagree on a few codes and payloads, in [`dialect`]; the
-//! JSON payloads we read or build in [`payload`].
+//! JSON payloads we read or build in [`payload`]. Reaching an agent through a VMM's hybrid-vsock
+//! socket starts with a one-line handshake, parsed in [`hvsock`].
 //!
 //! The crate is pure: parsers work on byte buffers and report "incomplete" or an error, so
 //! they can be tested and fuzzed without sockets. The `tokio_util` codec adaptors let callers
@@ -15,6 +16,7 @@
 pub mod code;
 pub mod control;
 pub mod dialect;
+pub mod hvsock;
 pub mod io;
 pub mod payload;
 
