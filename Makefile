@@ -1,7 +1,8 @@
 # cc-proxy: build, test, install and package.
 #
 #   make                 release build of the whole workspace
-#   make test            lint, unit + integration tests, then the VM tests if present
+#   make test            lint, unit + integration tests, 20 s of fuzzing per target, then the VM tests if present
+#   make fuzz            every fuzz target for FUZZ_SECONDS (default 60) each (nightly + cargo-fuzz)
 #   make install         PREFIX=/usr/local DESTDIR= : binary, systemd units, SELinux module (if built), docs
 #   make package         target/package/cc-proxy-<version>.tar.gz
 #   make selinux         selinux/cc-proxy.pp (needs selinux-policy-dev, or checkpolicy + semodule-utils)
@@ -23,11 +24,14 @@ VERSION := $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\([^"]*
 PKGNAME := cc-proxy-$(VERSION)
 PKGDIR  := target/package
 RELEASE_BIN ?= target/release/cc-proxy
+# Seconds per fuzz target: `make fuzz` uses FUZZ_SECONDS, `make test` (fuzz-ci) FUZZ_CI_SECONDS.
+FUZZ_SECONDS ?= 60
+FUZZ_CI_SECONDS ?= 20
 
 UNITS := systemd/cc-proxy.socket systemd/cc-proxy.service
 
 .PHONY: all build test lint unit-test install install-bin install-units install-docs install-selinux \
-	package selinux demo bench bench-quick vm-test clean
+	package selinux demo bench bench-quick vm-test fuzz fuzz-ci clean
 
 all: build
 
@@ -47,7 +51,7 @@ unit-test:
 		$(CARGO) test --workspace; \
 	fi
 
-test: lint unit-test
+test: lint unit-test fuzz-ci
 	@if [ -f tests/vm/run.sh ]; then \
 		$(MAKE) vm-test; \
 	else \
@@ -120,6 +124,15 @@ bench-quick:
 vm-test:
 	bash tests/vm/run.sh
 
+# fuzz/ is its own cargo workspace built with nightly; see docs/reliability.md.
+fuzz:
+	bash fuzz/run.sh $(FUZZ_SECONDS)
+
+# Skips with the reason printed when the nightly toolchain or cargo-fuzz is missing.
+fuzz-ci:
+	bash fuzz/run.sh --ci $(FUZZ_CI_SECONDS)
+
 clean:
 	$(CARGO) clean
+	rm -rf fuzz/target
 	rm -rf selinux/tmp selinux/cc-proxy.pp
