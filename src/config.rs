@@ -46,6 +46,8 @@ pub struct Config {
     pub log_target: LogTarget,
     /// Data-plane worker threads; 0 = one per core.
     pub threads: usize,
+    /// Client connections open at once; more are closed on accept.
+    pub max_connections: usize,
     /// Settings every VM shares.
     pub vm: VmConfig,
 }
@@ -92,6 +94,7 @@ impl Config {
             log_format: cli.log_format,
             log_target: cli.log_target,
             threads: cli.threads,
+            max_connections: cli.max_connections.max(1),
             vm: VmConfig {
                 stream_buffer: cli.stream_buffer,
                 keepalive: (cli.agent_keepalive > 0)

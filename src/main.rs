@@ -5,6 +5,7 @@
 // Unsafe code is denied; a module that needs a libc call opts in with `#[allow(unsafe_code)]` and a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
+mod accept;
 mod admin;
 mod cli;
 mod config;

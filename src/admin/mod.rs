@@ -25,7 +25,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::accept;
 use crate::server::Proxy;
+use crate::transport::{Listener, PeerAddr};
 
 /// Largest body accepted by `PUT /proxy-log-level`; a filter is a short line.
 const MAX_LOG_LEVEL_BODY: usize = 4096;
@@ -57,7 +62,13 @@ pub fn add_metrics_source(source: MetricsSource) {
 
 /// Keeps the admin thread alive; dropping it stops the server.
 pub struct AdminHandle {
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: CancellationToken,
+}
+
+impl Drop for AdminHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Why the admin server could not start.
@@ -86,7 +97,8 @@ pub fn start(
     proxy: Arc<Proxy>,
 ) -> Result<AdminHandle, AdminError> {
     let local = std_listener.local_addr().map_err(AdminError::Thread)?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = CancellationToken::new();
+    let stop_serving = stop.clone();
     std::thread::Builder::new()
         .name("cc-proxy-admin".into())
         .spawn(move || {
@@ -100,18 +112,14 @@ pub fn start(
                     return;
                 }
             };
-            rt.block_on(serve(std_listener, proxy, stop_rx));
+            rt.block_on(serve(std_listener, proxy, stop_serving));
         })
         .map_err(AdminError::Thread)?;
     tracing::info!(addr = %local, "admin server listening");
-    Ok(AdminHandle { _stop: stop_tx })
+    Ok(AdminHandle { stop })
 }
 
-async fn serve(
-    listener: std::net::TcpListener,
-    proxy: Arc<Proxy>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
+async fn serve(listener: std::net::TcpListener, proxy: Arc<Proxy>, stop: CancellationToken) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -119,38 +127,32 @@ async fn serve(
             return;
         }
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut stop => return,
-            a = listener.accept() => match a {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "admin connection refused: too many open");
-            continue;
-        };
+    accept::serve(
+        Listener::from_tcp(listener),
+        "admin",
+        MAX_ADMIN_CONNECTIONS,
+        stop,
+        TaskTracker::new(),
+        move |incoming| serve_connection(proxy.clone(), incoming),
+    )
+    .await;
+}
+
+async fn serve_connection(proxy: Arc<Proxy>, incoming: accept::Incoming) {
+    let peer = match incoming.peer {
+        PeerAddr::Tcp(addr) => addr,
+        // The admin listener is TCP; anything else is treated as remote.
+        PeerAddr::Unix | PeerAddr::Vsock { .. } => SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
+    let svc = hyper::service::service_fn(move |req| {
         let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let svc = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, proxy, peer).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-        });
-    }
+        async move { Ok::<_, std::convert::Infallible>(route(req, proxy, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(incoming.conn), svc);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -22,6 +22,9 @@ Examples:
   cc-proxy exec myvm --tty -- sh             an interactive shell
   cc-proxy --json vm info myvm               machine-readable output";
 
+/// Default of `--max-connections`: room for a shim per process on a full host (a shim holds one connection).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
+
 /// cc-proxy: the host daemon between container runtimes/shims and the agents inside the host's VMs.
 #[derive(Debug, Parser)]
 #[command(name = "cc-proxy", version, about, after_help = EXAMPLES, disable_help_subcommand = true)]
@@ -76,6 +79,11 @@ pub struct Cli {
     /// recovered wait at most this long for the outcome, after which it is listed as lost.
     #[arg(long, default_value_t = crate::vm::registry::DEFAULT_RECOVERY_TIMEOUT.as_secs(), value_name = "SECS")]
     pub recovery_timeout: u64,
+
+    /// Client connections (runtimes, shims, taps) served at once on the socket; one more is closed on accept,
+    /// so a runaway client cannot exhaust the daemon's file descriptors.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
 
     /// Worker threads of the data plane (0 = one per CPU core).
     #[arg(long, default_value_t = 0, value_name = "N")]

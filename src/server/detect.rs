@@ -48,7 +48,7 @@ pub async fn detect<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<(Protocol
 }
 
 /// A client connection after detection.
-pub type RewindUnix = Rewind<tokio::net::UnixStream>;
+pub type ClientConn = Rewind<crate::transport::Connection>;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@ use jsonrpsee::core::BoxError;
 use jsonrpsee::server::{HttpRequest, HttpResponse, Methods, StopHandle, TowerServiceBuilder};
 use tower::Service;
 
-use super::detect::RewindUnix;
+use super::detect::ClientConn;
 use super::rpc::errors::{count_unrouted, CountErrorsLayer, Routed};
 use super::{attach, rpc, Peer, Proxy, MAX_REQUEST_BYTES};
 
@@ -52,7 +52,7 @@ impl HttpServer {
     }
 
     /// Serve one connection until it closes or the daemon stops.
-    pub async fn serve(self, conn: RewindUnix, peer: Peer) {
+    pub async fn serve(self, conn: ClientConn, peer: Peer) {
         let rpc = self
             .builder
             .clone()

@@ -21,9 +21,11 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::task::TaskTracker;
 
+use crate::accept::{self, Incoming};
 use crate::admin::metrics::{ProtocolLabel, METRICS};
 use crate::config::Config;
 use crate::logging::LogHandle;
+use crate::transport::{Connection, Listener};
 use crate::vm::state::StateDir;
 use crate::vm::Registry;
 
@@ -198,28 +200,28 @@ pub async fn run(
     }
 
     let tracker = proxy.tasks.clone();
-    loop {
-        tokio::select! {
-            accepted = unix.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let proxy = proxy.clone();
-                    let http = http.clone();
-                    tracker.spawn(async move { handle_connection(proxy, http, stream).await });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off briefly rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        }
+    let stop_accepting = tokio_util::sync::CancellationToken::new();
+    let accepting = {
+        let (proxy, http) = (proxy.clone(), http.clone());
+        tokio::spawn(accept::serve(
+            Listener::from_unix(unix, listener.path.clone()),
+            "client",
+            config.max_connections,
+            stop_accepting.clone(),
+            tracker.clone(),
+            move |incoming| handle_connection(proxy.clone(), http.clone(), incoming),
+        ))
+    };
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
     }
 
     tracing::info!("shutting down: draining connections");
     notify::stopping();
-    drop(unix);
+    // The accept loop ends and drops the listening socket.
+    stop_accepting.cancel();
+    let _ = accepting.await;
     if listener.created {
         let _ = std::fs::remove_file(&listener.path);
     }
@@ -260,21 +262,17 @@ impl Peer {
     }
 }
 
-async fn handle_connection(
-    proxy: Arc<Proxy>,
-    http: http::HttpServer,
-    stream: tokio::net::UnixStream,
-) {
+async fn handle_connection(proxy: Arc<Proxy>, http: http::HttpServer, incoming: Incoming) {
     use tracing::Instrument;
     let id = proxy.next_client.fetch_add(1, Ordering::Relaxed);
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer {
+    let peer = match incoming.cred {
+        Some(c) => Peer {
             id,
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
+            pid: c.pid,
+            uid: c.uid,
+            gid: c.gid,
         },
-        Err(_) => Peer {
+        None => Peer {
             id,
             pid: None,
             uid: u32::MAX,
@@ -282,7 +280,7 @@ async fn handle_connection(
         },
     };
     let span = peer.span();
-    serve_connection(proxy, http, stream, peer)
+    serve_connection(proxy, http, incoming.conn, peer)
         .instrument(span)
         .await
 }
@@ -290,7 +288,7 @@ async fn handle_connection(
 async fn serve_connection(
     proxy: Arc<Proxy>,
     http: http::HttpServer,
-    stream: tokio::net::UnixStream,
+    stream: Connection,
     peer: Peer,
 ) {
     let (protocol, conn) = match detect::detect(stream).await {

@@ -156,3 +156,41 @@ async fn garbage_on_an_attached_stream_closes_only_that_attachment() {
     assert_eq!(out.status, Some(0));
     assert_serves(&env).await;
 }
+
+/// `--max-connections`: connections past the limit are closed on accept, the open ones keep working, and
+/// the daemon serves new clients again once one leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_closed_and_the_daemon_keeps_serving() {
+    const LIMIT: usize = 3;
+    let env = Env::start_with(&["--max-connections", "3"]).await;
+    // Idle connections (their protocol not known yet) take the slots; the first one past the limit is
+    // closed at once. The harness may hold a connection of its own, so count only what stays open.
+    let mut held = Vec::new();
+    let mut closed = 0;
+    for _ in 0..LIMIT + 2 {
+        let mut s = UnixStream::connect(&env.socket)
+            .await
+            .expect("the kernel accepts the connection");
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            Ok(Ok(_)) => panic!("the daemon sent bytes unasked"),
+            Err(_) => held.push(s),
+        }
+    }
+    assert!(
+        held.len() <= LIMIT && closed >= 2,
+        "{} connections stayed open, {closed} were closed (limit {LIMIT}):\n{}",
+        held.len(),
+        env.logs()
+    );
+    assert!(
+        env.logs().contains("too many open"),
+        "the refusal is logged:\n{}",
+        env.logs()
+    );
+    // The held ones leave: the daemon serves a new client.
+    held.clear();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_serves(&env).await;
+}

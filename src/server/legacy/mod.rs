@@ -25,7 +25,7 @@ use cc_proxy_api::legacy::{
 use futures::StreamExt;
 use tokio_util::codec::FramedRead;
 
-use super::detect::RewindUnix;
+use super::detect::ClientConn;
 use super::Proxy;
 use crate::vm::Vm;
 use writer::{Writer, WRITER_DRAIN};
@@ -68,7 +68,7 @@ struct Session {
 
 /// Serve one legacy v2 connection until the client leaves or breaks the protocol. Its log lines carry the
 /// client's fields through the connection's span (see [`crate::server::Peer`]).
-pub async fn serve(proxy: Arc<Proxy>, conn: RewindUnix) {
+pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn) {
     let (rd, wr) = tokio::io::split(conn);
     let mut reader = FramedRead::new(rd, LegacyCodec::default());
     // The writer stops at once when the daemon stops; otherwise it writes what was queued, then ends.

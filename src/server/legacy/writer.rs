@@ -17,7 +17,7 @@ use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 
 use super::SessionError;
-use crate::server::detect::RewindUnix;
+use crate::server::detect::ClientConn;
 use crate::stream::writer::{ShimEncoder, ShimSink};
 use crate::stream::Stream;
 use crate::vm::Vm;
@@ -47,7 +47,7 @@ impl Writer {
     /// Start the writer task on `wr`; it stops when every handle is dropped and the queue is written, when a
     /// write fails, or when `stop` fires.
     pub(super) fn spawn(
-        wr: WriteHalf<RewindUnix>,
+        wr: WriteHalf<ClientConn>,
         stop: CancellationToken,
     ) -> (Writer, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
@@ -84,7 +84,7 @@ impl Writer {
 }
 
 async fn write_task(
-    mut wr: WriteHalf<RewindUnix>,
+    mut wr: WriteHalf<ClientConn>,
     mut rx: mpsc::Receiver<Outgoing>,
     stop: CancellationToken,
 ) {

@@ -1,16 +1,5 @@
-//! One transport abstraction for every byte stream the daemon opens: agent channels now, mesh targets later.
-//!
-//! Endpoints are URIs:
-//!
-//! | URI | meaning |
-//! |---|---|
-//! | `unix:///path` | an AF_UNIX stream socket (e.g. a QEMU virtio-serial chardev) |
-//! | `vsock://CID:PORT` | AF_VSOCK (QEMU with vhost-vsock) |
-//! | `hvsock:///path/vm.sock:PORT` | hybrid vsock: connect to the VMM's unix socket, `CONNECT PORT\n`, expect `OK N\n` |
-//! | `tcp://HOST:PORT` | TCP (tests, remote agents) |
+//! Dialling endpoints, and the [`Connection`] every transport yields.
 
-use std::fmt;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,81 +8,9 @@ use cc_proxy_protocol::hvsock;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-/// A parsed endpoint URI.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    Unix(PathBuf),
-    Vsock { cid: u32, port: u32 },
-    HybridVsock { path: PathBuf, port: u32 },
-    Tcp(String),
-}
-
-/// Why an endpoint could not be parsed or reached. Every variant names the URI.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    #[error("invalid endpoint URI {uri:?}: {reason}")]
-    InvalidUri { uri: String, reason: &'static str },
-    #[error("cannot connect to {uri}: {source}")]
-    Connect { uri: String, source: std::io::Error },
-    #[error("connecting to {uri} timed out after {after:?}")]
-    Timeout { uri: String, after: Duration },
-    #[error("hybrid vsock handshake with {uri} failed: {reason}")]
-    Handshake { uri: String, reason: String },
-}
+use super::{Endpoint, HandshakeError, TransportError};
 
 impl Endpoint {
-    /// Parse a URI of one of the supported schemes.
-    pub fn parse(uri: &str) -> Result<Endpoint, TransportError> {
-        let invalid = |reason| TransportError::InvalidUri {
-            uri: uri.to_string(),
-            reason,
-        };
-        let (scheme, rest) = uri
-            .split_once("://")
-            .ok_or_else(|| invalid("expected SCHEME://..."))?;
-        match scheme {
-            "unix" => {
-                if !rest.starts_with('/') {
-                    return Err(invalid("unix:// needs an absolute path (unix:///path)"));
-                }
-                Ok(Endpoint::Unix(PathBuf::from(rest)))
-            }
-            "vsock" => {
-                let (cid, port) = rest
-                    .split_once(':')
-                    .ok_or_else(|| invalid("expected vsock://CID:PORT"))?;
-                let cid = cid.parse().map_err(|_| invalid("CID is not a number"))?;
-                let port = port.parse().map_err(|_| invalid("port is not a number"))?;
-                Ok(Endpoint::Vsock { cid, port })
-            }
-            "hvsock" => {
-                if !rest.starts_with('/') {
-                    return Err(invalid(
-                        "hvsock:// needs an absolute path (hvsock:///path/vm.sock:PORT)",
-                    ));
-                }
-                let (path, port) = rest
-                    .rsplit_once(':')
-                    .ok_or_else(|| invalid("expected hvsock:///path:PORT"))?;
-                let port = port.parse().map_err(|_| invalid("port is not a number"))?;
-                Ok(Endpoint::HybridVsock {
-                    path: PathBuf::from(path),
-                    port,
-                })
-            }
-            "tcp" => {
-                let (host, port) = rest
-                    .rsplit_once(':')
-                    .ok_or_else(|| invalid("expected tcp://HOST:PORT"))?;
-                if host.is_empty() || port.parse::<u16>().is_err() {
-                    return Err(invalid("expected tcp://HOST:PORT"));
-                }
-                Ok(Endpoint::Tcp(rest.to_string()))
-            }
-            _ => Err(invalid("unsupported scheme (unix, vsock, hvsock, tcp)")),
-        }
-    }
-
     /// Connect, giving up after `timeout` (the hybrid-vsock handshake included).
     pub async fn connect(&self, timeout: Duration) -> Result<Connection, TransportError> {
         let uri = self.to_string();
@@ -115,8 +32,10 @@ impl Endpoint {
             Endpoint::Unix(path) => Ok(Connection::Unix(
                 UnixStream::connect(path).await.map_err(conn_err)?,
             )),
-            Endpoint::Tcp(addr) => {
-                let s = TcpStream::connect(addr).await.map_err(conn_err)?;
+            Endpoint::Tcp(_) => {
+                // Every address the host resolves to is tried in turn.
+                let addrs = self.resolve().await?;
+                let s = TcpStream::connect(&addrs[..]).await.map_err(conn_err)?;
                 let _ = s.set_nodelay(true);
                 Ok(Connection::Tcp(s))
             }
@@ -142,39 +61,28 @@ impl Endpoint {
     }
 }
 
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
-            Endpoint::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
-            Endpoint::HybridVsock { path, port } => write!(f, "hvsock://{}:{port}", path.display()),
-            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
-        }
-    }
-}
-
 /// Write `CONNECT <port>\n` and read the VMM's reply line (`cc_proxy_protocol::hvsock` parses it); bytes that
 /// arrive after the line already belong to the connected stream and are handed back to it.
 async fn hybrid_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     port: u32,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, HandshakeError> {
     s.write_all(hvsock::connect_line(port).as_bytes())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(HandshakeError::Io)?;
     let mut buf = [0u8; hvsock::MAX_REPLY_LINE];
     let mut filled = 0;
     loop {
         let n = s
             .read(&mut buf[filled..])
             .await
-            .map_err(|e| format!("reading the reply: {e}"))?;
+            .map_err(HandshakeError::Io)?;
         if n == 0 {
-            return Err("connection closed before the reply".into());
+            return Err(HandshakeError::Closed);
         }
         filled += n;
         // parse_reply fails before `filled` can reach the buffer's end without a newline.
-        if let Some(reply) = hvsock::parse_reply(&buf[..filled]).map_err(|e| e.to_string())? {
+        if let Some(reply) = hvsock::parse_reply(&buf[..filled]).map_err(HandshakeError::Reply)? {
             return Ok(buf[reply.len..filled].to_vec());
         }
     }
@@ -357,55 +265,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 
 #[cfg(test)]
 mod tests {
+    use cc_proxy_protocol::hvsock;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
-
-    #[test]
-    fn parses_every_scheme() {
-        assert_eq!(
-            Endpoint::parse("unix:///run/a.sock").unwrap(),
-            Endpoint::Unix("/run/a.sock".into())
-        );
-        assert_eq!(
-            Endpoint::parse("vsock://3:2718").unwrap(),
-            Endpoint::Vsock { cid: 3, port: 2718 }
-        );
-        assert_eq!(
-            Endpoint::parse("hvsock:///run/vm:1.sock:2719").unwrap(),
-            Endpoint::HybridVsock {
-                path: "/run/vm:1.sock".into(),
-                port: 2719
-            }
-        );
-        assert_eq!(
-            Endpoint::parse("tcp://127.0.0.1:80").unwrap(),
-            Endpoint::Tcp("127.0.0.1:80".into())
-        );
-        for uri in ["unix:///a", "vsock://3:2718", "hvsock:///a:1", "tcp://h:1"] {
-            assert_eq!(Endpoint::parse(uri).unwrap().to_string(), uri);
-        }
-    }
-
-    #[test]
-    fn rejects_malformed() {
-        for bad in [
-            "",
-            "unix:/a",
-            "unix://rel",
-            "vsock://x:1",
-            "vsock://3",
-            "vsock://3:99999999999",
-            "hvsock:///a",
-            "hvsock:///a:p",
-            "tcp://:1",
-            "tcp://h:70000",
-            "http://x",
-        ] {
-            assert!(
-                matches!(Endpoint::parse(bad), Err(TransportError::InvalidUri { .. })),
-                "{bad}"
-            );
-        }
-    }
 
     #[tokio::test]
     async fn vsock_connect_reports_the_uri() {
@@ -458,7 +321,7 @@ mod tests {
             b
         });
         let err = hybrid_handshake(&mut a, 5).await.unwrap_err();
-        assert!(err.contains("too long"), "{err}");
+        assert!(err.to_string().contains("too long"), "{err}");
     }
 
     #[tokio::test]
@@ -470,6 +333,9 @@ mod tests {
             let _ = b.write_all(b"ERR no listener\n").await;
         });
         let err = hybrid_handshake(&mut a, 2718).await.unwrap_err();
-        assert!(err.contains("ERR"), "{err}");
+        assert!(
+            matches!(&err, HandshakeError::Reply(hvsock::HandshakeError::Refused { reply }) if reply.contains("ERR")),
+            "{err}"
+        );
     }
 }
