@@ -165,18 +165,12 @@ pub async fn run(
         None => None,
     };
 
-    let mut sigterm = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            proxy
-                .log
-                .startup_error(&format_args!("cannot install signal handlers: {e}"));
-            return 1;
-        }
-    };
-    let mut sigint = match signal(SignalKind::interrupt()) {
-        Ok(s) => s,
-        Err(e) => {
+    let (mut sigterm, mut sigint) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
             proxy
                 .log
                 .startup_error(&format_args!("cannot install signal handlers: {e}"));

@@ -17,20 +17,21 @@
 //! loudly (error frame, metric, log) so one stuck shim cannot halt its VM forever. Output for a stream whose
 //! shim closed it on purpose is discarded and counted.
 
+mod control;
+mod counters;
 pub mod token;
 pub mod writer;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use cc_proxy_api::stream::{Channel, Frame};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
+pub use control::{ControlTarget, HeldControl, ProcessName, ProcessRole, MAX_HELD_CONTROLS};
+pub use counters::{BufferAccount, StreamCounters};
 pub use token::Token;
 
 /// How long an exit report waits for the stdout EOF packet before it is delivered anyway.
@@ -38,91 +39,6 @@ pub const EXIT_EOF_GRACE: Duration = Duration::from_secs(2);
 
 /// Largest batch of bytes a shim writer takes at once.
 pub const MAX_BATCH: usize = 256 * 1024;
-
-/// Most signals and resizes held for a process that has not started yet; more are refused.
-pub const MAX_HELD_CONTROLS: usize = 16;
-
-/// A signal or window size sent before the process started, delivered in order once it has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeldControl {
-    Signal(i32),
-    Resize { rows: u16, cols: u16 },
-}
-
-/// Which command started the process. The cc-agent dialect can signal only a container's init.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProcessRole {
-    /// Started by NEWCONTAINER: the container's init (also assumed for records older than this field).
-    #[default]
-    Init,
-    /// Started by EXECCMD in an existing container.
-    Exec,
-}
-
-/// The process a signal or resize is for, as the agent names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessName {
-    pub container: String,
-    pub process: String,
-    pub role: ProcessRole,
-}
-
-/// Where a signal or resize goes ([`Stream::control_target`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ControlTarget {
-    /// The process has not started: the request is held for the start.
-    Held,
-    /// The process was started: send the request to it now.
-    Now(ProcessName),
-    /// The hold is full ([`MAX_HELD_CONTROLS`]).
-    HoldFull,
-    /// Started, but the process's name is unknown (cannot happen for a stream started by the daemon).
-    Unknown,
-}
-
-/// Bytes queued across one VM's streams. The VM's buffer budget (`--vm-buffer`) is checked against this
-/// count; the `stream_buffered` gauge only mirrors it.
-pub struct BufferAccount {
-    bytes: AtomicUsize,
-    gauge: Gauge,
-}
-
-impl BufferAccount {
-    pub fn new(gauge: Gauge) -> BufferAccount {
-        BufferAccount {
-            bytes: AtomicUsize::new(0),
-            gauge,
-        }
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Acquire)
-    }
-
-    fn add(&self, n: usize) {
-        self.bytes.fetch_add(n, Ordering::AcqRel);
-        self.gauge.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
-    fn sub(&self, n: usize) {
-        self.bytes.fetch_sub(n, Ordering::AcqRel);
-        self.gauge.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-}
-
-/// What a stream counts, handed in by its VM (one per VM, shared by its streams), so this module depends on
-/// no global metric registry.
-pub struct StreamCounters {
-    /// Bytes queued across the VM's streams.
-    pub buffered: Arc<BufferAccount>,
-    /// Streams whose process runs.
-    pub streams_open: Gauge,
-    /// Output discarded because its stream was closed.
-    pub dropped: Counter,
-    /// Shim attachments.
-    pub attaches: Counter,
-}
 
 /// Who, if anyone, is reading the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,12 +171,21 @@ impl Stream {
             .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
-    pub fn lifecycle(&self) -> Lifecycle {
-        lock(&self.inner).lifecycle
+    /// A stream with counters of its own, for unit tests.
+    #[cfg(test)]
+    pub fn for_test(limit: usize) -> Stream {
+        use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+        let counters = StreamCounters {
+            buffered: Arc::new(BufferAccount::new(Gauge::default())),
+            streams_open: Gauge::default(),
+            dropped: Counter::default(),
+            attaches: Counter::default(),
+        };
+        Stream::new(Token::generate(), 3, limit, Arc::new(counters))
     }
 
-    pub fn is_attached(&self) -> bool {
-        matches!(lock(&self.inner).shim, ShimState::Attached(_))
+    pub fn lifecycle(&self) -> Lifecycle {
+        lock(&self.inner).lifecycle
     }
 
     /// The (container, process id) the agent knows this process by.
@@ -338,31 +263,45 @@ impl Stream {
     /// Wait until a start in flight has an outcome: started, failed, or the stream ended. Returns at once
     /// when no start is in flight.
     pub async fn wait_start_outcome(&self) {
-        loop {
-            let notified = self.wake_started.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let inner = lock(&self.inner);
-                if inner.lifecycle != Lifecycle::Allocated || !inner.starting {
-                    return;
-                }
-            }
-            notified.await;
-        }
+        self.wait_until(&self.wake_started, None, |i| {
+            i.lifecycle != Lifecycle::Allocated || !i.starting
+        })
+        .await;
     }
 
     /// Wait until the process was started (or the stream ended). Stdin is held until then: an agent answers
     /// data for a sequence it does not know yet with an empty packet, which would read as the stdout EOF.
     pub async fn wait_started(&self) {
+        self.wait_until(&self.wake_started, None, |i| {
+            i.lifecycle != Lifecycle::Allocated
+        })
+        .await;
+    }
+
+    /// Wait until `ready` holds for the stream's state, checking again at each wake-up of `wake`, until
+    /// `deadline` if there is one. Notify-before-check: a wake-up between the check and the wait is not
+    /// lost. Returns whether `ready` held.
+    async fn wait_until(
+        &self,
+        wake: &Notify,
+        deadline: Option<tokio::time::Instant>,
+        ready: impl Fn(&Inner) -> bool,
+    ) -> bool {
         loop {
-            let notified = self.wake_started.notified();
+            let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.lifecycle() != Lifecycle::Allocated {
-                return;
+            if ready(&lock(&self.inner)) {
+                return true;
             }
-            notified.await;
+            match deadline {
+                Some(at) => {
+                    if tokio::time::timeout_at(at, notified).await.is_err() {
+                        return ready(&lock(&self.inner));
+                    }
+                }
+                None => notified.await,
+            }
         }
     }
 
@@ -390,22 +329,11 @@ impl Stream {
     /// Wait until the stream has room again (or `timeout` passes). Returns false on timeout.
     pub async fn wait_for_space(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.wake_space.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let inner = lock(&self.inner);
-                if inner.buffered < self.limit
-                    || matches!(inner.lifecycle, Lifecycle::Finished | Lifecycle::Closed)
-                {
-                    return true;
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return false;
-            }
-        }
+        self.wait_until(&self.wake_space, Some(deadline), |i| {
+            i.buffered < self.limit
+                || matches!(i.lifecycle, Lifecycle::Finished | Lifecycle::Closed)
+        })
+        .await
     }
 
     /// The stdout EOF packet arrived; an exit waiting for it is delivered now.
@@ -517,17 +445,10 @@ impl Stream {
     /// Wait until a shim is attached, up to `timeout`. Returns whether one is.
     pub async fn wait_attached(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.wake_attached.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_attached() {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.is_attached();
-            }
-        }
+        self.wait_until(&self.wake_attached, Some(deadline), |i| {
+            matches!(i.shim, ShimState::Attached(_))
+        })
+        .await
     }
 
     /// The shim asked for a clean detach that keeps the token: stop after what was written.
@@ -668,114 +589,4 @@ impl Stream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stream() -> Stream {
-        let counters = StreamCounters {
-            buffered: Arc::new(BufferAccount::new(Gauge::default())),
-            streams_open: Gauge::default(),
-            dropped: Counter::default(),
-            attaches: Counter::default(),
-        };
-        Stream::new(Token::generate(), 3, 64 * 1024, Arc::new(counters))
-    }
-
-    fn payloads(t: Take) -> (Vec<Vec<u8>>, bool) {
-        match t {
-            Take::Frames(f) => (f.into_iter().map(|f| f.payload.to_vec()).collect(), false),
-            Take::Last(f) => (f.into_iter().map(|f| f.payload.to_vec()).collect(), true),
-            _ => panic!("unexpected take"),
-        }
-    }
-
-    #[test]
-    fn output_before_attach_is_kept_in_order() {
-        let s = stream();
-        s.push_output(Channel::Stdout, Bytes::from_static(b"a"));
-        s.push_output(Channel::Stderr, Bytes::from_static(b"b"));
-        let n = s.attach().unwrap();
-        assert_eq!(
-            payloads(s.take(n)),
-            (vec![b"a".to_vec(), b"b".to_vec()], false)
-        );
-    }
-
-    #[test]
-    fn exit_waits_for_stdout_eof() {
-        let s = stream();
-        let n = s.attach().unwrap();
-        assert!(!s.exited(3));
-        assert_eq!(payloads(s.take(n)), (vec![], false));
-        s.push_output(Channel::Stdout, Bytes::from_static(b"late"));
-        s.stdout_eof();
-        let (frames, last) = payloads(s.take(n));
-        assert!(last);
-        assert_eq!(frames, vec![b"late".to_vec(), 3i32.to_be_bytes().to_vec()]);
-    }
-
-    #[test]
-    fn second_attach_is_busy_and_release_restores_frames() {
-        let s = stream();
-        let n = s.attach().unwrap();
-        assert_eq!(s.attach(), Err(AttachError::Busy));
-        s.push_output(Channel::Stdout, Bytes::from_static(b"x"));
-        let Take::Frames(frames) = s.take(n) else {
-            panic!()
-        };
-        s.release(n, frames);
-        let m = s.attach().unwrap();
-        assert!(matches!(s.take(n), Take::Superseded));
-        assert_eq!(payloads(s.take(m)), (vec![b"x".to_vec()], false));
-    }
-
-    #[test]
-    fn full_buffer_reports_backpressure() {
-        let s = stream();
-        assert!(s.push_output(Channel::Stdout, Bytes::from(vec![0u8; 32 * 1024])));
-        assert!(!s.push_output(Channel::Stdout, Bytes::from(vec![0u8; 32 * 1024])));
-        let n = s.attach().unwrap();
-        let _ = s.take(n);
-        assert_eq!(s.buffered(), 0);
-    }
-
-    #[test]
-    fn closed_stream_refuses_attach_and_drops_output() {
-        let s = stream();
-        s.close();
-        assert_eq!(s.attach(), Err(AttachError::Closed));
-        assert!(s.push_output(Channel::Stdout, Bytes::from_static(b"gone")));
-        assert_eq!(s.buffered(), 0);
-    }
-
-    #[test]
-    fn frames_released_into_a_closed_stream_are_dropped_not_counted_as_buffered() {
-        let s = stream();
-        s.push_output(Channel::Stdout, Bytes::from(vec![0u8; 1000]));
-        let n = s.attach().unwrap();
-        let Take::Frames(frames) = s.take(n) else {
-            panic!()
-        };
-        s.close();
-        s.release(n, frames);
-        assert_eq!(s.buffered(), 0);
-    }
-
-    #[test]
-    fn a_pending_exit_after_a_failure_adds_no_second_last_frame() {
-        let s = stream();
-        let n = s.attach().unwrap();
-        assert!(!s.exited(0));
-        s.fail("VM lost");
-        s.flush_pending_exit();
-        s.stdout_eof();
-        let (frames, last) = match s.take(n) {
-            Take::Last(f) => (f, true),
-            Take::Frames(f) => (f, false),
-            _ => panic!(),
-        };
-        assert!(last);
-        assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0].channel, Channel::Error);
-    }
-}
+mod tests;

@@ -108,16 +108,12 @@ async fn write<S: ShimSink>(sink: &mut S, buf: Bytes, gone: &CancellationToken) 
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
     use cc_proxy_api::stream::Channel;
-    use prometheus_client::metrics::counter::Counter;
-    use prometheus_client::metrics::gauge::Gauge;
 
     use super::*;
-    use crate::stream::{BufferAccount, StreamCounters, Token};
 
     /// Writes each frame's payload followed by `|`; a detach is `D`, the end `E`.
     struct Plain;
@@ -164,13 +160,7 @@ mod tests {
     }
 
     fn stream() -> Stream {
-        let counters = StreamCounters {
-            buffered: Arc::new(BufferAccount::new(Gauge::default())),
-            streams_open: Gauge::default(),
-            dropped: Counter::default(),
-            attaches: Counter::default(),
-        };
-        Stream::new(Token::generate(), 3, 64 * 1024, Arc::new(counters))
+        Stream::for_test(64 * 1024)
     }
 
     async fn run(

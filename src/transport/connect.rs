@@ -133,28 +133,21 @@ impl Connection {
     }
 }
 
-/// Calls `$method` on whichever stream the connection is, pinned (every variant is `Unpin`).
-macro_rules! each_stream {
-    ($conn:expr, $s:ident => $body:expr) => {
-        match $conn.get_mut() {
-            Connection::Unix($s) => {
-                let $s = Pin::new($s);
-                $body
-            }
-            Connection::UnixRewound($s) => {
-                let $s = Pin::new($s);
-                $body
-            }
-            Connection::Tcp($s) => {
-                let $s = Pin::new($s);
-                $body
-            }
-            Connection::Vsock($s) => {
-                let $s = Pin::new($s);
-                $body
-            }
-        }
-    };
+/// What every transport's stream is.
+trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
+
+impl Connection {
+    /// Whichever stream the connection is, pinned (every variant is `Unpin`).
+    fn stream(self: Pin<&mut Self>) -> Pin<&mut dyn ByteStream> {
+        let s: &mut dyn ByteStream = match self.get_mut() {
+            Connection::Unix(s) => s,
+            Connection::UnixRewound(s) => s,
+            Connection::Tcp(s) => s,
+            Connection::Vsock(s) => s,
+        };
+        Pin::new(s)
+    }
 }
 
 /// One object for TLS and HTTP layers (tokio-rustls and hyper take a single `AsyncRead + AsyncWrite`).
@@ -164,7 +157,7 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        each_stream!(self, s => s.poll_read(cx, buf))
+        self.stream().poll_read(cx, buf)
     }
 }
 
@@ -174,28 +167,13 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        each_stream!(self, s => s.poll_write(cx, buf))
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        each_stream!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Connection::Unix(s) => s.is_write_vectored(),
-            Connection::UnixRewound(s) => s.is_write_vectored(),
-            Connection::Tcp(s) => s.is_write_vectored(),
-            Connection::Vsock(s) => s.is_write_vectored(),
-        }
+        self.stream().poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        each_stream!(self, s => s.poll_flush(cx))
+        self.stream().poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        each_stream!(self, s => s.poll_shutdown(cx))
+        self.stream().poll_shutdown(cx)
     }
 }
 

@@ -96,6 +96,17 @@ async fn result(
 
 const LONG: Duration = Duration::from_secs(30);
 
+/// Send a command the agent reads but does not answer before its 50 ms deadline: its client gets a timeout
+/// and the slot is left abandoned.
+async fn abandon_one(vm: &Arc<Vm>, agent: &mut Agent) {
+    let a = call(vm, code::RESTARTCONTAINER, b"a", Duration::from_millis(50));
+    agent.command().await;
+    assert!(matches!(
+        result(a).await,
+        Err(ProxyError::CommandTimeout { .. })
+    ));
+}
+
 #[tokio::test]
 async fn commands_go_out_one_at_a_time_in_arrival_order() {
     let (vm, mut agent) = start(Dialect::CcAgent, None);
@@ -147,12 +158,7 @@ async fn a_queued_call_past_its_deadline_fails_without_being_sent() {
 #[tokio::test]
 async fn an_abandoned_command_holds_the_channel_until_its_late_reply_which_is_discarded() {
     let (vm, mut agent) = start(Dialect::CcAgent, None);
-    let a = call(&vm, code::RESTARTCONTAINER, b"a", Duration::from_millis(50));
-    agent.command().await;
-    assert!(matches!(
-        result(a).await,
-        Err(ProxyError::CommandTimeout { .. })
-    ));
+    abandon_one(&vm, &mut agent).await;
     let b = call(&vm, code::RESTARTCONTAINER, b"b", LONG);
     // The slot is abandoned: b waits, so a's late reply cannot be taken for b's.
     agent.silent(Duration::from_millis(100)).await;
@@ -167,12 +173,7 @@ async fn an_abandoned_command_holds_the_channel_until_its_late_reply_which_is_di
 #[tokio::test(start_paused = true)]
 async fn an_abandoned_command_never_answered_loses_the_vm() {
     let (vm, mut agent) = start(Dialect::CcAgent, None);
-    let a = call(&vm, code::RESTARTCONTAINER, b"a", Duration::from_millis(50));
-    agent.command().await;
-    assert!(matches!(
-        result(a).await,
-        Err(ProxyError::CommandTimeout { .. })
-    ));
+    abandon_one(&vm, &mut agent).await;
     let b = call(&vm, code::RESTARTCONTAINER, b"b", ABANDON_GRACE * 3);
     tokio::time::sleep(ABANDON_GRACE + Duration::from_secs(1)).await;
     assert!(matches!(vm.state(), VmState::Lost(LostReason::Hung { .. })));

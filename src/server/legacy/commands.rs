@@ -103,10 +103,7 @@ impl Session {
     }
 
     async fn register(&mut self, p: RegisterVm) -> Result<Bytes, CommandError> {
-        let wanted = p.num_io_streams.unwrap_or(0);
-        if wanted > MAX_IO_STREAMS {
-            return Err(CommandError::TooManyStreams(wanted));
-        }
+        let wanted = tokens_wanted(p.num_io_streams)?;
         let params = RegisterParams {
             id: p.container_id,
             control: to_uri(&p.ctl_serial),
@@ -128,10 +125,7 @@ impl Session {
     }
 
     async fn attach(&mut self, p: AttachVm) -> Result<Bytes, CommandError> {
-        let wanted = p.num_io_streams.unwrap_or(0);
-        if wanted > MAX_IO_STREAMS {
-            return Err(CommandError::TooManyStreams(wanted));
-        }
+        let wanted = tokens_wanted(p.num_io_streams)?;
         let vm = self
             .proxy
             .registry
@@ -208,6 +202,14 @@ impl Session {
         }
         let done = process::forward(&vm, code, &name, data, DEFAULT_TIMEOUT, use_stream).await?;
         Ok(done.reply)
+    }
+}
+
+/// `numIOStreams`, checked against [`MAX_IO_STREAMS`].
+fn tokens_wanted(n: Option<u32>) -> Result<u32, CommandError> {
+    match n.unwrap_or(0) {
+        n if n > MAX_IO_STREAMS => Err(CommandError::TooManyStreams(n)),
+        n => Ok(n),
     }
 }
 

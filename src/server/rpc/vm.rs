@@ -9,6 +9,7 @@ use jsonrpsee::RpcModule;
 
 use super::parse;
 use crate::server::Proxy;
+use crate::vm::Vm;
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, _| async move {
@@ -17,20 +18,12 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         let vm = proxy.registry.register(p).await.inspect_err(|e| {
             tracing::info!(error = %e, "registration failed");
         })?;
-        Ok::<_, ErrorObjectOwned>(RegisterResult {
-            id: vm.id.clone(),
-            dialect: vm.dialect.name().into(),
-            api_version: vm.api_version,
-        })
+        Ok::<_, ErrorObjectOwned>(registered(&vm))
     });
     let _ = m.register_async_method(methods::VM_ATTACH, |params, proxy, _| async move {
         let p: VmId = parse(&params)?;
         let vm = proxy.registry.get_settled(&p.id).await?;
-        Ok::<_, ErrorObjectOwned>(RegisterResult {
-            id: vm.id.clone(),
-            dialect: vm.dialect.name().into(),
-            api_version: vm.api_version,
-        })
+        Ok::<_, ErrorObjectOwned>(registered(&vm))
     });
     let _ = m.register_async_method(methods::VM_UNREGISTER, |params, proxy, _| async move {
         let p: VmId = parse(&params)?;
@@ -45,4 +38,13 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         let p: VmId = parse(&params)?;
         Ok::<_, ErrorObjectOwned>(proxy.registry.info(&p.id)?)
     });
+}
+
+/// What `vm.register` and `vm.attach` answer.
+fn registered(vm: &Vm) -> RegisterResult {
+    RegisterResult {
+        id: vm.id.clone(),
+        dialect: vm.dialect.name().into(),
+        api_version: vm.api_version,
+    }
 }
