@@ -250,7 +250,8 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                     .token
                     .ok_or_else(|| ClientError::Decode("no token in the exec result".into()))?;
                 let mut stream = client.attach(&token).await?;
-                Ok(relay(&mut stream, false).await)
+                // The process has started: the initial window size goes out first thing.
+                Ok(relay(&mut stream, tty).await)
             }
             Command::Tap {
                 vm,
@@ -274,6 +275,8 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
             }
         }
     });
+    // The relay's stdin reader may be blocked in a read of a terminal that never ends: do not wait for it.
+    rt.shutdown_background();
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -311,7 +314,11 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 /// Relay this process's stdin to the stream and the stream's output to stdout/stderr until the process exits.
-/// With `tty`, the local terminal is in raw mode meanwhile and its size follows the window (SIGWINCH).
+/// With `tty`, the local terminal is in raw mode meanwhile (restored on every way out: the [`RawMode`] guard
+/// drops on return and on unwinding, and SIGTERM/SIGHUP/SIGQUIT end the relay instead of the process), the
+/// window size is sent at once and again on every SIGWINCH.
+///
+/// [`RawMode`]: super::terminal::RawMode
 async fn relay(stream: &mut AttachedStream, tty: bool) -> u8 {
     let raw = if tty {
         super::terminal::RawMode::enable()
@@ -325,6 +332,10 @@ async fn relay(stream: &mut AttachedStream, tty: bool) -> u8 {
     ) {
         (Some(_), Ok(s)) => Some(s),
         _ => None,
+    };
+    let mut ended = match &raw {
+        Some(_) => TerminatingSignals::new(),
+        None => None,
     };
     if raw.is_some() {
         if let Some((rows, cols)) = super::terminal::size() {
@@ -356,6 +367,11 @@ async fn relay(stream: &mut AttachedStream, tty: bool) -> u8 {
     let mut stderr = std::io::stderr();
     loop {
         tokio::select! {
+            signal = async { ended.as_mut()?.recv().await }, if ended.is_some() => {
+                // Leave through the RawMode guard so the terminal is restored, then die of the signal's code.
+                eprintln!("\r\ncc-proxy: interrupted; the process keeps running");
+                return signal.map(|n| 128 + n as u8).unwrap_or(STREAM_FAILED);
+            }
             _ = async { winch.as_mut()?.recv().await }, if winch.is_some() => {
                 if let Some((rows, cols)) = super::terminal::size() {
                     let _ = sink.send(control_frame(&ControlMessage::Resize { rows, cols })).await;
@@ -390,6 +406,34 @@ async fn relay(stream: &mut AttachedStream, tty: bool) -> u8 {
                     return STREAM_FAILED;
                 }
             },
+        }
+    }
+}
+
+/// SIGTERM, SIGHUP and SIGQUIT while the terminal is raw: caught so that the relay returns and the terminal is
+/// restored (SIGINT cannot come from the keyboard in raw mode; Ctrl-C goes to the remote process).
+struct TerminatingSignals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl TerminatingSignals {
+    fn new() -> Option<TerminatingSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(TerminatingSignals {
+            term: signal(SignalKind::terminate()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+            quit: signal(SignalKind::quit()).ok()?,
+        })
+    }
+
+    /// The number of the next signal received.
+    async fn recv(&mut self) -> Option<i32> {
+        tokio::select! {
+            s = self.term.recv() => s.map(|()| libc::SIGTERM),
+            s = self.hup.recv() => s.map(|()| libc::SIGHUP),
+            s = self.quit.recv() => s.map(|()| libc::SIGQUIT),
         }
     }
 }

@@ -1155,3 +1155,120 @@ async fn signals_and_resizes_before_the_start_are_delivered_at_the_start() {
         assert!(r.get("result").is_some(), "{r}");
     }
 }
+
+/// `cc-proxy exec --tty` under a real pseudo-terminal: the local terminal is raw while the process
+/// runs and restored after, the process starts with the local window size, and a window change
+/// (SIGWINCH) follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_tty_is_raw_and_follows_the_window() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    use nix::pty::{openpty, Winsize};
+    use nix::sys::termios::{tcgetattr, LocalFlags};
+
+    let mut env = Env::start().await;
+    for (args, label) in [
+        (&["--dialect", "cc-agent", "--pair"][..], "cc"),
+        // Lenient: real hyperstart refuses WINSIZE in the `hyperstart` pseudo-container.
+        (&["--pair", "--lenient"][..], "hs"),
+    ] {
+        let agent = env.agent(args);
+        env.register(label, &agent, None).await;
+        let size = |rows, cols| Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = openpty(Some(&size(41, 113)), None).expect("openpty");
+        let slave = std::fs::File::from(pty.slave);
+        let stdio = || std::process::Stdio::from(slave.try_clone().expect("dup slave"));
+        // The size is applied right after the start (agents take no initial size): the process
+        // prints it on each line it reads.
+        let script = "while read x; do stty size; [ \"$x\" = q ] && exit 7; done";
+        let mut child = std::process::Command::new("setsid")
+            .args(["--ctty", "--wait"])
+            .arg(crate::common::proxy_bin())
+            .arg("--socket")
+            .arg(&env.socket)
+            .args(["exec", "--tty", label, "--", "sh", "-c", script])
+            .stdin(stdio())
+            .stdout(stdio())
+            .stderr(stdio())
+            .spawn()
+            .expect("spawn cc-proxy exec --tty");
+        // Killed if the test fails half-way (a client on a terminal would otherwise linger).
+        struct Reap(u32);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &self.0.to_string()])
+                    .status();
+            }
+        }
+        let _reap = Reap(child.id());
+        let master = std::fs::File::from(pty.master);
+        let mut reader = master.try_clone().expect("dup master");
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock().expect("screen").push_str(&text);
+            }
+        });
+        let seen = |what: &str| screen.lock().is_ok_and(|s| s.contains(what));
+        let mut writer = master.try_clone().expect("dup master");
+        let mut type_until = |what: &'static str| {
+            let deadline = Instant::now() + SHORT;
+            while !seen(what) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{label}: {what:?} not seen: {:?}",
+                    screen.lock().map(|s| s.clone())
+                );
+                writer.write_all(b"go\r").expect("type");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        };
+        type_until("41 113");
+        let flags = tcgetattr(slave.as_fd()).expect("tcgetattr").local_flags;
+        assert!(
+            !flags.contains(LocalFlags::ICANON) && !flags.contains(LocalFlags::ECHO),
+            "{label}: local terminal not raw: {flags:?}"
+        );
+        // The window changes: the kernel sends SIGWINCH to the client, which forwards the size.
+        // SAFETY: TIOCSWINSZ reads one winsize struct through a valid pointer to a local value.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&master),
+                libc::TIOCSWINSZ,
+                &size(20, 30),
+            )
+        };
+        assert_eq!(rc, 0, "TIOCSWINSZ");
+        type_until("20 30");
+        let mut writer = master.try_clone().expect("dup master");
+        writer.write_all(b"q\r").expect("type q");
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        assert_eq!(
+            status.code(),
+            Some(7),
+            "{label}: {:?}",
+            screen.lock().map(|s| s.clone())
+        );
+        let flags = tcgetattr(slave.as_fd()).expect("tcgetattr").local_flags;
+        assert!(
+            flags.contains(LocalFlags::ICANON) && flags.contains(LocalFlags::ECHO),
+            "{label}: local terminal not restored: {flags:?}"
+        );
+    }
+}
