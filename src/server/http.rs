@@ -9,11 +9,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use jsonrpsee::core::BoxError;
-use jsonrpsee::server::{HttpRequest, HttpResponse, Methods, StopHandle, TowerServiceBuilder};
+use jsonrpsee::server::{
+    HttpBody, HttpRequest, HttpResponse, Methods, StopHandle, TowerServiceBuilder,
+};
 use tower::Service;
 
 use super::detect::ClientConn;
 use super::rpc::errors::{count_unrouted, CountErrorsLayer, Routed};
+use super::rpc::ids;
 use super::{attach, rpc, Peer, Proxy, MAX_REQUEST_BYTES};
 
 /// The RPC middleware stack: error counting.
@@ -97,9 +100,13 @@ impl Service<HttpRequest<Incoming>> for Dispatch {
         } else {
             let routed = Routed::default();
             req.extensions_mut().insert(routed.clone());
-            let call = self.rpc.call(req);
+            let mut rpc = self.rpc.clone();
             Box::pin(async move {
-                let resp = call.await?;
+                let req = match with_answerable_ids(req).await {
+                    Ok(req) => req,
+                    Err(refused) => return Ok(count_unrouted(refused).await),
+                };
+                let resp = rpc.call(req).await?;
                 if routed.was_routed() {
                     Ok(resp)
                 } else {
@@ -108,4 +115,31 @@ impl Service<HttpRequest<Incoming>> for Dispatch {
             })
         }
     }
+}
+
+/// A JSON-RPC POST with its body read (within [`MAX_REQUEST_BYTES`], as jsonrpsee would read it) and entries
+/// whose id jsonrpsee cannot hold replaced ([`ids::replace_unanswerable_ids`]); any other request as it came.
+/// A body jsonrpsee would refuse is refused here with jsonrpsee's own response.
+async fn with_answerable_ids(req: HttpRequest<Incoming>) -> Result<HttpRequest, HttpResponse> {
+    use jsonrpsee::core::http_helpers::{read_body, HttpError};
+    use jsonrpsee::server::http::response;
+
+    if req.method() != hyper::Method::POST || !jsonrpsee::server::http::content_type_is_json(&req) {
+        return Ok(req.map(HttpBody::new));
+    }
+    let (mut parts, body) = req.into_parts();
+    let (body, single) = match read_body(&parts.headers, body, MAX_REQUEST_BYTES).await {
+        Ok(read) => read,
+        Err(HttpError::TooLarge) => return Err(response::too_large(MAX_REQUEST_BYTES)),
+        Err(HttpError::Malformed) => return Err(response::malformed()),
+        Err(HttpError::Stream(e)) => {
+            tracing::debug!(error = %e, "reading a request body failed");
+            return Err(response::internal_error());
+        }
+    };
+    let body = ids::replace_unanswerable_ids(&body, single).unwrap_or(body);
+    parts
+        .headers
+        .insert(hyper::header::CONTENT_LENGTH, body.len().into());
+    Ok(HttpRequest::from_parts(parts, HttpBody::from(body)))
 }

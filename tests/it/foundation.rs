@@ -816,6 +816,61 @@ fn jsonrpc_error_paths() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// Ids jsonrpsee cannot hold (issue 16): a 500,000-digit id, negative, fractional, too large, objects. They were
+/// answered HTTP 200 with a body `null` (taken for notifications); now each gets -32600 with id null, and the
+/// id is not echoed.
+#[test]
+fn requests_with_unanswerable_ids_get_an_invalid_request_error() {
+    let dir = tempdir();
+    let mut daemon = Daemon::start(dir.path(), &[], &[]);
+    let sock = daemon.socket.clone();
+    let call = |id: &str| format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"proxy.version"}}"#);
+
+    let huge = "9".repeat(500_000);
+    let response = http_post(&sock, call(&huge).as_bytes()).expect("an answer");
+    assert_eq!(response.status, 200);
+    assert!(
+        response.body.len() < 1000,
+        "the id must not be echoed: {} bytes",
+        response.body.len()
+    );
+    let reply = response.json().expect("a JSON body");
+    assert_eq!(error_code(&reply), -32600, "{reply}");
+    assert!(reply["id"].is_null(), "{reply}");
+
+    for id in ["-1", "1.5", "18446744073709551616", "{}", "[1]", "true"] {
+        let reply = rpc_raw(&sock, &call(id));
+        assert_eq!(error_code(&reply), -32600, "id {id}: {reply}");
+        assert!(reply["id"].is_null(), "id {id}: {reply}");
+    }
+
+    // In a batch only the entry with the bad id fails; the others are answered as usual.
+    let batch = format!("[{},{},{}]", call("1"), call(&huge), call("\"two\""));
+    let reply = rpc_raw(&sock, &batch);
+    let answers = reply
+        .as_array()
+        .unwrap_or_else(|| panic!("batch reply is not an array: {reply}"));
+    assert_eq!(answers.len(), 3, "{reply}");
+    assert!(answers
+        .iter()
+        .any(|a| a["id"] == 1 && a.pointer("/result/version").is_some()));
+    assert!(answers
+        .iter()
+        .any(|a| a["id"] == "two" && a.pointer("/result/version").is_some()));
+    assert!(answers
+        .iter()
+        .any(|a| a["id"].is_null() && error_code(a) == -32600));
+
+    // Ids the daemon can hold still work, notifications still get no answer.
+    let reply = rpc_raw(&sock, &call("18446744073709551615"));
+    assert_eq!(reply["id"], 18446744073709551615u64, "{reply}");
+    let response = http_post(&sock, br#"{"jsonrpc":"2.0","method":"proxy.version"}"#)
+        .expect("a notification is acknowledged");
+    assert_eq!(response.status, 200);
+    assert_serves(&sock);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 #[test]
 fn oversized_request_is_rejected_and_daemon_keeps_serving() {
     let dir = tempdir();

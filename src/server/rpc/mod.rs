@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod errors;
 pub mod events;
+pub mod ids;
 pub mod proxy;
 pub mod stream;
 pub mod tap;
