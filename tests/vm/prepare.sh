@@ -25,8 +25,9 @@ VHOST_VSOCK_VERSION=0.3.0
 # module's own `depends` field (modinfo), written to kernel/modules/load.order.
 MODULES="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console vsock
  vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
-# Only the 6.1 series is known to work with this module list and vhost-device-vsock 0.3.0.
-KERNEL_PKG_RE='^linux-image-6\.1\.0-[0-9]+-cloud-amd64$'
+# KERNEL_PKG_RE, cc_vm_kernel_pkg, cc_vm_fetch_kernel (shared with the system test, tests/system/).
+# shellcheck source=tests/vm/kernel.sh
+. "$ROOT/tests/vm/kernel.sh"
 
 # True when an ELF file needs no dynamic loader (ldd is no help: it exits 0 on static-pie binaries too).
 is_static() { [ -f "$1" ] && ! readelf -lW "$1" 2>/dev/null | grep -q 'program interpreter'; }
@@ -92,22 +93,12 @@ load_order() {
 }
 
 if [ ! -s kernel/vmlinuz ] || [ ! -s kernel/release ] || [ ! -s kernel/modules/load.order ]; then
-    pkg=${CC_VM_KERNEL_PKG:-}
-    if [ -z "$pkg" ]; then
-        pkg=$(apt-cache search --names-only "$KERNEL_PKG_RE" | awk '{print $1}' | sort -V | tail -n 1)
-        if [ -z "$pkg" ] && [ "$(id -u)" = 0 ]; then
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || true
-            pkg=$(apt-cache search --names-only "$KERNEL_PKG_RE" | awk '{print $1}' | sort -V | tail -n 1)
-        fi
-    fi
+    pkg=$(cc_vm_kernel_pkg)
     [ -n "$pkg" ] || die "no Debian package matches $KERNEL_PKG_RE (is this Debian 12 with apt lists?)"
     log "fetching kernel $pkg"
     rm -rf dl kernel.tmp
-    mkdir -p dl kernel.tmp/modules
-    # apt drops privileges to _apt for downloads; let it write into the download dir.
-    chmod 0777 dl
-    (cd dl && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
-    dpkg-deb -x dl/"$pkg"_*.deb dl/root || die "cannot unpack $pkg"
+    mkdir -p kernel.tmp/modules
+    cc_vm_fetch_kernel "$pkg" dl || die "apt-get download $pkg failed"
     release=$(basename "$(ls -d dl/root/lib/modules/*/ | head -n 1)")
     cp dl/root/boot/vmlinuz-"$release" kernel.tmp/vmlinuz
     for m in $MODULES; do
