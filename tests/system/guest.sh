@@ -55,7 +55,8 @@ finish() {
         echo "SYSTEST-RESULT fail ($failed failed)"
     fi
     sync
-    systemctl poweroff --no-block --check-inhibitors=no
+    # (start the target directly: the poweroff verb first asks logind over D-Bus, which this guest lacks)
+    systemctl --no-block --job-mode=replace-irreversibly start poweroff.target
     exit 0
 }
 # wait_for TENTHS COMMAND...: retries the command every 0.1 s until it succeeds or TENTHS have passed.

@@ -61,10 +61,10 @@ mkdir -p "$OUT"
 # two under a working KVM; a nested KVM that accepts the VM but never runs it shows nothing).
 kvm_boots() {
     rm -f "$OUT/kvm-check.log"
-    # (in a subshell with stderr discarded: bash would report a QEMU abort as "Aborted ..." on stderr)
+    # (in a subshell that waits and exits, its stderr discarded: bash would report a QEMU abort on stderr)
     (timeout 15 qemu-system-x86_64 -accel kvm -cpu "$1" -M q35 -m 256M -display none -nodefaults -no-user-config \
         -no-reboot -kernel "$image/vmlinuz" -append "console=ttyS0 panic=-1" -serial "file:$OUT/kvm-check.log" \
-        >/dev/null 2>&1) 2>/dev/null && grep -aq 'Kernel panic' "$OUT/kvm-check.log"
+        >/dev/null 2>&1; exit $?) 2>/dev/null && grep -aq 'Kernel panic' "$OUT/kvm-check.log"
 }
 accel=${CC_SYSTEST_ACCEL:-}
 cpu=
@@ -155,6 +155,8 @@ run_phase() {
     wait "$qemu_pid"
     tar -xf "$dir/logs.tar" -C "$dir/logs" 2>/dev/null
     rm -f "$dir/logs.tar"
+    # (the guest's tty ends lines with \r\n)
+    tr -d '\r' <"$dir/test.log" >"$dir/test.txt" && mv "$dir/test.txt" "$dir/test.log"
     sed 's/^/    /' "$dir/test.log"
     result=$(grep -a '^SYSTEST-RESULT' "$dir/test.log" | tail -n 1)
     say "[$phase] ${result:-no result} after $((SECONDS - start))s"
