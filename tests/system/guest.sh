@@ -187,10 +187,12 @@ if [ "$phase" = selinux ]; then
     expect_eq "the state directory's label" cc_proxy_var_lib_t "$(stat -c %C /var/lib/cc-proxy | cut -d: -f3)"
 fi
 
-# 4. VMs served by cc-test-agent, each a systemd service with its sockets under /run:
-#    vm1  hybrid vsock (like Firecracker or Cloud Hypervisor), a system service in a runtime directory;
+# 4. VMs served by cc-test-agent, each a systemd service:
+#    vm1  hybrid vsock (like Firecracker or Cloud Hypervisor), a system service with its socket in a runtime
+#         directory under /run;
 #    vm2  two unix sockets (like QEMU virtio-serial chardevs) created directly in /run by a VMM that runs
-#         unconfined (under SELinux: unconfined_t, as when an administrator starts it).
+#         unconfined (under SELinux: unconfined_t, as when an administrator starts it);
+#    vm3  AF_VSOCK (like QEMU's vhost-vsock), through the kernel's loopback transport: vsock://1:2718.
 cat >/etc/systemd/system/ccvm-hvsock@.service <<'EOF'
 [Unit]
 Description=cc-test-agent playing VM %i (hybrid vsock)
@@ -204,8 +206,11 @@ vm2_props=()
 [ "$phase" = selinux ] && vm2_props=(-p SELinuxContext=unconfined_u:unconfined_r:unconfined_t:s0)
 check "the vm2 agent service starts" systemd-run --quiet --unit=ccvm-serial-vm2 "${vm2_props[@]}" \
     /usr/local/bin/cc-test-agent --control /run/ccvm-vm2-control.sock --io /run/ccvm-vm2-io.sock
+check "the vm3 agent service starts" systemd-run --quiet --unit=ccvm-vsock-vm3 /usr/local/bin/cc-test-agent --vsock
 check "vm1's agent socket appears" wait_for "$WAIT_TENTHS" test -S /run/ccvm/vm1/vm.sock
 check "vm2's agent sockets appear" wait_for "$WAIT_TENTHS" test -S /run/ccvm-vm2-io.sock
+vm3_listening() { journalctl -u ccvm-vsock-vm3.service -o cat | grep -q '^cc-test-agent: listening'; }
+check "vm3's agent listens on vsock" wait_for "$WAIT_TENTHS" vm3_listening
 if [ "$phase" = selinux ]; then
     say "vm1 agent: $(ps -o label= -p "$(prop ccvm-hvsock@vm1.service MainPID)"), socket $(stat -c %C /run/ccvm/vm1/vm.sock)"
     say "vm2 agent: $(ps -o label= -p "$(prop ccvm-serial-vm2.service MainPID)"), socket $(stat -c %C /run/ccvm-vm2-io.sock)"
@@ -214,8 +219,10 @@ check "cc-proxy vm register vm1 (hvsock)" cc-proxy vm register vm1 \
     --control hvsock:///run/ccvm/vm1/vm.sock:2718 --io hvsock:///run/ccvm/vm1/vm.sock:2719
 check "cc-proxy vm register vm2 (unix)" cc-proxy vm register vm2 \
     --control unix:///run/ccvm-vm2-control.sock --io unix:///run/ccvm-vm2-io.sock
+check "cc-proxy vm register vm3 (vsock)" cc-proxy vm register vm3 --control vsock://1:2718 --io vsock://1:2719
 expect_eq "vm1 state" ready "$(vm_state vm1)"
 expect_eq "vm2 state" ready "$(vm_state vm2)"
+expect_eq "vm3 state" ready "$(vm_state vm3)"
 
 # 5. cc-proxy exec: stdout, stderr, stdin and the exit status come through.
 exec_checks() {
@@ -230,6 +237,10 @@ exec_checks() {
     expect_eq "exec on vm2: stdin relayed and answered" "LINE one
 LINE two" "$out"
     expect_eq "exec on vm2: exit status" 0 "$rc"
+    out=$(cc-proxy exec vm3 -- echo over-vsock)
+    rc=$?
+    expect_eq "exec on vm3: stdout" over-vsock "$out"
+    expect_eq "exec on vm3: exit status" 0 "$rc"
 }
 exec_checks
 
@@ -249,6 +260,7 @@ new_pid=$(daemon_pid)
 check "a new daemon process ($old_pid -> $new_pid)" test -n "$new_pid" -a "$new_pid" != "$old_pid"
 expect_eq "vm1 state after the restart" ready "$(settled_state vm1)"
 expect_eq "vm2 state after the restart" ready "$(settled_state vm2)"
+expect_eq "vm3 state after the restart" ready "$(settled_state vm3)"
 exec_checks
 
 # 8. systemctl stop: the daemon exits 0; the next connection starts it again, with the VMs.
@@ -258,6 +270,7 @@ expect_eq "the service's result" success "$(prop cc-proxy.service Result)"
 expect_eq "cc-proxy.service after the stop" inactive "$(systemctl is-active cc-proxy.service)"
 expect_eq "vm1 state once a connection started the daemon again" ready "$(settled_state vm1)"
 expect_eq "vm2 state likewise" ready "$(settled_state vm2)"
+expect_eq "vm3 state likewise" ready "$(settled_state vm3)"
 
 # 9. A configuration error (exit 2) is not retried: RestartPreventExitStatus=2.
 systemctl stop cc-proxy.service

@@ -12,7 +12,8 @@
 #   rootfs.img       ext4 root filesystem (raw, sparse), SELinux labels set; boot it with QEMU's -snapshot so it
 #                    stays pristine
 #   vmlinuz          the cloud kernel
-#   initramfs.gz     busybox /init that loads virtio_pci + virtio_blk, mounts /dev/vda and runs systemd on it
+#   initramfs.gz     busybox /init that loads virtio_pci + virtio_blk (and vsock_loopback), mounts /dev/vda and
+#                    runs systemd on it
 #   kernel-release   its `uname -r`
 #   ready            written last; its presence means the rest is complete
 #
@@ -38,8 +39,9 @@ SUITE=bookworm
 PACKAGES=systemd,systemd-sysv,make,procps,netbase,selinux-policy-default,policycoreutils,policycoreutils-python-utils,selinux-utils,auditd
 # Root filesystem size (sparse: only what is written takes space).
 IMAGE_SIZE=2G
-# Modules the initramfs loads to reach the root disk (ext4 is built into the cloud kernel).
-MODULES="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+# Modules the initramfs loads: the root disk's (ext4 is built into the cloud kernel), and vsock with its
+# loopback transport, so that a VM's agent can be reached at vsock://1:PORT inside the guest.
+MODULES="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk vsock_loopback"
 
 # shellcheck source=tests/vm/kernel.sh
 . "$ROOT/tests/vm/kernel.sh"

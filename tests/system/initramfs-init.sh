@@ -2,8 +2,8 @@
 # /init of the system-test guest's small initramfs (built by tests/system/image.sh).
 #
 # The Debian cloud kernel builds virtio_pci and virtio_blk as modules, so the root disk cannot be mounted
-# without them: load them (load.order lists each module after the ones it needs), mount /dev/vda (ext4, built
-# into the kernel) and hand over to systemd on it. Any failure is printed on the console with "sysinit:" and
+# without them: load them (load.order lists each module after the ones it needs; vsock_loopback is there too,
+# for the test's vsock VM), mount /dev/vda (ext4, built into the kernel) and hand over to systemd on it. Any failure is printed on the console with "sysinit:" and
 # powers the guest off, so the host sees QEMU exit instead of waiting for a timeout.
 /bin/busybox mkdir -p /proc /sys /dev /newroot
 /bin/busybox mount -t devtmpfs devtmpfs /dev
