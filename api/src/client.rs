@@ -50,7 +50,7 @@ impl ClientError {
 }
 
 /// A JSON-RPC error object as a [`ClientError::Rpc`].
-fn rpc_error(err: &Value) -> ClientError {
+pub(crate) fn rpc_error(err: &Value) -> ClientError {
     ClientError::Rpc {
         code: err.get("code").and_then(Value::as_i64).unwrap_or(0) as i32,
         message: err
@@ -162,6 +162,69 @@ impl Client {
 
     pub async fn version(&self) -> Result<VersionInfo, ClientError> {
         self.call(methods::PROXY_VERSION, json!({})).await
+    }
+
+    /// `proxy.health`: uptime and VM counts.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.call(methods::PROXY_HEALTH, json!({})).await
+    }
+
+    /// `vm.attach`: the dialect of a VM another process registered.
+    pub async fn vm_attach(&self, id: &str) -> Result<RegisterResult, ClientError> {
+        self.call(methods::VM_ATTACH, json!({ "id": id })).await
+    }
+
+    /// `stream.allocate`: a token (and its sequence numbers) for a process started later.
+    pub async fn stream_allocate(&self, vm: &str) -> Result<StreamAllocation, ClientError> {
+        self.call(methods::STREAM_ALLOCATE, json!({ "id": vm }))
+            .await
+    }
+
+    /// `stream.close`: free a token; output not yet read is dropped.
+    pub async fn stream_close(&self, token: &str) -> Result<(), ClientError> {
+        self.call::<Value>(
+            methods::STREAM_CLOSE,
+            TokenParam {
+                token: token.into(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `events.subscribe` (over a WebSocket connection of its own): VM and process events, of one VM or all.
+    pub async fn subscribe_events(
+        &self,
+        vm: Option<&str>,
+    ) -> Result<crate::subscription::Subscription<Event>, ClientError> {
+        let params = match vm {
+            Some(vm) => json!({ "vm": vm }),
+            None => json!({}),
+        };
+        crate::subscription::Subscription::open(
+            &self.socket,
+            methods::EVENTS_SUBSCRIBE,
+            params,
+            methods::EVENTS_NOTIFICATION,
+            methods::EVENTS_UNSUBSCRIBE,
+        )
+        .await
+    }
+
+    /// `tap.observe` (over a WebSocket connection of its own): live tap events as JSON objects (see
+    /// docs/observability.md for their fields), or `{"event": "dropped", "count": N}` reports.
+    pub async fn tap(
+        &self,
+        params: &TapParams,
+    ) -> Result<crate::subscription::Subscription<Value>, ClientError> {
+        crate::subscription::Subscription::open(
+            &self.socket,
+            methods::TAP_OBSERVE,
+            params,
+            methods::TAP_NOTIFICATION,
+            methods::TAP_UNOBSERVE,
+        )
+        .await
     }
 
     pub async fn register(&self, params: &RegisterParams) -> Result<RegisterResult, ClientError> {

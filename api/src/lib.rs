@@ -5,7 +5,8 @@
 //! - [`types`]: request and response shapes of every method.
 //! - [`stream`]: the binary framing a shim speaks after attaching to a process's stdio.
 //! - [`legacy`]: the frame codec and payloads of the legacy cc-proxy v2 binary protocol.
-//! - [`client`]: an async Rust client for all of the above over the AF_UNIX socket.
+//! - [`client`]: an async Rust client for all of the above over the AF_UNIX socket, with
+//!   [`subscription`]s (`events.subscribe`, `tap.observe`) over WebSocket. See `examples/watch.rs`.
 //!
 //! Everything here is also specified in `docs/api.md`, so clients in other languages can be written from the
 //! documentation alone.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod legacy;
 pub mod methods;
 pub mod stream;
+pub mod subscription;
 pub mod types;
 
 /// The daemon's default socket path (what `cc-proxy.socket` listens on).

@@ -30,6 +30,24 @@ pub struct Health {
     pub vms_recovering: usize,
 }
 
+/// `tap.observe` parameters; every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapParams {
+    /// Only this VM's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Only these events (`agent_command`, `process_started`, `process_exited`, `stream_attached`,
+    /// `stream_detached`, `vm_state`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Vec<String>>,
+    /// End the tap after this many events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Most events per second, 1 to 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u32>,
+}
+
 /// `vm.register` parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterParams {

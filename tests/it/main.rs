@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod client;
 mod common;
 mod foundation;
 mod hostile;
