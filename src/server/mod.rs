@@ -26,7 +26,7 @@ use crate::admin::metrics::{ProtocolLabel, METRICS};
 use crate::config::Config;
 use crate::logging::LogHandle;
 use crate::transport::{Connection, Listener};
-use crate::vm::state::StateDir;
+use crate::vm::state::{StateDir, StateError};
 use crate::vm::Registry;
 
 /// How long in-flight requests may take to finish after SIGTERM.
@@ -88,6 +88,11 @@ pub async fn run(
     // registered VMs would silently not survive a restart.
     let state = match StateDir::open(&config.state_dir) {
         Ok(s) => s,
+        // The lock's message already says what to do with --state-dir.
+        Err(e @ StateError::Locked { .. }) => {
+            log.startup_error(&e);
+            return 1;
+        }
         Err(e) => {
             log.startup_error(&format_args!("{e} (see --state-dir)"));
             return 1;

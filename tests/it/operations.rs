@@ -60,6 +60,7 @@ async fn a_second_daemon_on_the_same_state_dir_is_refused() {
         1,
         "one clear line naming the owner: {stderr:?}"
     );
+    assert_eq!(stderr.matches("--state-dir").count(), 1, "{stderr:?}");
     assert!(
         !other.exists(),
         "the refused daemon must not leave a socket"
