@@ -107,6 +107,15 @@ for i, m in enumerate([{"op": "signal", "signal": 15}, {"op": "resize", "rows": 
                        {"op": "detach"}, {"op": "close"}, {"op": "detached"}, {"op": "resize", "rows": 70000, "cols": 1}]):
     write("stream_control", f"msg-{i}", j(m))
 
+# agent_classify: [flags (dialect, eof seen, on stdio), code, payload...]
+write("agent_classify", "ack", b"\x00\x09{}")
+write("agent_classify", "error", b"\x01\x0ano such process\x00")
+write("agent_classify", "next", b"\x00\x0e\x00\x00\x02\x00")
+write("agent_classify", "asyncevent-hyperstart", b"\x05\x17" + j({"container": "c", "process": "p1", "event": "finished", "status": 1}))
+write("agent_classify", "asyncevent-cc-agent", b"\x04\x18" + j({"container": "c", "process": "p1", "event": "finished", "status": 1}))
+write("agent_classify", "exit-status-cc-agent", b"\x06\x08\x03")
+write("agent_classify", "stderr", b"\x01\x08stderr text")
+
 # hvsock_reply: [read size, reply...]
 write("hvsock_reply", "ok-with-data", b"\x03OK 1073741824\nDATA")
 write("hvsock_reply", "bare-ok", b"\x40OK\n")

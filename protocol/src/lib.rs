@@ -4,7 +4,8 @@
 //! their ACK/ERROR replies ([`control`]), the I/O channel multiplexes the stdio of every
 //! process by sequence number ([`io`]). Command codes live in [`code`]; the two agent dialects
 //! (cc-agent and hyperstart), which disagree on a few codes and payloads, in [`dialect`]; the
-//! JSON payloads we read or build in [`payload`]. Reaching an agent through a VMM's hybrid-vsock
+//! JSON payloads we read or build in [`payload`]. What each agent-to-host message means (the decisions
+//! the daemon acts on) is in [`agent`]. Reaching an agent through a VMM's hybrid-vsock
 //! socket starts with a one-line handshake, parsed in [`hvsock`].
 //!
 //! The crate is pure: parsers work on byte buffers and report "incomplete" or an error, so
@@ -13,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod code;
 pub mod control;
 pub mod dialect;

@@ -19,6 +19,10 @@
 //! - the channel closes, sends a malformed frame, or a write fails or stalls: the VM is lost;
 //! - the VM ends (lost elsewhere, unregistered, the daemon stopping): every call still held fails with the
 //!   VM's fate.
+//!
+//! What a frame from the agent means (ACK, ERROR, NEXT, READY, a process event, something unexpected) is
+//! decided by `cc_proxy_protocol::agent::classify_control`, a pure function that is unit-tested and fuzzed;
+//! this actor only acts on the answer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -26,7 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cc_proxy_protocol::{code, ControlFrame, ProcessAsyncEvent};
+use cc_proxy_protocol::agent::{classify_control, AgentMessage};
+use cc_proxy_protocol::{code, ControlFrame};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -269,45 +274,53 @@ impl ControlActor {
             tracing::debug!(vm = %vm.id, code = frame.code, len = frame.payload.len(),
                 data = %escape_bytes(&frame.payload, DUMP_BYTES), "from agent (control)");
         }
-        match frame.code {
-            code::ACK | code::ERROR => self.on_reply(frame),
-            code::NEXT => Ok(()),
-            code::READY => {
+        match classify_control(vm.dialect, &frame) {
+            AgentMessage::Ack => self.on_reply(frame.code, Ok(frame.payload)),
+            AgentMessage::Error(message) => self.on_reply(frame.code, Err(message)),
+            AgentMessage::Next(_) => Ok(()),
+            AgentMessage::Ready => {
                 tracing::debug!(vm = %vm.id, "agent sent READY again");
                 Ok(())
             }
-            c if c == vm.dialect.process_async_event_code() => {
-                on_async_event(vm, &frame.payload);
+            AgentMessage::ProcessFinished {
+                container,
+                process,
+                status,
+            } => {
+                on_process_finished(vm, &container, &process, status);
                 Ok(())
             }
-            other => {
+            AgentMessage::ProcessEvent(e) => {
+                tracing::debug!(vm = %vm.id, event = %e.event, "process event ignored");
+                Ok(())
+            }
+            AgentMessage::MalformedEvent(error) => {
+                tracing::warn!(vm = %vm.id, error = %error, "malformed PROCESSASYNCEVENT ignored");
+                Ok(())
+            }
+            AgentMessage::Unexpected(other) => {
                 tracing::warn!(vm = %vm.id, code = other, "unexpected message from the agent ignored");
                 Ok(())
             }
         }
     }
 
-    /// ACK or ERROR: the answer to whatever is on the wire.
-    fn on_reply(&mut self, frame: ControlFrame) -> Result<(), LostReason> {
+    /// ACK (its payload) or ERROR (the agent's message), with the frame's `code`: the answer to whatever is
+    /// on the wire.
+    fn on_reply(&mut self, code: u32, reply: Result<Bytes, String>) -> Result<(), LostReason> {
         match std::mem::replace(&mut self.slot, Slot::Idle) {
-            Slot::Idle => Err(LostReason::UnsolicitedReply(frame.code)),
+            Slot::Idle => Err(LostReason::UnsolicitedReply(code)),
             Slot::Waiting(call) => {
-                let result = if frame.code == code::ACK {
-                    Ok(frame.payload)
-                } else {
-                    Err(ProxyError::Agent {
-                        vm: self.vm.id.clone(),
-                        command: call.name.clone(),
-                        message: String::from_utf8_lossy(&frame.payload)
-                            .trim_end_matches('\0')
-                            .to_string(),
-                    })
-                };
+                let result = reply.map_err(|message| ProxyError::Agent {
+                    vm: self.vm.id.clone(),
+                    command: call.name.clone(),
+                    message,
+                });
                 self.finish(*call, result);
                 Ok(())
             }
             Slot::Pinging { .. } => {
-                if frame.code == code::ERROR {
+                if reply.is_err() {
                     tracing::warn!(vm = %self.vm.id, "agent answered keepalive PING with ERROR");
                 }
                 Ok(())
@@ -415,23 +428,12 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 /// PROCESSASYNCEVENT: `{"container","process","event":"finished","status"}`.
-fn on_async_event(vm: &Vm, payload: &[u8]) {
-    let event: ProcessAsyncEvent = match serde_json::from_slice(payload) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(vm = %vm.id, error = %e, "malformed PROCESSASYNCEVENT ignored");
-            return;
-        }
-    };
-    if event.event != "finished" {
-        tracing::debug!(vm = %vm.id, event = %event.event, "process event ignored");
-        return;
-    }
-    match vm.stream_by_process(&event.container, &event.process) {
-        Some(stream) => vm.process_exited(&stream, event.status),
+fn on_process_finished(vm: &Vm, container: &str, process: &str, status: i32) {
+    match vm.stream_by_process(container, process) {
+        Some(stream) => vm.process_exited(&stream, status),
         None => {
-            tracing::debug!(vm = %vm.id, container = %event.container, process = %event.process,
-            status = event.status, "exit of a process without a stream")
+            tracing::debug!(vm = %vm.id, container = %container, process = %process,
+            status, "exit of a process without a stream")
         }
     }
 }

@@ -4,12 +4,15 @@
 //! Exit reports on this channel (cc-agent dialect): after a process's last output the agent sends an empty
 //! packet on its stdio sequence (EOF) and then a packet whose one data byte is the exit status. In the
 //! hyperstart dialect the EOF comes here and the status comes as a control event (see [`super::actor`]).
+//! Which of these a packet is (output, EOF, exit status) is decided by `cc_proxy_protocol::agent::classify_io`,
+//! a pure function that is unit-tested and fuzzed; the reader acts on the answer.
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use cc_proxy_api::stream::Channel;
-use cc_proxy_protocol::{encode_io, Dialect, IoCodec, IoFrame, IO_HEADER_LEN};
+use cc_proxy_protocol::agent::{classify_io, IoPacket, StreamView};
+use cc_proxy_protocol::{encode_io, IoCodec, IoFrame, IO_HEADER_LEN};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -90,21 +93,22 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
         }
         return;
     };
-    let has_room = if frame.seq == stream.stdio {
-        if frame.data.is_empty() {
+    let view = StreamView {
+        stdio: stream.stdio,
+        stdout_eof_seen: stream.saw_stdout_eof(),
+    };
+    let has_room = match classify_io(vm.dialect, view, &frame) {
+        IoPacket::Stdout => stream.push_output(Channel::Stdout, frame.data),
+        IoPacket::StdoutEof => {
             stream.stdout_eof();
             true
-        } else if vm.dialect == Dialect::CcAgent && frame.data.len() == 1 && stream.saw_stdout_eof()
-        {
-            vm.process_exited(&stream, i32::from(frame.data[0]));
-            true
-        } else {
-            stream.push_output(Channel::Stdout, frame.data)
         }
-    } else if frame.data.is_empty() {
-        true // stderr EOF carries nothing we need
-    } else {
-        stream.push_output(Channel::Stderr, frame.data)
+        IoPacket::ExitStatus(status) => {
+            vm.process_exited(&stream, i32::from(status));
+            true
+        }
+        IoPacket::Stderr => stream.push_output(Channel::Stderr, frame.data),
+        IoPacket::StderrEof => true, // carries nothing we need
     };
     // Past its own bound a stream borrows from the VM's budget, so a stalled shim does not hold up the VM's
     // other streams; only when the VM's budget is spent too does the I/O channel pause (backpressure).
