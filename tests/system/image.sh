@@ -4,6 +4,8 @@
 # (tests/vm/kernel.sh).
 #
 #   tests/system/image.sh            prints the directory of the ready image (building it when needed)
+#   tests/system/image.sh --check    exit 0 when the image is ready or can be built here, 77 (reason on stderr)
+#                                    when it can be neither; builds nothing
 #
 # The cache lives outside the clone, in $CC_SYSTEST_CACHE (default /var/cache/cc-proxy-systest), one directory
 # per key: the sha256 of this script, the initramfs /init, the package list and the kernel package's name and
@@ -56,12 +58,9 @@ die() {
     exit 1
 }
 
-[ "$(id -u)" = 0 ] || skip "building the guest image needs root (debootstrap, chroot)"
-for tool in debootstrap mke2fs setfiles modinfo cpio; do
-    command -v "$tool" >/dev/null || skip "$tool is not installed (see the package list in .ci/run)"
-done
-[ -x /bin/busybox ] && ! readelf -lW /bin/busybox 2>/dev/null | grep -q 'program interpreter' ||
-    skip "a static /bin/busybox is needed (apt-get install busybox-static)"
+check_only=
+[ "${1:-}" = --check ] && check_only=1
+command -v apt-cache >/dev/null || skip "the guest's kernel comes from Debian's archive: apt is needed"
 
 kernel_pkg=$(cc_vm_kernel_pkg)
 [ -n "$kernel_pkg" ] || die "no Debian package matches $KERNEL_PKG_RE"
@@ -73,9 +72,17 @@ key=$( {
 } | sha256sum | cut -c1-16)
 dir=$CACHE/$key
 if [ -f "$dir/ready" ]; then
-    echo "$dir"
+    [ -n "$check_only" ] || echo "$dir"
     exit 0
 fi
+
+[ "$(id -u)" = 0 ] || skip "building the guest image needs root (debootstrap, chroot)"
+for tool in debootstrap mke2fs setfiles modinfo cpio; do
+    command -v "$tool" >/dev/null || skip "$tool is not installed (see the package list in .ci/run)"
+done
+[ -x /bin/busybox ] && ! readelf -lW /bin/busybox 2>/dev/null | grep -q 'program interpreter' ||
+    skip "a static /bin/busybox is needed (apt-get install busybox-static)"
+[ -z "$check_only" ] || exit 0
 
 mkdir -p "$CACHE"
 # One build at a time; a second caller waits for the first and then finds the image ready.

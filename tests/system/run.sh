@@ -4,7 +4,8 @@
 #
 #   tests/system/run.sh [plain|selinux]...     (default: both phases)
 #
-# 1. The guest image is built once and cached outside the clone (tests/system/image.sh).
+# 1. The guest image is built once and cached outside the clone (tests/system/image.sh), in the background
+#    while step 2 runs.
 # 2. On the host: the release build of cc-proxy and cc-test-agent, the stripped binary and its split debug info
 #    (make), and the SELinux module built with the Makefile's fallback (checkmodule + semodule_package, no
 #    refpolicy headers), after checking that the fallback's sources match the module's sources.
@@ -43,12 +44,46 @@ done
 command -v qemu-system-x86_64 >/dev/null ||
     skip "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
 
-# 1. The guest image.
-image=$("$ROOT/tests/system/image.sh")
+# 1. The guest image: can it be had here? It is then built (or found in the cache) in the background, while
+# the release build runs.
+mkdir -p "$OUT"
+"$ROOT/tests/system/image.sh" --check
 rc=$?
 if [ $rc = 77 ]; then
     skip "the guest image cannot be built here (reason above)"
-elif [ $rc != 0 ] || [ -z "$image" ]; then
+elif [ $rc != 0 ]; then
+    say "FAILED: tests/system/image.sh --check exited $rc"
+    exit 1
+fi
+"$ROOT/tests/system/image.sh" >"$OUT/image.dir" &
+image_pid=$!
+
+# 2. What the guest installs, built here.
+export PATH=$PATH:$HOME/.cargo/bin
+say "building the release binaries"
+cargo build --quiet --release -p cc-proxy -p cc-test-agent || { say "FAILED: cargo build --release"; exit 1; }
+make --no-print-directory split-debug || { say "FAILED: make split-debug"; exit 1; }
+# The stripped binary carries no symbols or debug sections; its debug info is in the .debug file it links to.
+stripped=target/release/cc-proxy.stripped
+# (readelf's output is kept first: it exits non-zero on the debug file, which has no program interpreter.)
+stripped_sections=$(readelf -SW "$stripped" 2>/dev/null)
+debug_sections=$(readelf -SW target/release/cc-proxy.debug 2>/dev/null)
+if grep -qE '\.(symtab|debug_(info|line|abbrev|str|ranges|loc)) ' <<<"$stripped_sections"; then
+    say "FAILED: $stripped still has symbols or debug sections"
+    exit 1
+fi
+grep -q '\.gnu_debuglink ' <<<"$stripped_sections" || { say "FAILED: $stripped has no .gnu_debuglink"; exit 1; }
+grep -q '\.debug_line ' <<<"$debug_sections" ||
+    { say "FAILED: target/release/cc-proxy.debug has no .debug_line"; exit 1; }
+say "SELinux module: the fallback build (checkmodule + semodule_package)"
+make --no-print-directory selinux-fallback-check || { say "FAILED: make selinux-fallback-check"; exit 1; }
+rm -f selinux/cc-proxy.pp
+make --no-print-directory selinux SELINUX_DEVEL_MAKEFILE=/nonexistent || { say "FAILED: make selinux (fallback)"; exit 1; }
+
+wait "$image_pid"
+rc=$?
+image=$(cat "$OUT/image.dir" 2>/dev/null)
+if [ $rc != 0 ] || [ -z "$image" ]; then
     say "FAILED: tests/system/image.sh exited $rc"
     exit 1
 fi
@@ -56,7 +91,6 @@ say "guest image: $image ($(cat "$image/kernel-release"))"
 
 # The accelerator: KVM when the guest kernel really runs under it (nested setups may refuse some CPU models:
 # QEMU then aborts on an MSR it cannot set), else TCG.
-mkdir -p "$OUT"
 # kvm_boots CPU: the kernel, without a root file system, gets as far as its panic and QEMU exits (a second or
 # two under a working KVM; a nested KVM that accepts the VM but never runs it shows nothing).
 kvm_boots() {
@@ -88,28 +122,6 @@ else
     timeout=$TIMEOUT_TCG
 fi
 say "QEMU accelerator: $accel (-cpu $cpu)"
-
-# 2. What the guest installs, built here.
-export PATH=$PATH:$HOME/.cargo/bin
-say "building the release binaries"
-cargo build --quiet --release -p cc-proxy -p cc-test-agent || { say "FAILED: cargo build --release"; exit 1; }
-make --no-print-directory split-debug || { say "FAILED: make split-debug"; exit 1; }
-# The stripped binary carries no symbols or debug sections; its debug info is in the .debug file it links to.
-stripped=target/release/cc-proxy.stripped
-# (readelf's output is kept first: it exits non-zero on the debug file, which has no program interpreter.)
-stripped_sections=$(readelf -SW "$stripped" 2>/dev/null)
-debug_sections=$(readelf -SW target/release/cc-proxy.debug 2>/dev/null)
-if grep -qE '\.(symtab|debug_(info|line|abbrev|str|ranges|loc)) ' <<<"$stripped_sections"; then
-    say "FAILED: $stripped still has symbols or debug sections"
-    exit 1
-fi
-grep -q '\.gnu_debuglink ' <<<"$stripped_sections" || { say "FAILED: $stripped has no .gnu_debuglink"; exit 1; }
-grep -q '\.debug_line ' <<<"$debug_sections" ||
-    { say "FAILED: target/release/cc-proxy.debug has no .debug_line"; exit 1; }
-say "SELinux module: the fallback build (checkmodule + semodule_package)"
-make --no-print-directory selinux-fallback-check || { say "FAILED: make selinux-fallback-check"; exit 1; }
-rm -f selinux/cc-proxy.pp
-make --no-print-directory selinux SELINUX_DEVEL_MAKEFILE=/nonexistent || { say "FAILED: make selinux (fallback)"; exit 1; }
 
 # 3. The payload: the files of this checkout (tracked or new, not ignored) and the artifacts.
 mkdir -p "$OUT"
