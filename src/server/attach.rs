@@ -6,7 +6,10 @@
 //! - EOF or an error on the shim's side means the shim is gone: the token stays valid for a re-attach.
 //! - `{"op":"detach"}` is acknowledged with `{"op":"detached"}` after everything queued before it was
 //!   written; the token stays valid. `{"op":"close"}` frees the token.
-//! - After the exit (or error) frame is written the stream is complete and its token is freed.
+//! - After the exit (or error) frame is written the stream is complete and its token is freed. The daemon then
+//!   half-closes the connection (its write side) and keeps reading, discarding what the shim still sends
+//!   (late stdin, its stdin EOF), until the shim closes its side or [`EXIT_LINGER`] passes: a shim whose
+//!   stdin write races the exit never gets EPIPE before it read the exit frame.
 
 use std::sync::Arc;
 
@@ -31,6 +34,9 @@ use crate::error::ProxyError;
 use crate::stream::writer::{self, ShimEncoder, ShimSink, WriterEnd};
 use crate::stream::{AttachError, Stream, Token};
 use crate::vm::{process, Vm};
+
+/// How long a connection stays readable after the exit frame was written, waiting for the shim to close it.
+pub const EXIT_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// True for a stream attach request.
 pub fn is_attach(req: &HttpRequest<Incoming>) -> bool {
@@ -142,12 +148,15 @@ async fn run(
 ) {
     let (rd, wr) = tokio::io::split(io);
     let gone = CancellationToken::new();
+    // Fired by the writer once the last frame is out: the reader then only drains (see the module doc).
+    let finished = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         vm.clone(),
         stream.clone(),
         attach,
         wr,
         gone.clone(),
+        finished.clone(),
     ));
     // Start the reader small: most shims send little stdin; the buffer grows with the frames that come.
     let mut reader = FramedRead::with_capacity(rd, StreamCodec, 256);
@@ -156,6 +165,10 @@ async fn run(
         let frame = tokio::select! {
             _ = gone.cancelled() => break,
             _ = shutdown.cancelled() => break,
+            _ = finished.cancelled() => {
+                drain(&mut reader, &shutdown).await;
+                break;
+            }
             f = reader.next() => f,
         };
         let frame = match frame {
@@ -220,6 +233,26 @@ async fn run(
 
 type Writer = tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// After the exit frame: read and discard until the shim closes, the connection fails, [`EXIT_LINGER`]
+/// passes, or the daemon stops.
+async fn drain<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FramedRead<R, StreamCodec>,
+    shutdown: &CancellationToken,
+) {
+    let linger = tokio::time::sleep(EXIT_LINGER);
+    tokio::pin!(linger);
+    loop {
+        tokio::select! {
+            _ = &mut linger => return,
+            _ = shutdown.cancelled() => return,
+            f = reader.next() => match f {
+                Some(Ok(_)) => {} // late stdin or control: the process is gone
+                Some(Err(_)) | None => return,
+            },
+        }
+    }
+}
+
 /// Stream frames as they are on an attached shim's connection (`cc_proxy_api::stream`).
 struct AttachEncoder;
 
@@ -267,6 +300,7 @@ async fn write_loop(
     attach: u64,
     out: Writer,
     gone: CancellationToken,
+    finished: CancellationToken,
 ) {
     let mut sink = AttachSink(out);
     match writer::drive(&stream, attach, &AttachEncoder, &mut sink, &gone).await {
@@ -281,7 +315,7 @@ async fn write_loop(
         WriterEnd::Finished => {
             vm.free_stream(&stream.token);
             vm.shim_detached(&stream.token, DetachKind::Done);
-            gone.cancel();
+            finished.cancel();
             tracing::debug!(vm = %vm.id, token = %stream.token, "stream complete; token freed");
         }
         WriterEnd::Detached => {

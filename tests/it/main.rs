@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod client;
 mod common;
+mod cshim;
 mod foundation;
 mod hostile;
 mod legacy;
