@@ -48,6 +48,8 @@ pub struct Config {
     pub threads: usize,
     /// Client connections open at once; more are closed on accept.
     pub max_connections: usize,
+    /// Bytes of client-supplied text per log line (`--max-client-log`).
+    pub max_client_log: usize,
     /// Settings every VM shares.
     pub vm: VmConfig,
 }
@@ -95,6 +97,7 @@ impl Config {
             log_target: cli.log_target,
             threads: cli.threads,
             max_connections: cli.max_connections.max(1),
+            max_client_log: cli.max_client_log,
             vm: VmConfig {
                 stream_buffer: cli.stream_buffer,
                 keepalive: (cli.agent_keepalive > 0)

@@ -171,9 +171,58 @@ pub fn escape_bytes(data: &[u8], max: usize) -> String {
     out
 }
 
+/// Default of `--max-client-log`: bytes of client-supplied text (a legacy log frame's `msg` and
+/// `containerId`) written into one log line; the rest is cut. Legacy log payloads may be 1 MiB.
+pub const DEFAULT_CLIENT_LOG_BYTES: usize = 4096;
+
+/// Client-supplied `text` made safe for one log line: backslashes and control characters (newlines, ANSI
+/// escapes) escaped as `\\`, `\n`, `\u{1b}`, along with the Unicode line separators and bidirectional
+/// overrides that could make a line read as two or reorder it; printable text, non-ASCII included, kept. At
+/// most `max` bytes of `text` are used (cut at a character boundary), followed by `...(+N bytes)`.
+pub fn escape_client_text(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let kept = &text[..end];
+    let mut out = String::with_capacity(kept.len() + 16);
+    for c in kept.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                out.extend(c.escape_default())
+            }
+            c => out.push(c),
+        }
+    }
+    if text.len() > end {
+        out.push_str(&format!("...(+{} bytes)", text.len() - end));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::escape_bytes;
+    use super::{escape_bytes, escape_client_text};
+
+    #[test]
+    fn client_text_stays_on_one_bounded_line() {
+        assert_eq!(
+            escape_client_text("x\nERROR cc_proxy: forged", 100),
+            "x\\nERROR cc_proxy: forged"
+        );
+        assert_eq!(
+            escape_client_text("a\r\t\u{1b}[31mred\\ é 日本\u{2028}\u{202e}", 100),
+            "a\\r\\t\\u{1b}[31mred\\\\ é 日本\\u{2028}\\u{202e}"
+        );
+        assert_eq!(escape_client_text("abcdef", 3), "abc...(+3 bytes)");
+        // Cut at a character boundary: "é" is two bytes.
+        assert_eq!(escape_client_text("aé", 2), "a...(+2 bytes)");
+        assert_eq!(escape_client_text("", 10), "");
+        assert_eq!(escape_client_text("abc", 0), "...(+3 bytes)");
+    }
 
     #[test]
     fn escapes_and_caps() {

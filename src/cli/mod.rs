@@ -85,6 +85,11 @@ pub struct Cli {
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
 
+    /// Bytes of client-supplied text (a legacy log frame's message and container id) written into one log
+    /// line; the rest is cut, and control characters are always escaped.
+    #[arg(long, default_value_t = crate::logging::DEFAULT_CLIENT_LOG_BYTES, value_name = "BYTES")]
+    pub max_client_log: usize,
+
     /// Worker threads of the data plane (0 = one per CPU core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,

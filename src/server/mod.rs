@@ -46,6 +46,8 @@ pub struct Proxy {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Every connection and shim session, so shutdown can wait for them to finish.
     pub tasks: TaskTracker,
+    /// Bytes of client-supplied text per log line (`--max-client-log`).
+    pub max_client_log: usize,
     next_client: AtomicU64,
 }
 
@@ -150,6 +152,7 @@ pub async fn run(
         log,
         shutdown: tokio_util::sync::CancellationToken::new(),
         tasks: TaskTracker::new(),
+        max_client_log: config.max_client_log,
         next_client: AtomicU64::new(1),
     });
 

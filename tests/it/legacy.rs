@@ -467,6 +467,55 @@ async fn log_frames_go_to_the_daemon_log() {
     assert!(found, "log entries missing:\n{}", env.logs());
 }
 
+/// Client text in log frames (issue 16): a newline cannot forge a log line, control characters are escaped,
+/// and a long message is cut at `--max-client-log` bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_frame_text_is_escaped_and_bounded() {
+    let env = Env::start_with(&["--log", "info", "--max-client-log", "1000"]).await;
+    let mut c = V2::connect(&env).await;
+    let forged = json!({"source": "shim", "containerId": "ctr\nERROR cc_proxy: fake container", "level": "warn",
+        "msg": "x\nERROR cc_proxy: forged line\r\u{1b}[2Kgone"});
+    c.send(T_STREAM, LOG, forged.to_string().as_bytes()).await;
+    let long = format!("start{}end-of-a-long-message", "A".repeat(100_000));
+    let big = json!({"source": "runtime", "level": "info", "msg": long});
+    c.send(T_STREAM, LOG, big.to_string().as_bytes()).await;
+    let r = c.cmd(ATTACH_VM, json!({"containerId": "x"})).await;
+    assert!(r.error, "the session goes on after log frames");
+
+    let found = eventually(Duration::from_secs(5), || {
+        let logs = env.logs();
+        logs.contains("forged line") && logs.contains("startAAAA")
+    })
+    .await;
+    let logs = env.logs();
+    assert!(found, "log entries missing:\n{logs}");
+    for line in logs.lines() {
+        assert!(
+            !line.starts_with("ERROR cc_proxy: forged")
+                && !line.starts_with("ERROR cc_proxy: fake"),
+            "a client forged a log line: {line:?}"
+        );
+        if line.contains("forged line") {
+            assert!(
+                line.contains("x\\nERROR cc_proxy: forged line\\r\\u{1b}[2Kgone"),
+                "{line:?}"
+            );
+            // The container is a field, which the text format quotes and escapes once more.
+            assert!(line.contains("nERROR cc_proxy: fake container"), "{line:?}");
+            assert!(!line.contains('\u{1b}'), "{line:?}");
+        }
+        if line.contains("startAAAA") {
+            assert!(line.len() < 1500, "a {}-byte log line", line.len());
+            assert!(
+                line.contains("...(+"),
+                "no cut marker: {}",
+                &line[line.len() - 100..]
+            );
+            assert!(!line.contains("end-of-a-long-message"));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shims_reclaim_tokens_and_disconnect_frees_them() {
     let mut env = Env::start().await;

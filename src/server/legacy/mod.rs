@@ -27,6 +27,7 @@ use tokio_util::codec::FramedRead;
 
 use super::detect::ClientConn;
 use super::Proxy;
+use crate::logging::escape_client_text;
 use crate::vm::Vm;
 use writer::{Writer, WRITER_DRAIN};
 
@@ -167,13 +168,15 @@ impl Session {
         entry
             .validate()
             .map_err(|e| SessionError::Log(e.to_string()))?;
-        let container = entry.container_id.as_deref().unwrap_or("");
-        let (source, msg) = (&entry.source, &entry.msg);
+        // Client text is escaped and cut, so it cannot forge log lines or fill the log.
+        let max = self.proxy.max_client_log;
+        let container = escape_client_text(entry.container_id.as_deref().unwrap_or(""), max);
+        let (source, msg) = (&entry.source, escape_client_text(&entry.msg, max));
         match entry.level.as_str() {
-            "debug" => tracing::debug!(source = %source, container, "{msg}"),
-            "info" => tracing::info!(source = %source, container, "{msg}"),
-            "warn" => tracing::warn!(source = %source, container, "{msg}"),
-            _ => tracing::error!(source = %source, container, "{msg}"),
+            "debug" => tracing::debug!(source = %source, container = container.as_str(), "{msg}"),
+            "info" => tracing::info!(source = %source, container = container.as_str(), "{msg}"),
+            "warn" => tracing::warn!(source = %source, container = container.as_str(), "{msg}"),
+            _ => tracing::error!(source = %source, container = container.as_str(), "{msg}"),
         }
         Ok(())
     }
