@@ -109,12 +109,12 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                     print_json(&vms);
                 } else {
                     println!(
-                        "{:<24} {:<6} {:<11} {:>5} {:>9} {:>8} {:>7} {:>8}",
+                        "{:<24} {:<10} {:<11} {:>5} {:>9} {:>8} {:>7} {:>8}",
                         "ID", "STATE", "DIALECT", "API", "UPTIME", "COMMANDS", "ERRORS", "STREAMS"
                     );
                     for vm in vms {
                         println!(
-                            "{:<24} {:<6} {:<11} {:>5} {:>8}s {:>8} {:>7} {:>8}",
+                            "{:<24} {:<10} {:<11} {:>5} {:>8}s {:>8} {:>7} {:>8}",
                             vm.id,
                             vm.state,
                             vm.dialect,

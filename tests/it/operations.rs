@@ -142,6 +142,19 @@ async fn requests_for_a_vm_being_recovered_wait_for_it() {
         cli.status.success() && String::from_utf8_lossy(&cli.stdout).contains("recovering"),
         "{cli:?}"
     );
+    let cli = env.cli(&["vm", "list"], b"");
+    let table = String::from_utf8_lossy(&cli.stdout).into_owned();
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("slow "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row.get(1..3),
+        Some(&["recovering", "cc-agent"][..]),
+        "{table}"
+    );
     assert!(
         t0.elapsed() < Duration::from_millis(1500),
         "the checks above must not wait for the recovery ({:?})",
