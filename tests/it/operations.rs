@@ -74,9 +74,17 @@ async fn a_second_daemon_on_the_same_state_dir_is_refused() {
         .await;
     assert!(ping.get("result").is_some(), "{ping}");
 
-    // Once it has stopped, the directory is free for the next daemon.
+    // Once it has stopped, the directory is free for the next daemon. The socket serves before the recorded
+    // VM is reconnected, so wait for the recovery to finish (bounded) before looking at its state.
     env.restart_daemon().await;
-    let info = env.client.vm_info("mine").await.expect("vm.info");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let info = loop {
+        let info = env.client.vm_info("mine").await.expect("vm.info");
+        if info.state != "recovering" || Instant::now() >= deadline {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(info.state, "ready", "{info:?}");
 }
 
