@@ -30,8 +30,9 @@ pub struct Health {
     pub vms_recovering: usize,
 }
 
-/// `tap.observe` parameters; every field is optional.
+/// `tap.observe` parameters; every field is optional, unknown fields are refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TapParams {
     /// Only this VM's events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,6 +47,13 @@ pub struct TapParams {
     /// Most events per second, 1 to 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u32>,
+}
+
+/// `events.subscribe` parameters (or none): only one VM's events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 /// `vm.register` parameters.

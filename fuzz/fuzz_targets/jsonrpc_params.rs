@@ -11,7 +11,8 @@
 
 use cc_proxy_api::methods;
 use cc_proxy_api::types::{
-    AgentCallParams, RegisterParams, ResizeParams, SignalParams, TokenParam, VmId,
+    AgentCallParams, EventsParams, RegisterParams, ResizeParams, SignalParams, TapParams,
+    TokenParam, VmId,
 };
 use cc_proxy_protocol::Dialect;
 use jsonrpsee_types::{Params, Request};
@@ -74,8 +75,9 @@ fn dispatch(method: &str, params: Params<'_>) {
         methods::STREAM_SIGNAL => drop(parse::<SignalParams>(&params)),
         methods::STREAM_RESIZE => drop(parse::<ResizeParams>(&params)),
         methods::STREAM_CLOSE => drop(parse::<TokenParam>(&params)),
-        // proxy.*, vm.list ignore their params; events.subscribe and tap.observe parse theirs
-        // into the daemon's private types: only the generic JSON parse is reachable here.
+        methods::EVENTS_SUBSCRIBE => drop(parse::<Option<EventsParams>>(&params)),
+        methods::TAP_OBSERVE => drop(parse::<TapParams>(&params)),
+        // proxy.* and vm.list ignore their params.
         _ => drop(params.parse::<Option<serde_json::Value>>()),
     }
 }

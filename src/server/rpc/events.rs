@@ -3,17 +3,11 @@
 use std::sync::Arc;
 
 use cc_proxy_api::methods;
+use cc_proxy_api::types::EventsParams;
 use jsonrpsee::RpcModule;
-use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::server::Proxy;
-
-#[derive(Deserialize, Default)]
-struct Filter {
-    #[serde(default)]
-    vm: Option<String>,
-}
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_subscription(
@@ -21,7 +15,7 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         methods::EVENTS_NOTIFICATION,
         methods::EVENTS_UNSUBSCRIBE,
         |params, pending, proxy, _| async move {
-            let filter: Filter = match params.parse::<Option<Filter>>() {
+            let filter: EventsParams = match params.parse::<Option<EventsParams>>() {
                 Ok(f) => f.unwrap_or_default(),
                 Err(e) => {
                     pending.reject(e).await;

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cc_proxy_api::types::TapParams;
 use jsonrpsee::core::server::TrySendError;
 use jsonrpsee::{PendingSubscriptionSink, RpcModule, SubscriptionSink};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -30,51 +30,37 @@ pub const TAP_QUEUE: usize = 256;
 /// How often a pending `dropped` report is retried when no event comes to carry it.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
-#[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields)]
-struct TapParams {
-    #[serde(default)]
-    vm: Option<String>,
-    #[serde(default)]
-    filter: Option<Vec<String>>,
-    #[serde(default)]
-    limit: Option<u64>,
-    #[serde(default)]
-    rate: Option<u32>,
-}
-
-impl TapParams {
-    fn check(&self) -> Result<(), ProxyError> {
-        if let Some(f) = &self.filter {
-            if let Some(bad) = f.iter().find(|n| !TapEvent::NAMES.contains(&n.as_str())) {
-                return Err(ProxyError::invalid(
-                    "filter",
-                    format!(
-                        "unknown event {bad:?}; known: {}",
-                        TapEvent::NAMES.join(", ")
-                    ),
-                ));
-            }
-        }
-        if self.rate == Some(0) || self.rate.is_some_and(|r| r > DEFAULT_RATE) {
+/// Refuses params whose values are out of range (the shape is `cc_proxy_api::types::TapParams`).
+fn check(p: &TapParams) -> Result<(), ProxyError> {
+    if let Some(f) = &p.filter {
+        if let Some(bad) = f.iter().find(|n| !TapEvent::NAMES.contains(&n.as_str())) {
             return Err(ProxyError::invalid(
-                "rate",
-                format!("events per second, 1 to {DEFAULT_RATE}"),
+                "filter",
+                format!(
+                    "unknown event {bad:?}; known: {}",
+                    TapEvent::NAMES.join(", ")
+                ),
             ));
         }
-        if self.limit == Some(0) {
-            return Err(ProxyError::invalid("limit", "at least 1"));
-        }
-        Ok(())
     }
+    if p.rate == Some(0) || p.rate.is_some_and(|r| r > DEFAULT_RATE) {
+        return Err(ProxyError::invalid(
+            "rate",
+            format!("events per second, 1 to {DEFAULT_RATE}"),
+        ));
+    }
+    if p.limit == Some(0) {
+        return Err(ProxyError::invalid("limit", "at least 1"));
+    }
+    Ok(())
+}
 
-    fn wants(&self, e: &TapEvent) -> bool {
-        self.vm.as_deref().is_none_or(|vm| vm == e.vm())
-            && self
-                .filter
-                .as_ref()
-                .is_none_or(|f| f.iter().any(|n| n == e.name()))
-    }
+/// Whether the tap opened with `p` receives `e`.
+fn wants(p: &TapParams, e: &TapEvent) -> bool {
+    p.vm.as_deref().is_none_or(|vm| vm == e.vm())
+        && p.filter
+            .as_ref()
+            .is_none_or(|f| f.iter().any(|n| n == e.name()))
 }
 
 /// A token bucket: `rate` tokens a second, holding at most one second's worth.
@@ -199,7 +185,7 @@ fn now_ms() -> u64 {
 }
 
 async fn observe(params: TapParams, pending: PendingSubscriptionSink) {
-    if let Err(e) = params.check() {
+    if let Err(e) = check(&params) {
         pending.reject(e).await;
         return;
     }
@@ -234,7 +220,7 @@ async fn observe(params: TapParams, pending: PendingSubscriptionSink) {
             e = tap.rx.recv() => e,
         };
         match event {
-            Ok(e) if params.wants(&e.event) => {
+            Ok(e) if wants(&params, &e.event) => {
                 if !d.deliver(&e) {
                     break;
                 }
@@ -312,15 +298,15 @@ mod tests {
     fn params_are_checked() {
         let bad: TapParams =
             serde_json::from_value(serde_json::json!({"filter": ["nope"]})).unwrap_or_default();
-        assert!(bad.check().is_err());
+        assert!(check(&bad).is_err());
         let rate: TapParams =
             serde_json::from_value(serde_json::json!({"rate": 0})).unwrap_or_default();
-        assert!(rate.check().is_err());
+        assert!(check(&rate).is_err());
         assert!(serde_json::from_value::<TapParams>(serde_json::json!({"vm": 1})).is_err());
         let ok: TapParams = serde_json::from_value(
             serde_json::json!({"vm": "a", "filter": ["agent_command"], "limit": 3, "rate": 10}),
         )
         .unwrap_or_default();
-        assert!(ok.check().is_ok());
+        assert!(check(&ok).is_ok());
     }
 }
