@@ -127,6 +127,11 @@ async fn throughput(setup: &Setup, plan: &Plan, report: &mut Report) -> Result<(
     let agent = Agent::start(setup, "tp-agent", Rig::AGENT_VMS)?;
     let daemon = Daemon::start(setup, "tp").await?;
     let mut rig = Rig::new(&agent, &daemon).await?;
+    // The stdin cost of the hyperstart dialect's 256-byte packets: the same shim stdin through the same
+    // daemon to a hyperstart agent, against the cc-agent one (4084-byte packets).
+    let hs_agent = Agent::start_dialect(setup, "tp-hs-agent", 1, "hyperstart")?;
+    procs::register(&rig.client, "tp-hs", &hs_agent, 0).await?;
+    let mut stdin_hs = ThroughputPair::default();
     // One warm-up pass of each path, not counted.
     throughput::direct_stdout(&mut rig.direct_single, 4 << 20).await?;
     throughput::proxy_stdout(&rig.client, &rig.proxy_single, 4 << 20).await?;
@@ -143,6 +148,9 @@ async fn throughput(setup: &Setup, plan: &Plan, report: &mut Report) -> Result<(
                     throughput::proxy_stdout(&rig.client, &rig.proxy_single, plan.stdout_bytes)
                         .await?,
                 );
+                stdin_hs
+                    .proxy
+                    .push(throughput::proxy_stdin(&rig.client, "tp-hs", plan.stdin_bytes).await?);
                 stdin.proxy.push(
                     throughput::proxy_stdin(&rig.client, &rig.proxy_single, plan.stdin_bytes)
                         .await?,
@@ -167,7 +175,9 @@ async fn throughput(setup: &Setup, plan: &Plan, report: &mut Report) -> Result<(
     }
     report.stdout_single = Some(single);
     report.stdout_many = Some(many);
+    stdin_hs.base = stdin.proxy.clone();
     report.stdin = Some(stdin);
+    report.stdin_hyperstart = Some(stdin_hs);
     Ok(())
 }
 

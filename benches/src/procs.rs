@@ -120,7 +120,7 @@ impl Drop for Daemon {
     }
 }
 
-/// A running test agent serving `count` VMs over hybrid vsock, cc-agent dialect.
+/// A running test agent serving `count` VMs over hybrid vsock, cc-agent dialect (see [`Agent::start_dialect`]).
 pub struct Agent {
     pub path: PathBuf,
     pub count: usize,
@@ -129,12 +129,23 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(setup: &Setup, name: &str, count: usize) -> Result<Agent, BenchError> {
+        Agent::start_dialect(setup, name, count, "cc-agent")
+    }
+
+    /// [`Agent::start`] speaking `dialect` (`cc-agent` or `hyperstart`, the forgiving one: a strict agent
+    /// discards stdin that outruns its processes).
+    pub fn start_dialect(
+        setup: &Setup,
+        name: &str,
+        count: usize,
+        dialect: &str,
+    ) -> Result<Agent, BenchError> {
         let path = setup.dir.join(format!("{name}.sock"));
         let log = std::fs::File::create(setup.dir.join(format!("{name}.log")))?;
         let mut child = Command::new(&setup.agent_bin)
             .arg("--hvsock")
             .arg(&path)
-            .args(["--dialect", "cc-agent", "--count", &count.to_string()])
+            .args(["--dialect", dialect, "--count", &count.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

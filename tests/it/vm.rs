@@ -133,7 +133,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn boot(art: &Artifacts, transport: Transport, dialect: &str) -> Vm {
+    fn boot(art: &Artifacts, transport: Transport, dialect: &str, agent_args: &[&str]) -> Vm {
         // Unix socket paths must stay short: a directory right under /tmp.
         let work = tempfile::Builder::new()
             .prefix("ccvm")
@@ -147,6 +147,14 @@ impl Vm {
             .arg("--workdir")
             .arg(work.path())
             .args(["--transport", transport.as_arg(), "--dialect", dialect])
+            .args(if agent_args.is_empty() {
+                Vec::new()
+            } else {
+                vec![
+                    "--append".to_string(),
+                    format!("ccagent.args={}", agent_args.join(",")),
+                ]
+            })
             .arg("--artifacts")
             .arg(&art.env_file)
             .args(["--watch-pid", &std::process::id().to_string()])
@@ -478,9 +486,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The checks every transport must pass, against one registered VM, in order; the last one kills the guest.
-fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
+/// `agent_args` go to the guest's agent (`--strict`: behave like real hyperstart 1.1).
+fn run_checks(art: &Artifacts, transport: Transport, dialect: &str, agent_args: &[&str]) {
     let started = Instant::now();
-    let vm = Vm::boot(art, transport, dialect);
+    let strict = agent_args.contains(&"--strict");
+    let vm = Vm::boot(art, transport, dialect, agent_args);
     eprintln!("[{transport:?}] guest ready after {:?}", started.elapsed());
     let mut proxy = Proxy::start();
     let id = format!("vm-{}", transport.as_arg());
@@ -519,6 +529,20 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
     assert_eq!(cat.code(), Some(0), "cat failed: {}", cat.stderr_str());
     assert_eq!(cat.stdout, input);
 
+    // stdin larger than hyperstart's 4096-byte I/O buffer, and than its 512-byte per-process stdin
+    // buffer, arrives whole (a strict agent exits on an oversized packet and drops overflow).
+    let wc = proxy.exec(&id, &["wc", "-c"], &[b'z'; 5000], EXEC_TIMEOUT);
+    assert_eq!(wc.code(), Some(0), "wc failed: {}", wc.stderr_str());
+    assert_eq!(wc.stdout_str().trim(), "5000");
+    let big: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    let cat = proxy.exec(&id, &["cat"], &big, EXEC_TIMEOUT);
+    assert_eq!(cat.code(), Some(0), "cat failed: {}", cat.stderr_str());
+    assert!(
+        cat.stdout == big,
+        "60 000 bytes of stdin came back as {}",
+        cat.stdout.len()
+    );
+
     // stdout and stderr stay apart, and the exit code comes back.
     let mixed = proxy.exec(
         &id,
@@ -536,9 +560,27 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
     let ok = proxy.exec(&id, &["true"], b"", EXEC_TIMEOUT);
     assert_eq!(ok.code(), Some(0));
 
-    // A process killed by a signal reports 128 + signal.
+    // A process killed by a signal reports 128 + signal (0 under strict hyperstart, as the real one).
     let killed = proxy.exec(&id, &["sh", "-c", "kill -9 $$"], b"", EXEC_TIMEOUT);
-    assert_eq!(killed.code(), Some(137), "stderr: {}", killed.stderr_str());
+    let want = if strict { 0 } else { 137 };
+    assert_eq!(killed.code(), Some(want), "stderr: {}", killed.stderr_str());
+
+    // Unregistered and registered again: back within a second, although hyperstart sends READY
+    // once per boot.
+    proxy
+        .rpc("vm.unregister", json!({"id": id}))
+        .expect("vm.unregister");
+    let t0 = Instant::now();
+    let again = proxy.rpc(
+        "vm.register",
+        json!({"id": id, "control": vm.control, "io": vm.io, "timeout_ms": 20000}),
+    );
+    assert!(again.is_ok(), "register after unregister: {again:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "register after unregister took {:?}",
+        t0.elapsed()
+    );
 
     // On a terminal: the guest's pty, stderr merged into stdout.
     let mut child =
@@ -690,18 +732,19 @@ fn run_checks(art: &Artifacts, transport: Transport, dialect: &str) {
     );
 }
 
-/// Hybrid vsock (vhost-user-vsock + vhost-device-vsock), hyperstart dialect; ends by killing QEMU.
+/// Hybrid vsock (vhost-user-vsock + vhost-device-vsock), cc-agent dialect; ends by killing QEMU.
 #[test]
 fn vsock_guest_end_to_end() {
     if let Some(art) = Artifacts::from_env() {
-        run_checks(&art, Transport::Vsock, "hyperstart");
+        run_checks(&art, Transport::Vsock, "cc-agent", &[]);
     }
 }
 
-/// virtio-serial ports over unix sockets, cc-agent dialect; ends with `poweroff -f` in the guest.
+/// virtio-serial ports over unix sockets, hyperstart dialect with the agent as strict as real hyperstart
+/// 1.1 on virtio-serial; ends with `poweroff -f` in the guest.
 #[test]
 fn serial_guest_end_to_end() {
     if let Some(art) = Artifacts::from_env() {
-        run_checks(&art, Transport::Serial, "cc-agent");
+        run_checks(&art, Transport::Serial, "hyperstart", &["--strict"]);
     }
 }
