@@ -8,6 +8,7 @@
 //! a pure function that is unit-tested and fuzzed; the reader acts on the answer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cc_proxy_api::stream::Channel;
@@ -21,6 +22,7 @@ use tokio_util::codec::FramedRead;
 use super::lifecycle::{LostReason, VmState};
 use super::Vm;
 use crate::logging::escape_bytes;
+use crate::stream::Stream;
 use crate::transport::{BoxRead, BoxWrite};
 
 /// Stdin messages queued per VM before shims wait (backpressure toward the shims).
@@ -115,7 +117,7 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
     if !has_room && vm.buffered() > vm.config.vm_buffer {
         vm.metrics.backpressure.inc();
         tracing::debug!(vm = %vm.id, token = %stream.token, "stream buffer full: pausing the I/O channel");
-        if !stream.wait_for_space(vm.config.stall_timeout).await {
+        if !wait_while_shim_reads(&stream, vm.config.stall_timeout).await {
             vm.metrics.stream_failures.inc();
             tracing::warn!(vm = %vm.id, token = %stream.token, buffered = stream.buffered(),
                 "stream failed: its shim read nothing for {:?} while the buffer was full", vm.config.stall_timeout);
@@ -124,6 +126,24 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
                 vm.config.stall_timeout
             ));
         }
+    }
+}
+
+/// Waits for a full stream's shim to bring it back under its bound. A shim that keeps reading, however slowly
+/// (a loaded host, a shim behind a slow pipe), is not stalled: the stall timeout counts from the last byte it
+/// took, so only a shim that read nothing for a whole `stall_timeout` fails its stream. While this waits the
+/// VM's I/O reader is paused, so the stream's buffered total can only go down.
+async fn wait_while_shim_reads(stream: &Stream, stall_timeout: Duration) -> bool {
+    let mut buffered = stream.buffered();
+    loop {
+        if stream.wait_for_space(stall_timeout).await {
+            return true;
+        }
+        let now = stream.buffered();
+        if now >= buffered {
+            return false;
+        }
+        buffered = now;
     }
 }
 

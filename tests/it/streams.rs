@@ -534,6 +534,62 @@ async fn a_stalled_shim_does_not_block_or_corrupt_others() {
     assert_eq!(out.status, Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_shim_is_not_taken_for_a_stalled_one() {
+    // The stream's own bound is 64 KiB and the VM's budget 4 MiB, so the I/O channel pauses with about 4 MiB
+    // queued for this shim; it then drains at about 1 MiB/s, so getting back under the bound takes about
+    // 4 s, four times the 1 s stall timeout. A shim that keeps reading is not stalled: nothing may fail.
+    let mut env = Env::start_with(&[
+        "--stream-buffer",
+        "65536",
+        "--vm-buffer",
+        "4194304",
+        "--stall-timeout",
+        "1",
+    ])
+    .await;
+    let agent = env.agent(&[]);
+    env.register("steady", &agent, None).await;
+    let size = 8 * 1024 * 1024;
+    let token = start(
+        &env.client,
+        "steady",
+        &format!("head -c {size} /dev/zero"),
+        false,
+    )
+    .await;
+    let mut s = attach(&env, &token).await;
+    // Let the process fill every buffer before reading starts (less than the stall timeout: until then the
+    // shim reads nothing, which would rightly count as a stall).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut len = 0usize;
+    let mut since_pause = 0usize;
+    let mut status = None;
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(30), s.next())
+        .await
+        .expect("stream stalled")
+    {
+        let frame = frame.expect("frame");
+        match frame.channel {
+            Channel::Stdout => {
+                len += frame.payload.len();
+                since_pause += frame.payload.len();
+                if since_pause >= 64 * 1024 {
+                    since_pause = 0;
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                }
+            }
+            Channel::Exit => {
+                status = frame.exit_status();
+                break;
+            }
+            other => panic!("unexpected {other:?} frame: {:?}", frame.payload),
+        }
+    }
+    assert_eq!(len, size);
+    assert_eq!(status, Some(0));
+}
+
 async fn ping_ok(env: &Env, vm: &str) -> bool {
     env.rpc("agent.call", json!({"vm": vm, "command": "ping"}))
         .await
