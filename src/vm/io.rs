@@ -38,8 +38,10 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// Largest write buffer kept between batches; a bigger one (after a burst) is freed.
 const KEPT_WRITE_BUFFER: usize = 1 << 20;
 
-// Neither the reader's nor the writer's buffer is allocated before the first packet: an idle VM costs no
-// buffer. The reader's grows to the largest packet seen (agents send at most 64 KiB per packet on vsock).
+/// Read buffer of the I/O reader once the channel carries traffic: room for several of the agents' packets
+/// (at most 64 KiB each on vsock) per read. Neither the reader's nor the writer's buffer is allocated before
+/// the first packet, so an idle VM costs no buffer.
+const READ_BUFFER: usize = 128 * 1024;
 
 /// Longest escaped dump of one packet at `--log debug`.
 const DUMP_BYTES: usize = 256;
@@ -58,6 +60,7 @@ pub fn spawn(vm: Arc<Vm>, read: BoxRead, write: BoxWrite, rx: mpsc::Receiver<IoO
 
 async fn reader(vm: Arc<Vm>, read: BoxRead) {
     let mut frames = FramedRead::with_capacity(read, IoCodec::default(), 0);
+    let mut sized = false;
     loop {
         let next = tokio::select! {
             _ = vm.ended.cancelled() => return,
@@ -65,6 +68,15 @@ async fn reader(vm: Arc<Vm>, read: BoxRead) {
         };
         let lost = match next {
             Some(Ok(frame)) => {
+                if !sized {
+                    // Traffic started: switch to a full-size buffer. A buffer that started empty would keep
+                    // growing by what one frame needs, one small read per packet.
+                    let rest = std::mem::take(frames.read_buffer_mut());
+                    let mut buf = BytesMut::with_capacity(READ_BUFFER.max(rest.len()));
+                    buf.extend_from_slice(&rest);
+                    *frames.read_buffer_mut() = buf;
+                    sized = true;
+                }
                 route(&vm, frame).await;
                 continue;
             }
