@@ -11,7 +11,6 @@
 use bytes::BytesMut;
 use cc_proxy_protocol::{decode_control, encode_control, ControlCodec, CONTROL_HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
-use tokio_util::codec::Decoder;
 
 fuzz_target!(|data: &[u8]| {
     let [limit, chunk, stream @ ..] = data else {
@@ -50,24 +49,8 @@ fuzz_target!(|data: &[u8]| {
     };
 
     // As it arrives, through the codec the daemon wraps its socket in.
-    let step = usize::from(*chunk).max(1);
-    let mut codec = ControlCodec { max };
-    let mut buf = BytesMut::new();
-    let mut got = Vec::new();
-    let mut err = None;
-    'feed: for piece in stream.chunks(step) {
-        buf.extend_from_slice(piece);
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(f)) => got.push(f),
-                Ok(None) => break,
-                Err(e) => {
-                    err = Some(e);
-                    break 'feed;
-                }
-            }
-        }
-    }
+    let (got, err) =
+        cc_proxy_fuzz::decode_in_pieces(ControlCodec { max }, stream, usize::from(*chunk));
     assert_eq!(got, frames, "chunked decoding disagrees");
     assert_eq!(
         err.is_some(),

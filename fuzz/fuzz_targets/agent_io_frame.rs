@@ -10,7 +10,6 @@ use bytes::BytesMut;
 use cc_proxy_protocol::{decode_io, encode_exit_status, encode_io, exit_status, IoCodec, IoFrame};
 use cc_proxy_protocol::{EXIT_STATUS_FRAME_LEN, IO_HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
-use tokio_util::codec::Decoder;
 
 fuzz_target!(|data: &[u8]| {
     let [limit, chunk, stream @ ..] = data else {
@@ -57,24 +56,7 @@ fuzz_target!(|data: &[u8]| {
         }
     };
 
-    let step = usize::from(*chunk).max(1);
-    let mut codec = IoCodec { max };
-    let mut buf = BytesMut::new();
-    let mut got = Vec::new();
-    let mut err = None;
-    'feed: for piece in stream.chunks(step) {
-        buf.extend_from_slice(piece);
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(f)) => got.push(f),
-                Ok(None) => break,
-                Err(e) => {
-                    err = Some(e);
-                    break 'feed;
-                }
-            }
-        }
-    }
+    let (got, err) = cc_proxy_fuzz::decode_in_pieces(IoCodec { max }, stream, usize::from(*chunk));
     assert_eq!(got, frames, "chunked decoding disagrees");
     assert_eq!(
         err.is_some(),

@@ -9,7 +9,7 @@
 use bytes::BytesMut;
 use cc_proxy_api::stream::{decode, Channel, ControlMessage, Frame, FrameError, StreamCodec};
 use libfuzzer_sys::fuzz_target;
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::Encoder;
 
 fuzz_target!(|data: &[u8]| {
     let [chunk, stream @ ..] = data else {
@@ -53,24 +53,7 @@ fuzz_target!(|data: &[u8]| {
         }
     };
 
-    let step = usize::from(*chunk).max(1);
-    let mut codec = StreamCodec;
-    let mut buf = BytesMut::new();
-    let mut got = Vec::new();
-    let mut err = None;
-    'feed: for piece in stream.chunks(step) {
-        buf.extend_from_slice(piece);
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(f)) => got.push(f),
-                Ok(None) => break,
-                Err(e) => {
-                    err = Some(e.kind());
-                    break 'feed;
-                }
-            }
-        }
-    }
+    let (got, err) = cc_proxy_fuzz::decode_in_pieces(StreamCodec, stream, usize::from(*chunk));
     assert_eq!(got, frames, "chunked decoding disagrees");
     assert_eq!(
         err.is_some(),
