@@ -3,6 +3,7 @@
 //! - [`methods`]: the JSON-RPC 2.0 method names served on the daemon's socket.
 //! - [`error`]: the stable numeric error codes carried in JSON-RPC error objects.
 //! - [`types`]: request and response shapes of every method.
+//! - [`mesh`]: the mesh front's configuration (`vm.register`'s `mesh` object).
 //! - [`stream`]: the binary framing a shim speaks after attaching to a process's stdio.
 //! - [`legacy`]: the frame codec and payloads of the legacy cc-proxy v2 binary protocol.
 //! - [`client`]: an async Rust client for all of the above over the AF_UNIX socket, with
@@ -16,6 +17,7 @@
 pub mod client;
 pub mod error;
 pub mod legacy;
+pub mod mesh;
 pub mod methods;
 pub mod stream;
 pub mod subscription;

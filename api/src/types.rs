@@ -71,6 +71,9 @@ pub struct RegisterParams {
     /// How long to wait for the agent's READY, in milliseconds (default 10000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Optional mesh front for this VM (see `docs/mesh.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh::MeshConfig>,
 }
 
 /// `vm.register` / `vm.attach` result.
@@ -116,6 +119,9 @@ pub struct VmInfo {
     pub tokens: usize,
     /// True when this VM was recovered from the state directory after a daemon restart.
     pub recovered: bool,
+    /// The mesh front's configuration and certificate, for a meshed VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh::MeshInfo>,
 }
 
 /// A VM's state as clients see it.

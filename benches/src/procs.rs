@@ -206,6 +206,7 @@ pub async fn register(
             io,
             console: None,
             timeout_ms: Some(10_000),
+            mesh: None,
         })
         .await?;
     Ok(())

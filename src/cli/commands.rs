@@ -156,6 +156,7 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                         io,
                         console,
                         timeout_ms,
+                        mesh: None,
                     })
                     .await?;
                 if json {

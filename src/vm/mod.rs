@@ -263,6 +263,8 @@ impl Vm {
             streams,
             tokens,
             recovered: self.recovered,
+            // Filled in by the mesh front (src/mesh/) for meshed VMs.
+            mesh: None,
         }
     }
 

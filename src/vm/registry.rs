@@ -538,5 +538,6 @@ fn recovering_info(record: &VmRecord) -> VmInfo {
         streams: record.streams.iter().filter(|s| s.started).count(),
         tokens: record.streams.len(),
         recovered: true,
+        mesh: None,
     }
 }

@@ -257,6 +257,7 @@ impl Env {
                 io,
                 console: None,
                 timeout_ms: Some(5000),
+                mesh: None,
             })
             .await
             .unwrap_or_else(|e| panic!("register {id}: {e}\n{}", self.logs()))

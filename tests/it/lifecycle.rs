@@ -109,6 +109,7 @@ async fn console_lines_are_logged_at_debug_with_the_vm() {
             io,
             console: Some(format!("unix://{}", console.display())),
             timeout_ms: Some(5000),
+            mesh: None,
         })
         .await
         .expect("register");

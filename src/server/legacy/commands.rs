@@ -110,6 +110,7 @@ impl Session {
             io: to_uri(&p.io_serial),
             console: p.console.as_deref().map(to_uri),
             timeout_ms: None,
+            mesh: None,
         };
         let vm = self
             .proxy
