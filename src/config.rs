@@ -27,6 +27,13 @@ pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Warn;
 /// Shortest `--stall-timeout`; 0 would fail every stream whose shim pauses at all.
 pub const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Default of `--agent-keepalive`: an agent's idle control channel is probed with PING every 5 s.
+pub const DEFAULT_AGENT_KEEPALIVE_SECS: u64 = 5;
+
+/// Default of `--agent-keepalive-misses`: a PING may go unanswered for two intervals. With the default
+/// interval a stopped or hung agent is detected (its VM `lost`) within 5 x (1 + 2) = 15 s.
+pub const DEFAULT_AGENT_KEEPALIVE_MISSES: u32 = 2;
+
 /// Shortest `--recovery-timeout`.
 pub const MIN_RECOVERY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -102,6 +109,7 @@ impl Config {
                 stream_buffer: cli.stream_buffer,
                 keepalive: (cli.agent_keepalive > 0)
                     .then(|| Duration::from_secs(cli.agent_keepalive)),
+                keepalive_misses: cli.agent_keepalive_misses.max(1),
                 stall_timeout: Duration::from_secs(cli.stall_timeout).max(MIN_STALL_TIMEOUT),
                 vm_buffer: cli.vm_buffer,
                 recovery_timeout: Duration::from_secs(cli.recovery_timeout)
@@ -163,7 +171,11 @@ mod tests {
         };
         assert_eq!(c.admin_addr, Some(SocketAddr::from(([127, 0, 0, 1], 4191))));
         assert_eq!(c.log_level, LogLevel::Warn);
-        assert_eq!(c.vm.keepalive, None);
+        assert_eq!(
+            c.vm.keepalive,
+            Some(Duration::from_secs(DEFAULT_AGENT_KEEPALIVE_SECS))
+        );
+        assert_eq!(c.vm.keepalive_misses, DEFAULT_AGENT_KEEPALIVE_MISSES);
         assert_eq!(c.vm.stall_timeout, Duration::from_secs(10));
     }
 

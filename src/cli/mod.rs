@@ -57,9 +57,15 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub socket_group: Option<String>,
 
-    /// Send PING to idle agents every SECS seconds; a missed reply marks the VM lost (0 = off).
-    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    /// Send PING to an agent whose control channel has been idle SECS seconds (0 = off). A PING unanswered
+    /// for SECS x --agent-keepalive-misses marks the VM lost: a hung agent is detected within
+    /// SECS x (1 + MISSES) seconds of its last activity.
+    #[arg(long, default_value_t = crate::config::DEFAULT_AGENT_KEEPALIVE_SECS, value_name = "SECS")]
     pub agent_keepalive: u64,
+
+    /// Keepalive intervals a PING may go unanswered before the VM is lost (at least 1).
+    #[arg(long, default_value_t = crate::config::DEFAULT_AGENT_KEEPALIVE_MISSES, value_name = "N")]
+    pub agent_keepalive_misses: u32,
 
     /// Bytes of output kept per stream while its shim is absent or slow, before backpressure.
     #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]

@@ -15,7 +15,7 @@
 //!   `Abandoned` until the late reply arrives (so it is not taken as the next command's reply); if that takes
 //!   longer than [`ABANDON_GRACE`] the agent is hung and the VM lost;
 //! - the keepalive interval passes with the channel idle: a PING is sent and the slot is `Pinging`; no answer
-//!   by the next interval and the VM is lost;
+//!   within `--agent-keepalive-misses` intervals and the VM is lost;
 //! - the channel closes, sends a malformed frame, or a write fails or stalls: the VM is lost;
 //! - the VM ends (lost elsewhere, unregistered, the daemon stopping): every call still held fails with the
 //!   VM's fate.
@@ -194,6 +194,12 @@ impl ControlActor {
         }
     }
 
+    /// How long a keepalive PING may go unanswered: the interval times `--agent-keepalive-misses`.
+    fn keepalive_wait(&self) -> Duration {
+        let every = self.vm.config.keepalive.unwrap_or_default();
+        every.saturating_mul(self.vm.config.keepalive_misses.max(1))
+    }
+
     /// The earliest deadline the loop must wake for.
     fn next_wake(&self) -> Option<Instant> {
         let slot = match &self.slot {
@@ -232,8 +238,7 @@ impl ControlActor {
             self.slot = Slot::Waiting(call);
         }
         if let Some(due) = self.keepalive_at().filter(|due| Instant::now() >= *due) {
-            let every = self.vm.config.keepalive.unwrap_or_default();
-            let deadline = due.max(Instant::now()) + every;
+            let deadline = due.max(Instant::now()) + self.keepalive_wait();
             self.write(code::PING, "ping", &Bytes::new(), deadline)
                 .await?;
             self.slot = Slot::Pinging { deadline };
@@ -345,9 +350,7 @@ impl ControlActor {
                 self.finish(*call, Err(err));
             }
             Slot::Pinging { deadline } if now >= deadline => {
-                return Err(LostReason::KeepaliveMissed(
-                    self.vm.config.keepalive.unwrap_or_default(),
-                ));
+                return Err(LostReason::KeepaliveMissed(self.keepalive_wait()));
             }
             Slot::Abandoned { command, deadline } if now >= deadline => {
                 return Err(LostReason::Hung {

@@ -51,6 +51,8 @@ pub struct VmConfig {
     pub stream_buffer: usize,
     /// PING idle agents this often (None = never).
     pub keepalive: Option<Duration>,
+    /// Keepalive intervals a PING may go unanswered before the VM is lost (at least 1).
+    pub keepalive_misses: u32,
     /// How long one full stream may pause the VM's I/O channel before it is failed.
     pub stall_timeout: Duration,
     /// Bytes buffered across a VM's streams before a stream past its own bound pauses the I/O channel.
@@ -299,6 +301,7 @@ pub(crate) mod testing {
             config: VmConfig {
                 stream_buffer: 64 * 1024,
                 keepalive,
+                keepalive_misses: 1,
                 stall_timeout: Duration::from_secs(1),
                 vm_buffer: 1 << 20,
                 recovery_timeout: Duration::from_secs(1),

@@ -10,6 +10,7 @@ mod foundation;
 mod hostile;
 mod legacy;
 mod lifecycle;
+mod limits;
 mod observability;
 mod operations;
 mod streams;
