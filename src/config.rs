@@ -57,6 +57,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Bytes of client-supplied text per log line (`--max-client-log`).
     pub max_client_log: usize,
+    /// The group whose members are privileged clients besides root (`--admin-group`).
+    pub admin_group: Option<String>,
+    /// Whether the admin server's `PUT /proxy-log-level` works (`--admin-allow-log-level`).
+    pub admin_allow_log_level: bool,
     /// Settings every VM shares.
     pub vm: VmConfig,
 }
@@ -105,6 +109,8 @@ impl Config {
             threads: cli.threads,
             max_connections: cli.max_connections.max(1),
             max_client_log: cli.max_client_log,
+            admin_group: cli.admin_group.clone(),
+            admin_allow_log_level: cli.admin_allow_log_level,
             vm: VmConfig {
                 stream_buffer: cli.stream_buffer,
                 keepalive: (cli.agent_keepalive > 0)

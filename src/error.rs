@@ -61,6 +61,16 @@ pub enum ProxyError {
     Limit(Limit),
     #[error("VM {0:?} is still being recovered after a restart")]
     Recovering(String),
+    /// The client's uid may not use the VM (`vm: Some`) or call a privileged method (`vm: None`).
+    #[error("permission denied: {}", denied_text(vm.as_deref(), *uid))]
+    PermissionDenied { vm: Option<String>, uid: u32 },
+}
+
+fn denied_text(vm: Option<&str>, uid: u32) -> String {
+    match vm {
+        Some(vm) => format!("VM {vm:?} belongs to another user (client uid {uid})"),
+        None => format!("privileged clients only (client uid {uid})"),
+    }
 }
 
 /// Why an agent could not be reached.
@@ -134,6 +144,7 @@ impl ProxyError {
             ProxyError::Unregistered(_) => code::VM_UNREGISTERED,
             ProxyError::Limit(_) => code::LIMIT_EXCEEDED,
             ProxyError::Recovering(_) => code::VM_RECOVERING,
+            ProxyError::PermissionDenied { .. } => code::PERMISSION_DENIED,
         }
     }
 
@@ -166,6 +177,8 @@ impl ProxyError {
             ProxyError::Protocol { vm, .. } => json!({"vm": vm}),
             ProxyError::TokenNotFound | ProxyError::StreamBusy => json!({"field": "token"}),
             ProxyError::InvalidUri(_) | ProxyError::Unreachable(_) => json!({"field": "uri"}),
+            ProxyError::PermissionDenied { vm: Some(vm), uid } => json!({"vm": vm, "uid": uid}),
+            ProxyError::PermissionDenied { vm: None, uid } => json!({"uid": uid}),
             ProxyError::ShuttingDown | ProxyError::Limit(_) => Value::Null,
         }
     }

@@ -169,6 +169,14 @@ impl Client {
         self.call(methods::PROXY_HEALTH, json!({})).await
     }
 
+    /// `proxy.set_log_level`: change the daemon's log filter; returns the filter now in force.
+    pub async fn set_log_level(&self, level: &str) -> Result<String, ClientError> {
+        let r: crate::types::LogLevel = self
+            .call(methods::PROXY_SET_LOG_LEVEL, json!({ "level": level }))
+            .await?;
+        Ok(r.level)
+    }
+
     /// `vm.attach`: the dialect of a VM another process registered.
     pub async fn vm_attach(&self, id: &str) -> Result<RegisterResult, ClientError> {
         self.call(methods::VM_ATTACH, json!({ "id": id })).await

@@ -39,6 +39,10 @@ pub const LIMIT_EXCEEDED: i32 = 1016;
 /// The VM is still being reconnected after a daemon restart and its recovery did not finish within
 /// `--recovery-timeout` (requests for a recovering VM wait that long for the outcome first).
 pub const VM_RECOVERING: i32 = 1017;
+/// The client may not do this: the VM belongs to another uid (only its owner, uid 0 and members of the
+/// daemon's `--admin-group` may use it), or the method is for privileged clients only. `data` holds the
+/// client's `uid` and, when a VM is at fault, its id as `vm`.
+pub const PERMISSION_DENIED: i32 = 1018;
 
 /// A short stable name for a code, used in logs and metrics labels.
 pub fn code_name(code: i32) -> &'static str {
@@ -66,6 +70,7 @@ pub fn code_name(code: i32) -> &'static str {
         VM_UNREGISTERED => "vm_unregistered",
         LIMIT_EXCEEDED => "limit_exceeded",
         VM_RECOVERING => "vm_recovering",
+        PERMISSION_DENIED => "permission_denied",
         _ => "other",
     }
 }

@@ -5,6 +5,9 @@
 pub const PROXY_VERSION: &str = "proxy.version";
 /// `proxy.health` → [`crate::types::Health`].
 pub const PROXY_HEALTH: &str = "proxy.health";
+/// `proxy.set_log_level` [`crate::types::LogLevel`] → [`crate::types::LogLevel`] now in force; privileged
+/// clients only (uid 0, `--admin-group`).
+pub const PROXY_SET_LOG_LEVEL: &str = "proxy.set_log_level";
 
 /// `vm.register` [`crate::types::RegisterParams`] → [`crate::types::RegisterResult`].
 pub const VM_REGISTER: &str = "vm.register";

@@ -30,6 +30,13 @@ pub struct Health {
     pub vms_recovering: usize,
 }
 
+/// `proxy.set_log_level` parameters and result: a level (`error` .. `trace`) or a filter directive list such
+/// as `warn,cc_proxy::vm=debug`; the result is the filter now in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLevel {
+    pub level: String,
+}
+
 /// `tap.observe` parameters; every field is optional, unknown fields are refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +126,10 @@ pub struct VmInfo {
     pub tokens: usize,
     /// True when this VM was recovered from the state directory after a daemon restart.
     pub recovered: bool,
+    /// The uid that owns the VM: the client that registered it (root for VMs recorded before owners were).
+    /// Only the owner and privileged clients see the VM at all.
+    #[serde(default)]
+    pub owner: u32,
     /// The mesh front's configuration and certificate, for a meshed VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<crate::mesh::MeshInfo>,
@@ -250,6 +261,8 @@ pub enum Event {
     },
     ProcessExited {
         vm: String,
+        /// The stream's short id: the first 8 characters of its token, as logs and the tap show it. Never
+        /// the whole token, which is a secret of the client that allocated it.
         token: String,
         status: i32,
     },

@@ -185,6 +185,8 @@ pub struct Metrics {
     pub client_connections_open: Family<ProtocolLabel, Gauge>,
     pub api_errors: Family<CodeLabel, Counter>,
     pub tap_dropped: Counter,
+    /// Requests refused because the client may not use the VM or method (`server/authz.rs`).
+    pub permission_denied: Family<ProtocolLabel, Counter>,
 }
 
 impl Metrics {
@@ -208,6 +210,7 @@ impl Metrics {
             client_connections_open: Family::default(),
             api_errors: Family::default(),
             tap_dropped: Counter::default(),
+            permission_denied: Family::default(),
         }
     }
 
@@ -303,6 +306,11 @@ impl Metrics {
             "tap_dropped_events",
             "Tap events dropped because a tap client was slow",
             self.tap_dropped.clone(),
+        );
+        r.register(
+            "permission_denied",
+            "Requests refused because the client's uid may not use the VM or method, by protocol",
+            self.permission_denied.clone(),
         );
     }
 

@@ -1,4 +1,5 @@
 //! The admin HTTP server, for operators and Prometheus: `/metrics`, `/ready`, `/live`, `/proxy-log-level`.
+//! It is read-only unless `--admin-allow-log-level` lets loopback clients `PUT /proxy-log-level`.
 //!
 //! It runs on its own thread with its own single-threaded runtime, so a slow scrape never competes with the
 //! data plane's worker threads, and the data plane's load never delays a liveness probe. Every input is
@@ -275,6 +276,16 @@ async fn route(
             text(StatusCode::OK, format!("{}\n", proxy.log.current()))
         }
         (&Method::PUT, "/proxy-log-level") => {
+            // Off by default: any local user can reach a loopback port, and a debug or trace log shows other
+            // users' stdin. The socket's privileged `proxy.set_log_level` is the authorized way.
+            if !proxy.admin_allow_log_level {
+                tracing::warn!(%peer, "log level change refused: PUT /proxy-log-level is off");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "changing the log level here is off; run `cc-proxy log-level LEVEL` as root or a member of \
+                     --admin-group, or start the daemon with --admin-allow-log-level\n",
+                );
+            }
             if !is_loopback(peer.ip()) {
                 tracing::warn!(%peer, "log level change refused: not from loopback");
                 return text(

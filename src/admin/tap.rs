@@ -114,6 +114,9 @@ pub struct Observed {
     pub seq: u64,
     /// Milliseconds since the Unix epoch.
     pub ts_ms: u64,
+    /// The uid owning the event's VM: a tap shows an owner-only client only its own VMs' events.
+    #[serde(skip)]
+    pub owner: u32,
     #[serde(flatten)]
     pub event: TapEvent,
 }
@@ -140,9 +143,9 @@ pub fn enabled() -> bool {
     TAP.taps.load(Ordering::Relaxed) > 0
 }
 
-/// Publish an event, building it only when someone taps.
+/// Publish an event about a VM owned by `owner`, building it only when someone taps.
 #[inline]
-pub fn emit(make: impl FnOnce() -> TapEvent) {
+pub fn emit(owner: u32, make: impl FnOnce() -> TapEvent) {
     if enabled() {
         let event = make();
         let mut next = TAP.next_seq.lock().unwrap_or_else(|p| p.into_inner());
@@ -153,6 +156,7 @@ pub fn emit(make: impl FnOnce() -> TapEvent) {
         let _ = TAP.tx.send(Arc::new(Observed {
             seq: *next,
             ts_ms,
+            owner,
             event,
         }));
         *next += 1;
@@ -199,7 +203,7 @@ mod tests {
     #[test]
     fn events_flow_only_while_tapped_serialize_flat_and_taps_are_bounded() {
         let built = std::sync::atomic::AtomicBool::new(false);
-        emit(|| {
+        emit(0, || {
             built.store(true, Ordering::Relaxed);
             TapEvent::VmState {
                 vm: "a".into(),
@@ -215,7 +219,7 @@ mod tests {
         let Ok(mut tap) = subscribe() else {
             panic!("cannot open a tap");
         };
-        emit(|| TapEvent::ProcessExited {
+        emit(0, || TapEvent::ProcessExited {
             vm: "vm1".into(),
             token: "t".into(),
             status: 3,
@@ -229,7 +233,7 @@ mod tests {
         assert_eq!(v["status"], 3);
         assert!(v["ts_ms"].as_u64().unwrap_or(0) > 0);
         let first = v["seq"].as_u64().unwrap_or(0);
-        emit(|| TapEvent::StreamAttached {
+        emit(0, || TapEvent::StreamAttached {
             vm: "vm1".into(),
             token: "t".into(),
         });

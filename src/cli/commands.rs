@@ -101,6 +101,15 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                 }
                 Ok::<u8, ClientError>(0)
             }
+            Command::LogLevel { level } => {
+                let now = client.set_log_level(&level).await?;
+                if json {
+                    print_json(&serde_json::json!({ "level": now }));
+                } else {
+                    println!("log level: {now}");
+                }
+                Ok(0)
+            }
             Command::Vm {
                 command: VmCommand::List,
             } => {

@@ -57,6 +57,16 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub socket_group: Option<String>,
 
+    /// Group (name or gid) whose members are privileged clients like root: they may use every VM, see every
+    /// event and call privileged methods. Others may use only the VMs they registered.
+    #[arg(long, value_name = "NAME")]
+    pub admin_group: Option<String>,
+
+    /// Let loopback clients change the log level with the admin server's `PUT /proxy-log-level` (off by
+    /// default: use `cc-proxy log-level LEVEL`, which the socket authorizes).
+    #[arg(long)]
+    pub admin_allow_log_level: bool,
+
     /// Send PING to an agent whose control channel has been idle SECS seconds (0 = off). A PING unanswered
     /// for SECS x --agent-keepalive-misses marks the VM lost: a hung agent is detected within
     /// SECS x (1 + MISSES) seconds of its last activity.
@@ -188,6 +198,13 @@ pub enum Command {
     },
     /// Print the daemon's version and features.
     Version,
+    /// Change the running daemon's log filter (privileged clients only): `cc-proxy log-level debug`, or a
+    /// filter such as `warn,cc_proxy::vm=debug`. Prints the filter now in force.
+    LogLevel {
+        /// error, warn, info, debug, trace, or a filter directive list.
+        #[arg(value_name = "LEVEL")]
+        level: String,
+    },
     /// Make a raw JSON-RPC call and print its result: `cc-proxy call vm.info '{"id":"vm1"}'`.
     Call {
         /// The method, e.g. `proxy.health`.

@@ -27,7 +27,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
+use super::authz::{self, Front};
+use super::{Peer, Proxy};
 use crate::admin::metrics::DetachKind;
 use crate::admin::tap::TapEvent;
 use crate::error::ProxyError;
@@ -99,6 +100,18 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
     let Some((vm, stream)) = found else {
         return error_response(StatusCode::NOT_FOUND, ProxyError::TokenNotFound);
     };
+    // A token is a secret, but one seen by the wrong uid still does not open another user's process.
+    let peer = req.extensions().get::<Peer>().cloned();
+    let allowed = match &peer {
+        Some(peer) => authz::check_vm(peer, &vm.id, vm.owner, Front::Attach),
+        None => Err(ProxyError::PermissionDenied {
+            vm: Some(vm.id.clone()),
+            uid: u32::MAX,
+        }),
+    };
+    if let Err(e) = allowed {
+        return error_response(StatusCode::FORBIDDEN, e);
+    }
     let attach = match stream.attach() {
         Ok(n) => n,
         Err(AttachError::Busy) => {
@@ -109,7 +122,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
         }
     };
     tracing::info!(vm = %vm.id, token = %stream.token, "shim attached");
-    crate::admin::tap::emit(|| TapEvent::StreamAttached {
+    vm.tap(|| TapEvent::StreamAttached {
         vm: vm.id.clone(),
         token: stream.token.short().to_string(),
     });

@@ -5,6 +5,7 @@
 //! Both share the one [`Proxy`] state, so a VM registered through one is usable from the other.
 
 pub mod attach;
+pub mod authz;
 pub mod detect;
 pub mod http;
 pub mod legacy;
@@ -16,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cc_proxy_api::types::Event;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::task::TaskTracker;
@@ -48,6 +48,10 @@ pub struct Proxy {
     pub tasks: TaskTracker,
     /// Bytes of client-supplied text per log line (`--max-client-log`).
     pub max_client_log: usize,
+    /// `--admin-group`: its members are privileged clients (see [`authz`]).
+    pub admin_group: Option<authz::AdminGroup>,
+    /// `--admin-allow-log-level`: the admin server's `PUT /proxy-log-level` works for loopback clients.
+    pub admin_allow_log_level: bool,
     next_client: AtomicU64,
 }
 
@@ -63,6 +67,27 @@ pub struct Peer {
     pub pid: Option<i32>,
     pub uid: u32,
     pub gid: u32,
+    /// The supplementary groups of the connecting process (empty when they could not be read).
+    pub groups: Arc<[u32]>,
+    /// What the client may do, decided when the connection was accepted.
+    pub access: authz::Access,
+}
+
+impl Peer {
+    /// Whose rights the daemon uses to open the endpoints this client names: none (the daemon's own) for a
+    /// privileged client, the client's own otherwise.
+    pub fn endpoint_rights(&self) -> Option<crate::transport::Credentials> {
+        (self.access != authz::Access::Privileged).then(|| crate::transport::Credentials {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.to_vec(),
+        })
+    }
+
+    /// Whether this client may see and use a VM owned by `owner`.
+    pub fn sees(&self, owner: u32) -> bool {
+        self.access.sees(self.uid, owner)
+    }
 }
 
 impl std::fmt::Display for Peer {
@@ -85,6 +110,19 @@ pub async fn run(
     log: LogHandle,
 ) -> i32 {
     let started = Instant::now();
+    // Resolved before anything is touched: an admin group that does not exist is a configuration mistake.
+    let admin_group = match config
+        .admin_group
+        .as_deref()
+        .map(authz::AdminGroup::resolve)
+    {
+        None => None,
+        Some(Ok(g)) => Some(g),
+        Some(Err(e)) => {
+            log.startup_error(&e);
+            return 1;
+        }
+    };
     // The state directory is locked before the socket is touched: a second daemon on the same directory
     // must not replace the first one's socket file either. A directory that cannot be used is fatal too:
     // registered VMs would silently not survive a restart.
@@ -142,7 +180,7 @@ pub async fn run(
         }
     };
 
-    let (events, _) = tokio::sync::broadcast::channel::<Event>(1024);
+    let (events, _) = tokio::sync::broadcast::channel::<crate::vm::VmEvent>(1024);
     let registry = Registry::new(Some(state), config.vm.clone(), events);
     registry.spawn_state_writer();
     let proxy = Arc::new(Proxy {
@@ -153,6 +191,8 @@ pub async fn run(
         shutdown: tokio_util::sync::CancellationToken::new(),
         tasks: TaskTracker::new(),
         max_client_log: config.max_client_log,
+        admin_group,
+        admin_allow_log_level: config.admin_allow_log_level,
         next_client: AtomicU64::new(1),
     });
 
@@ -268,17 +308,29 @@ async fn handle_connection(proxy: Arc<Proxy>, http: http::HttpServer, incoming: 
     use tracing::Instrument;
     let id = proxy.next_client.fetch_add(1, Ordering::Relaxed);
     let peer = match incoming.cred {
-        Some(c) => Peer {
-            id,
-            pid: c.pid,
-            uid: c.uid,
-            gid: c.gid,
-        },
+        Some(c) => {
+            let groups: Arc<[u32]> = c
+                .pid
+                .and_then(|pid| crate::transport::creds::process_groups(pid, c.uid, c.gid))
+                .unwrap_or_default()
+                .into();
+            Peer {
+                id,
+                pid: c.pid,
+                uid: c.uid,
+                gid: c.gid,
+                access: authz::classify(c.uid, c.gid, &groups, proxy.admin_group.as_ref()),
+                groups,
+            }
+        }
+        // No credentials: an unknown uid that owns nothing.
         None => Peer {
             id,
             pid: None,
             uid: u32::MAX,
             gid: u32::MAX,
+            groups: Arc::from([]),
+            access: authz::Access::OwnerOnly,
         },
     };
     let span = peer.span();
@@ -308,7 +360,7 @@ async fn serve_connection(
     tracing::debug!(protocol = protocol.name(), "client connected");
     match protocol {
         detect::Protocol::Http => http.serve(conn, peer.clone()).await,
-        detect::Protocol::Legacy => legacy::serve(proxy, conn).await,
+        detect::Protocol::Legacy => legacy::serve(proxy, conn, peer).await,
     }
     METRICS.client_connections_open.get_or_create(&label).dec();
     tracing::debug!("client disconnected");

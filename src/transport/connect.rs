@@ -8,13 +8,26 @@ use cc_proxy_protocol::hvsock;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::creds::{Credentials, CredsError};
 use super::{Endpoint, HandshakeError, TransportError};
 
 impl Endpoint {
     /// Connect, giving up after `timeout` (the hybrid-vsock handshake included).
+    // Agents are dialled with `connect_as`; the mesh front dials guest ports with this.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub async fn connect(&self, timeout: Duration) -> Result<Connection, TransportError> {
+        self.connect_as(timeout, None).await
+    }
+
+    /// [`Endpoint::connect`], opening a unix or hybrid-vsock path with `rights` instead of the daemon's own
+    /// when given (see [`super::creds`]); vsock and TCP need no rights and connect as usual.
+    pub async fn connect_as(
+        &self,
+        timeout: Duration,
+        rights: Option<&Credentials>,
+    ) -> Result<Connection, TransportError> {
         let uri = self.to_string();
-        match tokio::time::timeout(timeout, self.connect_inner(&uri)).await {
+        match tokio::time::timeout(timeout, self.connect_inner(&uri, rights, timeout)).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout {
                 uri,
@@ -23,15 +36,33 @@ impl Endpoint {
         }
     }
 
-    async fn connect_inner(&self, uri: &str) -> Result<Connection, TransportError> {
+    async fn connect_inner(
+        &self,
+        uri: &str,
+        rights: Option<&Credentials>,
+        timeout: Duration,
+    ) -> Result<Connection, TransportError> {
         let conn_err = |source| TransportError::Connect {
             uri: uri.to_string(),
             source,
         };
+        let unix = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            async move {
+                match rights {
+                    None => UnixStream::connect(&path).await,
+                    Some(c) => c.connect_unix(&path, timeout).await.map_err(|e| match e {
+                        CredsError::Io(e) => e,
+                        other => std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            other.to_string(),
+                        ),
+                    }),
+                }
+            }
+        };
         match self {
-            Endpoint::Unix(path) => Ok(Connection::Unix(
-                UnixStream::connect(path).await.map_err(conn_err)?,
-            )),
+            Endpoint::Unix(path) => Ok(Connection::Unix(unix(path).await.map_err(conn_err)?)),
             Endpoint::Tcp(_) => {
                 // Every address the host resolves to is tried in turn.
                 let addrs = self.resolve().await?;
@@ -48,7 +79,7 @@ impl Endpoint {
                 ))
             }
             Endpoint::HybridVsock { path, port } => {
-                let mut s = UnixStream::connect(path).await.map_err(conn_err)?;
+                let mut s = unix(path).await.map_err(conn_err)?;
                 let leftover = hybrid_handshake(&mut s, *port).await.map_err(|reason| {
                     TransportError::Handshake {
                         uri: uri.to_string(),

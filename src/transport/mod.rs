@@ -10,6 +10,7 @@
 //! | `tcp://HOST:PORT` | TCP (tests, remote agents) |
 
 mod connect;
+pub mod creds;
 mod listen;
 
 use std::fmt;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use connect::{BoxRead, BoxWrite, Connection, Rewind};
+pub use creds::Credentials;
 #[allow(unused_imports)] // `Accepted` is for the mesh listeners
 pub use listen::{Accepted, Listener, PeerAddr};
 

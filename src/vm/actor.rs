@@ -40,7 +40,7 @@ use super::handshake::{ControlReader, ControlWriter};
 use super::lifecycle::{LostReason, VmState};
 use super::Vm;
 use crate::admin::metrics::CommandOutcome;
-use crate::admin::tap::{self, TapEvent};
+use crate::admin::tap::TapEvent;
 use crate::error::{Limit, ProxyError};
 use crate::logging::escape_bytes;
 
@@ -397,7 +397,7 @@ impl ControlActor {
             vm.errors.fetch_add(1, Ordering::Relaxed);
         }
         vm.metrics.command(&call.name, outcome, seconds);
-        tap::emit(|| TapEvent::AgentCommand {
+        vm.tap(|| TapEvent::AgentCommand {
             vm: vm.id.clone(),
             command: call.name.clone(),
             result: outcome,

@@ -16,9 +16,9 @@ const MAX_CONSOLE_LINE: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Read `console` for `vm` in a task of its own.
-pub fn spawn(vm: Arc<Vm>, console: Endpoint) {
+pub fn spawn(vm: Arc<Vm>, console: Endpoint, rights: Option<crate::transport::Credentials>) {
     tokio::spawn(async move {
-        let mut conn = match console.connect(CONNECT_TIMEOUT).await {
+        let mut conn = match console.connect_as(CONNECT_TIMEOUT, rights.as_ref()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(vm = %vm.id, error = %e, "cannot open the console");

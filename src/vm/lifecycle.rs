@@ -123,13 +123,13 @@ impl Vm {
         }
         match to {
             VmState::Ready => {
-                tap::emit(|| TapEvent::VmState {
+                self.tap(|| TapEvent::VmState {
                     vm: self.id.clone(),
                     state: tap::VmStateKind::Ready,
                     reason: None,
                 });
                 if !self.recovered {
-                    let _ = self.events.send(Event::VmRegistered {
+                    self.publish_event(Event::VmRegistered {
                         vm: self.id.clone(),
                     });
                 }
@@ -143,12 +143,12 @@ impl Vm {
                 for s in self.all_streams() {
                     s.fail(&format!("VM {} lost: {reason}", self.id));
                 }
-                tap::emit(|| TapEvent::VmState {
+                self.tap(|| TapEvent::VmState {
                     vm: self.id.clone(),
                     state: tap::VmStateKind::Lost,
                     reason: Some(reason.clone()),
                 });
-                let _ = self.events.send(Event::VmLost {
+                self.publish_event(Event::VmLost {
                     vm: self.id.clone(),
                     reason,
                 });
@@ -156,12 +156,12 @@ impl Vm {
             VmState::Unregistered => {
                 self.end_streams(&format!("VM {} was unregistered", self.id));
                 tracing::info!(vm = %self.id, "VM unregistered");
-                tap::emit(|| TapEvent::VmState {
+                self.tap(|| TapEvent::VmState {
                     vm: self.id.clone(),
                     state: tap::VmStateKind::Unregistered,
                     reason: None,
                 });
-                let _ = self.events.send(Event::VmUnregistered {
+                self.publish_event(Event::VmUnregistered {
                     vm: self.id.clone(),
                 });
             }

@@ -64,11 +64,18 @@ pub struct VmConfig {
 /// Which VM each live token belongs to, across all VMs (attach looks tokens up here).
 pub type TokenIndex = Mutex<HashMap<Token, String>>;
 
+/// An event with the uid owning its VM, so each subscriber gets only the events of VMs it may see.
+#[derive(Debug, Clone)]
+pub struct VmEvent {
+    pub owner: u32,
+    pub event: Event,
+}
+
 /// What every VM shares with the registry that built it.
 #[derive(Clone)]
 pub struct VmShared {
     pub config: VmConfig,
-    pub events: broadcast::Sender<Event>,
+    pub events: broadcast::Sender<VmEvent>,
     pub tokens: Arc<TokenIndex>,
 }
 
@@ -90,6 +97,10 @@ pub struct Vm {
     pub registered: Instant,
     /// Reconnected from the state directory after a restart rather than registered by a client.
     pub recovered: bool,
+    /// The uid that registered the VM: only it and privileged clients may use the VM (`server/authz.rs`).
+    pub owner: u32,
+    /// The endpoints were opened with the owner's rights (see [`state::VmRecord::owner_rights`]).
+    pub owner_rights: bool,
     /// Commands to the control actor (boxed: the channel's first block is allocated with the VM).
     calls: mpsc::Sender<Box<actor::Call>>,
     /// Packets to the I/O writer.
@@ -111,7 +122,7 @@ pub struct Vm {
     pub errors: AtomicU64,
     pub metrics: VmMetrics,
     pub config: VmConfig,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<VmEvent>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,6 +152,8 @@ impl Vm {
             api_version,
             registered: Instant::now(),
             recovered,
+            owner: record.owner.unwrap_or(0),
+            owner_rights: record.owner_rights,
             calls: calls_tx,
             io_out: io_tx,
             state: Mutex::new(VmState::Connecting),
@@ -265,9 +278,23 @@ impl Vm {
             streams,
             tokens,
             recovered: self.recovered,
+            owner: self.owner,
             // Filled in by the mesh front (src/mesh/) for meshed VMs.
             mesh: None,
         }
+    }
+
+    /// Publish an event about this VM to the subscribers allowed to see it.
+    fn publish_event(&self, event: Event) {
+        let _ = self.events.send(VmEvent {
+            owner: self.owner,
+            event,
+        });
+    }
+
+    /// Publish a tap event about this VM, built only when someone taps (see [`crate::admin::tap::emit`]).
+    pub fn tap(&self, make: impl FnOnce() -> crate::admin::tap::TapEvent) {
+        crate::admin::tap::emit(self.owner, make);
     }
 
     /// Mark the state as changed, for the state writer.
@@ -296,6 +323,8 @@ pub(crate) mod testing {
             streams: Vec::new(),
             dialect: None,
             api_version: None,
+            owner: None,
+            owner_rights: false,
         };
         let shared = VmShared {
             config: VmConfig {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use cc_proxy_api::types::{Event, RegisterParams, VmInfo, VmStateName};
+use cc_proxy_api::types::{RegisterParams, VmInfo, VmStateName};
 use cc_proxy_protocol::{ControlCodec, Dialect};
 use tokio::sync::broadcast;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 use super::actor::ControlActor;
 use super::persist::StateWriter;
 use super::state::{StateDir, VmRecord};
-use super::{console, handshake, io, lock, LostReason, Vm, VmConfig, VmShared, VmState};
+use super::{console, handshake, io, lock, LostReason, Vm, VmConfig, VmEvent, VmShared, VmState};
 use crate::error::{Limit, ProxyError};
 use crate::stream::{Stream, Token};
-use crate::transport::Endpoint;
+use crate::transport::{Credentials, Endpoint};
 
 /// Default wait for the agent's READY.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +66,17 @@ pub struct Registry {
     /// Set once recovery at startup finished (the admin `/ready` waits for it).
     recovered: AtomicBool,
     shutting_down: AtomicBool,
+}
+
+/// Who registers a VM, as the front end that took the request established it.
+#[derive(Debug, Clone)]
+pub struct Registrant {
+    /// Becomes the VM's owner.
+    pub uid: u32,
+    /// A privileged client may replace a lost VM of another owner.
+    pub privileged: bool,
+    /// Open the endpoints with these rights rather than the daemon's (a non-privileged client's own).
+    pub rights: Option<Credentials>,
 }
 
 /// The parsed endpoints of one VM.
@@ -120,7 +131,7 @@ impl Registry {
     pub fn new(
         state: Option<StateDir>,
         config: VmConfig,
-        events: broadcast::Sender<Event>,
+        events: broadcast::Sender<VmEvent>,
     ) -> Arc<Registry> {
         Arc::new(Registry {
             vms: RwLock::new(HashMap::new()),
@@ -144,7 +155,7 @@ impl Registry {
         }
     }
 
-    pub fn events(&self) -> &broadcast::Sender<Event> {
+    pub fn events(&self) -> &broadcast::Sender<VmEvent> {
         &self.shared.events
     }
 
@@ -194,14 +205,29 @@ impl Registry {
         vms
     }
 
-    /// Every VM as `vm.list` shows it (recovering ones included), by id.
-    pub fn list_info(&self) -> Vec<VmInfo> {
+    /// The owner of VM `id` (published or being recovered), if there is such a VM.
+    pub fn owner(&self, id: &str) -> Option<u32> {
+        if let Some(vm) = read(&self.vms).get(id) {
+            return Some(vm.owner);
+        }
+        lock(&self.recovering)
+            .get(id)
+            .map(|r| r.record.owner.unwrap_or(0))
+    }
+
+    /// Every VM whose owner `visible` accepts, as `vm.list` shows it (recovering ones included), by id.
+    pub fn list_info(&self, visible: impl Fn(u32) -> bool) -> Vec<VmInfo> {
         let vms = read(&self.vms);
-        let mut out: Vec<VmInfo> = vms.values().map(|vm| vm.info()).collect();
+        let mut out: Vec<VmInfo> = vms
+            .values()
+            .filter(|vm| visible(vm.owner))
+            .map(|vm| vm.info())
+            .collect();
         out.extend(
             lock(&self.recovering)
                 .values()
                 .filter(|r| !vms.contains_key(&r.record.id))
+                .filter(|r| visible(r.record.owner.unwrap_or(0)))
                 .map(|r| recovering_info(&r.record)),
         );
         drop(vms);
@@ -223,13 +249,22 @@ impl Registry {
 
     /// (all VMs, lost VMs, VMs being recovered); the first count includes the other two.
     pub fn counts(&self) -> (usize, usize, usize) {
+        self.counts_of(|_| true)
+    }
+
+    /// [`Registry::counts`] of the VMs whose owner `visible` accepts.
+    pub fn counts_of(&self, visible: impl Fn(u32) -> bool) -> (usize, usize, usize) {
         let vms = read(&self.vms);
-        let lost = vms
+        let (mut all, mut lost) = (0, 0);
+        for vm in vms.values().filter(|v| visible(v.owner)) {
+            all += 1;
+            lost += usize::from(matches!(vm.state(), VmState::Lost(_)));
+        }
+        let recovering = lock(&self.recovering)
             .values()
-            .filter(|v| matches!(v.state(), VmState::Lost(_)))
+            .filter(|r| visible(r.record.owner.unwrap_or(0)))
             .count();
-        let recovering = lock(&self.recovering).len();
-        (vms.len() + recovering, lost, recovering)
+        (all + recovering, lost, recovering)
     }
 
     /// Find the VM and stream of a token.
@@ -248,8 +283,13 @@ impl Registry {
         self.find_token(token)
     }
 
-    /// Register a VM: connect its channels, wait for READY, pick the dialect, start its tasks.
-    pub async fn register(self: &Arc<Self>, params: RegisterParams) -> Result<Arc<Vm>, ProxyError> {
+    /// Register a VM for `by`, who will own it: connect its channels (with `by`'s rights when it has any),
+    /// wait for READY, pick the dialect, start its tasks.
+    pub async fn register(
+        self: &Arc<Self>,
+        params: RegisterParams,
+        by: Registrant,
+    ) -> Result<Arc<Vm>, ProxyError> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(ProxyError::ShuttingDown);
         }
@@ -272,6 +312,8 @@ impl Registry {
             streams: Vec::new(),
             dialect: None,
             api_version: None,
+            owner: Some(by.uid),
+            owner_rights: by.rights.is_some(),
         };
         if record.control == record.io {
             return Err(ProxyError::invalid(
@@ -281,13 +323,16 @@ impl Registry {
         }
         // A lost VM of this id is replaced by this registration (once it succeeds): after a host reboot every
         // recovered VM is lost, and its id must not stay blocked until someone unregisters it.
-        let replacing = self.reserve(&record)?;
+        let replacing = self.reserve(&record, &by)?;
         let mut record = record;
         if let Some(old) = &replacing {
             // A replacement continues after the lost VM's sequence numbers.
             record.next_seq = old.record(false).next_seq;
         }
-        let vm = match self.connect(&record, endpoints, timeout, false).await {
+        let vm = match self
+            .connect(&record, endpoints, timeout, false, by.rights.as_ref())
+            .await
+        {
             Ok(vm) => vm,
             Err(e) => {
                 lock(&self.registering).remove(&params.id);
@@ -312,9 +357,20 @@ impl Registry {
 
     /// Claim `record.id` for a registration in progress, refusing duplicates, endpoint takeovers and more than
     /// [`MAX_VMS`] VMs. Returns the lost VM of that id the registration will replace, if there is one.
-    fn reserve(&self, record: &VmRecord) -> Result<Option<Arc<Vm>>, ProxyError> {
+    fn reserve(&self, record: &VmRecord, by: &Registrant) -> Result<Option<Arc<Vm>>, ProxyError> {
         let vms = read(&self.vms);
         let replacing = match vms.get(&record.id) {
+            // Only its owner or a privileged client may replace a lost VM (and so take its id and tokens).
+            Some(old)
+                if matches!(old.state(), VmState::Lost(_))
+                    && !by.privileged
+                    && old.owner != by.uid =>
+            {
+                return Err(ProxyError::PermissionDenied {
+                    vm: Some(record.id.clone()),
+                    uid: by.uid,
+                })
+            }
             Some(old) if matches!(old.state(), VmState::Lost(_)) => Some(old.clone()),
             Some(_) => return Err(ProxyError::VmExists(record.id.clone())),
             None => None,
@@ -359,10 +415,11 @@ impl Registry {
         endpoints: Endpoints,
         timeout: Duration,
         recovered: bool,
+        rights: Option<&Credentials>,
     ) -> Result<Arc<Vm>, ProxyError> {
         let (ctl, iochan) = tokio::join!(
-            endpoints.control.connect(timeout),
-            endpoints.io.connect(timeout)
+            endpoints.control.connect_as(timeout, rights),
+            endpoints.io.connect_as(timeout, rights)
         );
         let (cr, cw) = ctl?.into_split();
         let iochan = iochan?;
@@ -387,7 +444,7 @@ impl Registry {
         ControlActor::spawn(vm.clone(), inbox.calls, reader, writer, hs.deferred);
         io::spawn(vm.clone(), ir, iw, inbox.io);
         if let Some(console) = endpoints.console {
-            console::spawn(vm.clone(), console);
+            console::spawn(vm.clone(), console, rights.cloned());
         }
         Ok(vm)
     }
@@ -442,10 +499,15 @@ impl Registry {
             .map(|r| r.deadline)
             .unwrap_or_else(|| tokio::time::Instant::now() + self.shared.config.recovery_timeout);
         let timeout = self.shared.config.recovery_timeout;
+        // Endpoints a non-privileged owner named are opened with the owner's rights again.
+        let rights = record
+            .owner_rights
+            .then(|| owner_rights(record.owner.unwrap_or(0)));
         let result = match parsed {
             // The whole reconnection (connect, handshake) is bounded, so requests waiting for it are too.
             Ok(endpoints) => {
-                tokio::time::timeout_at(deadline, self.connect(&record, endpoints, timeout, true))
+                let connect = self.connect(&record, endpoints, timeout, true, rights.as_ref());
+                tokio::time::timeout_at(deadline, connect)
                     .await
                     .unwrap_or_else(|_| {
                         Err(ProxyError::ReadyTimeout {
@@ -521,6 +583,32 @@ impl Registry {
     }
 }
 
+/// The rights of user `uid` as the user database has them (primary gid and groups), for reconnecting the
+/// endpoints of a VM it registered. A uid without an entry keeps only its uid, with the overflow group.
+fn owner_rights(uid: u32) -> Credentials {
+    const OVERFLOW_GID: u32 = 65_534;
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten();
+    let Some(user) = user else {
+        return Credentials {
+            uid,
+            gid: OVERFLOW_GID,
+            groups: Vec::new(),
+        };
+    };
+    let groups = std::ffi::CString::new(user.name.clone())
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
+        .map(|gs| gs.iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_default();
+    Credentials {
+        uid,
+        gid: user.gid.as_raw(),
+        groups,
+    }
+}
+
 /// How `vm.info` shows a VM still being recovered: what its record says, `recovering`, no counters yet.
 fn recovering_info(record: &VmRecord) -> VmInfo {
     VmInfo {
@@ -538,6 +626,7 @@ fn recovering_info(record: &VmRecord) -> VmInfo {
         streams: record.streams.iter().filter(|s| s.started).count(),
         tokens: record.streams.len(),
         recovered: true,
+        owner: record.owner.unwrap_or(0),
         mesh: None,
     }
 }

@@ -33,6 +33,13 @@ pub struct VmRecord {
     /// The agent's last GETVERSION answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<u32>,
+    /// The uid that registered the VM; records written before owners were kept have none and belong to root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
+    /// The endpoints were opened with the owner's rights (a non-privileged registration); a recovery after a
+    /// restart opens them the same way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub owner_rights: bool,
 }
 
 /// What is kept of one live token.
@@ -231,6 +238,8 @@ mod tests {
             }],
             dialect: Some("cc-agent".into()),
             api_version: Some(4242),
+            owner: Some(1000),
+            owner_rights: true,
         };
         st.save(&rec).unwrap();
         std::fs::write(dir.join("vms/broken.json"), b"{").unwrap();

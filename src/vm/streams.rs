@@ -11,7 +11,7 @@ use cc_proxy_api::types::Event;
 use super::state::{PendingFrame, StreamRecord, VmRecord};
 use super::{lock, Vm};
 use crate::admin::metrics::DetachKind;
-use crate::admin::tap::{self, TapEvent};
+use crate::admin::tap::TapEvent;
 use crate::stream::{Lifecycle, ProcessRole, Stream, StreamCounters, Token, EXIT_EOF_GRACE};
 
 /// The first sequence number of a token; 1 and 2 are the null session.
@@ -238,7 +238,7 @@ impl Vm {
     /// A shim left a stream: count it and tell the tap.
     pub fn shim_detached(&self, token: &Token, kind: DetachKind) {
         self.metrics.detach(kind);
-        tap::emit(|| TapEvent::StreamDetached {
+        self.tap(|| TapEvent::StreamDetached {
             vm: self.id.clone(),
             token: token.short().to_string(),
             kind,
@@ -248,7 +248,7 @@ impl Vm {
     /// Tell the tap a stream's process started, once (see [`Stream::claim_tap_start`]).
     pub fn tap_process_started(&self, stream: &Stream) {
         if stream.claim_tap_start() {
-            tap::emit(|| TapEvent::ProcessStarted {
+            self.tap(|| TapEvent::ProcessStarted {
                 vm: self.id.clone(),
                 token: stream.token.short().to_string(),
                 process: stream.process().map(|(_, p)| p).unwrap_or_default(),
@@ -262,14 +262,16 @@ impl Vm {
         deliver_exit(stream, status);
         // The exit report can be handled before the start's caller woke up from the ACK: its start first.
         self.tap_process_started(stream);
-        tap::emit(|| TapEvent::ProcessExited {
+        self.tap(|| TapEvent::ProcessExited {
             vm: self.id.clone(),
             token: stream.token.short().to_string(),
             status,
         });
-        let _ = self.events.send(Event::ProcessExited {
+        // Events go to every subscriber allowed to see the VM: they name the stream by its short id, never by
+        // the whole token (a token is the key to the process's stdio).
+        self.publish_event(Event::ProcessExited {
             vm: self.id.clone(),
-            token: stream.token.as_str().to_string(),
+            token: stream.token.short().to_string(),
             status,
         });
     }
@@ -292,6 +294,8 @@ impl Vm {
             // A VM that was never reached after a restart keeps what its record said.
             dialect: (self.api_version != 0).then(|| self.dialect.name().to_string()),
             api_version: (self.api_version != 0).then_some(self.api_version),
+            owner: Some(self.owner),
+            owner_rights: self.owner_rights,
         }
     }
 }

@@ -366,3 +366,104 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool
     }
     f()
 }
+
+/// A second local user for the authorization tests, created on first use.
+#[derive(Debug, Clone, Copy)]
+pub struct OtherUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The name of the test's second user (and of its own group).
+pub const OTHER_USER: &str = "ccproxy-test2";
+
+/// The uid and gid of user `name`, creating it (a system user with a group of its own and no home) if it does
+/// not exist. `None`, with a printed reason, when the test cannot have one: not root, or no `useradd`.
+pub fn other_user(name: &str) -> Option<OtherUser> {
+    use nix::unistd::{Uid, User};
+    if !Uid::effective().is_root() {
+        eprintln!("SKIP: creating and acting as a second uid needs root");
+        return None;
+    }
+    let lookup = || User::from_name(name).ok().flatten();
+    if lookup().is_none() {
+        let made = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(name)
+            .status();
+        // A failed useradd may mean another test created the user meanwhile: the lookup below decides.
+        if let Err(e) = made {
+            eprintln!("SKIP: cannot run useradd: {e}");
+            return None;
+        }
+    }
+    let Some(user) = lookup() else {
+        eprintln!("SKIP: useradd did not create {name}");
+        return None;
+    };
+    Some(OtherUser {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    })
+}
+
+/// The gid of group `name`, creating it (a system group) if it does not exist; `None` when it cannot.
+pub fn test_group(name: &str) -> Option<u32> {
+    use nix::unistd::Group;
+    let lookup = || Group::from_name(name).ok().flatten();
+    if lookup().is_none() {
+        let _ = Command::new("groupadd").args(["--system", name]).status();
+    }
+    lookup().map(|g| g.gid.as_raw())
+}
+
+/// Connect to the unix socket at `path` as uid `uid`, gid `gid` with supplementary `groups`: the daemon sees
+/// exactly these ids in SO_PEERCRED. The ids are taken by a thread of its own (Linux credentials belong to a
+/// thread; the raw system calls change only the calling one), which ends after the connect.
+pub fn connect_as(
+    path: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+) -> std::io::Result<tokio::net::UnixStream> {
+    let (path, groups) = (path.to_path_buf(), groups.to_vec());
+    let std = std::thread::spawn(move || -> std::io::Result<std::os::unix::net::UnixStream> {
+        let keep = libc::uid_t::MAX; // -1: leave that id alone
+                                     // SAFETY: plain system calls on this thread's credentials; `groups` outlives the setgroups call.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            let g = libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
+            let r = libc::syscall(libc::SYS_setresgid, keep, gid, keep);
+            let u = libc::syscall(libc::SYS_setresuid, keep, uid, keep);
+            g | r | u
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::os::unix::net::UnixStream::connect(&path)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the connecting thread panicked"))??;
+    std.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(std)
+}
+
+/// A JSON-RPC client (WebSocket: calls and subscriptions) on the daemon's socket as uid/gid/groups.
+pub async fn ws_as(
+    env: &Env,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+) -> jsonrpsee::ws_client::WsClient {
+    let stream = connect_as(&env.socket, uid, gid, groups).expect("connect as another uid");
+    jsonrpsee::ws_client::WsClientBuilder::default()
+        .build_with_stream("ws://localhost/", stream)
+        .await
+        .expect("WebSocket handshake on the daemon socket")
+}

@@ -11,16 +11,16 @@ use tokio::net::UnixStream;
 use crate::common::{eventually, Agent, Env};
 
 // Frame types.
-const T_COMMAND: u8 = 0;
+pub(crate) const T_COMMAND: u8 = 0;
 const T_RESPONSE: u8 = 1;
 const T_STREAM: u8 = 2;
 const T_NOTIFY: u8 = 3;
 // Commands.
-const REGISTER_VM: u8 = 0;
-const UNREGISTER_VM: u8 = 1;
-const ATTACH_VM: u8 = 2;
-const HYPER: u8 = 3;
-const CONNECT_SHIM: u8 = 4;
+pub(crate) const REGISTER_VM: u8 = 0;
+pub(crate) const UNREGISTER_VM: u8 = 1;
+pub(crate) const ATTACH_VM: u8 = 2;
+pub(crate) const HYPER: u8 = 3;
+pub(crate) const CONNECT_SHIM: u8 = 4;
 const DISCONNECT_SHIM: u8 = 5;
 const SIGNAL: u8 = 6;
 // Streams.
@@ -33,29 +33,29 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// One received frame.
 #[derive(Debug, Clone)]
-struct Rx {
+pub(crate) struct Rx {
     ty: u8,
-    error: bool,
+    pub(crate) error: bool,
     op: u8,
     payload: Vec<u8>,
 }
 
 impl Rx {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         if self.payload.is_empty() {
             return Value::Null;
         }
         serde_json::from_slice(&self.payload)
             .unwrap_or_else(|e| panic!("payload is not JSON ({e}): {:?}", self.payload))
     }
-    fn msg(&self) -> String {
+    pub(crate) fn msg(&self) -> String {
         assert!(self.error, "expected an error response, got {self:?}");
         self.json()["msg"].as_str().expect("msg").to_string()
     }
 }
 
 /// A v2 client connection.
-struct V2 {
+pub(crate) struct V2 {
     s: UnixStream,
     /// Frames read while waiting for a response.
     pending: VecDeque<Rx>,
@@ -69,8 +69,13 @@ fn header(ty: u8, op: u8, len: usize) -> Vec<u8> {
 
 impl V2 {
     async fn connect(env: &Env) -> V2 {
+        V2::over(UnixStream::connect(&env.socket).await.expect("connect"))
+    }
+
+    /// A v2 client on a connection made elsewhere (e.g. as another uid).
+    pub(crate) fn over(s: UnixStream) -> V2 {
         V2 {
-            s: UnixStream::connect(&env.socket).await.expect("connect"),
+            s,
             pending: VecDeque::new(),
         }
     }
@@ -119,7 +124,7 @@ impl V2 {
     }
 
     /// Send a command and wait for its response; other frames are kept for [`V2::next`].
-    async fn cmd(&mut self, op: u8, payload: Value) -> Rx {
+    pub(crate) async fn cmd(&mut self, op: u8, payload: Value) -> Rx {
         let body = if payload.is_null() {
             Vec::new()
         } else {

@@ -2,6 +2,7 @@
 //! ports and signals, with `cc-test-agent` as the VM's agent.
 
 mod agent;
+mod authz;
 mod cli;
 mod client;
 mod common;

@@ -230,7 +230,8 @@ async fn ready_only_after_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_level_changes_at_runtime() {
-    let mut env = Env::start().await;
+    // The admin server's PUT is off by default; this daemon turns it on.
+    let mut env = Env::start_with(&["--admin-allow-log-level"]).await;
     let agent = env.agent(&["--dialect", "cc-agent"]);
     env.register("l1", &agent, None).await;
     assert_eq!(
@@ -287,6 +288,51 @@ async fn log_level_changes_at_runtime() {
     let _ = env.stop_daemon().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_changes_through_the_socket_and_the_admin_put_is_off_by_default() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&["--dialect", "cc-agent"]);
+    env.register("l2", &agent, None).await;
+    // Without --admin-allow-log-level the admin server is read-only, and says what to use instead.
+    let (status, body) = http_request(&env.admin, "PUT", "/proxy-log-level", "trace").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("cc-proxy log-level"), "{body}");
+    assert_eq!(http_get(&env.admin, "/proxy-log-level").await.1, "info\n");
+
+    // The socket's privileged method: the CLI runs as the daemon's own uid, which is privileged (see
+    // tests/it/authz.rs for a client that is not).
+    let out = env.cli(&["log-level", "debug"], b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "log level: debug");
+    assert_eq!(http_get(&env.admin, "/proxy-log-level").await.1, "debug\n");
+    let out = env.cli(&["exec", "l2", "--", "true"], b"");
+    assert!(out.status.success());
+    assert!(
+        eventually(Duration::from_secs(5), || env
+            .logs()
+            .contains("process exited"))
+        .await,
+        "{}",
+        env.logs()
+    );
+    // A filter that does not parse is refused and leaves the filter alone.
+    let r = env
+        .rpc(
+            "proxy.set_log_level",
+            serde_json::json!({"level": "cc_proxy=[["}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], 1011, "{r}");
+    let r = env.rpc("proxy.set_log_level", serde_json::json!({})).await;
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert_eq!(http_get(&env.admin, "/proxy-log-level").await.1, "debug\n");
+}
+
 /// A non-loopback IPv4 address of this machine, from `ip -4 -o addr`.
 fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
     let out = Command::new("ip")
@@ -322,6 +368,7 @@ async fn log_level_put_refused_from_non_loopback() {
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .args(["--admin-addr", &format!("0.0.0.0:{port}"), "--log", "info"])
+        .arg("--admin-allow-log-level")
         .args(["--log-target", "stderr"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

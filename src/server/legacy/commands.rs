@@ -19,8 +19,10 @@ use serde_json::Value;
 
 use super::Session;
 use crate::error::ProxyError;
+use crate::server::authz::{self, Access, Front};
 use crate::stream::Token;
 use crate::vm::process::{self, StreamUse, DEFAULT_TIMEOUT};
+use crate::vm::registry::Registrant;
 use crate::vm::Vm;
 
 /// How long a start command waits for its token's shim to connect (the original's value).
@@ -112,10 +114,15 @@ impl Session {
             timeout_ms: None,
             mesh: None,
         };
+        let by = Registrant {
+            uid: self.peer.uid,
+            privileged: self.peer.access == Access::Privileged,
+            rights: self.peer.endpoint_rights(),
+        };
         let vm = self
             .proxy
             .registry
-            .register(params)
+            .register(params, by)
             .await
             .map_err(|e| match e {
                 ProxyError::VmExists(id) => CommandError::AlreadyRegistered(id),
@@ -127,6 +134,7 @@ impl Session {
 
     async fn attach(&mut self, p: AttachVm) -> Result<Bytes, CommandError> {
         let wanted = tokens_wanted(p.num_io_streams)?;
+        self.check_vm(&p.container_id)?;
         let vm = self
             .proxy
             .registry
@@ -155,7 +163,16 @@ impl Session {
         Bytes::from(serde_json::to_vec(&result).unwrap_or_default())
     }
 
+    /// May this client use VM `id`? Unknown ids are left to the command (which answers "unknown").
+    pub(super) fn check_vm(&self, id: &str) -> Result<(), CommandError> {
+        match self.proxy.registry.owner(id) {
+            Some(owner) => Ok(authz::check_vm(&self.peer, id, owner, Front::Legacy)?),
+            None => Ok(()),
+        }
+    }
+
     async fn unregister(&mut self, p: UnregisterVm) -> Result<Bytes, CommandError> {
+        self.check_vm(&p.container_id)?;
         self.proxy.registry.settle(&p.container_id).await;
         self.proxy
             .registry

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use tokio_util::codec::FramedRead;
 
 use super::detect::ClientConn;
-use super::Proxy;
+use super::{Peer, Proxy};
 use crate::logging::escape_client_text;
 use crate::vm::Vm;
 use writer::{Writer, WRITER_DRAIN};
@@ -60,6 +60,8 @@ enum Flow {
 /// One legacy client connection.
 struct Session {
     proxy: Arc<Proxy>,
+    /// Who is on the other end: its uid owns the VMs it registers and may use only those unless privileged.
+    peer: Peer,
     out: Writer,
     /// The VM this client registered or attached to (Hyper commands go to it).
     vm: Option<Arc<Vm>>,
@@ -69,7 +71,7 @@ struct Session {
 
 /// Serve one legacy v2 connection until the client leaves or breaks the protocol. Its log lines carry the
 /// client's fields through the connection's span (see [`crate::server::Peer`]).
-pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn) {
+pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn, peer: Peer) {
     let (rd, wr) = tokio::io::split(conn);
     let mut reader = FramedRead::new(rd, LegacyCodec::default());
     // The writer stops at once when the daemon stops; otherwise it writes what was queued, then ends.
@@ -77,6 +79,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn) {
     let (out, writer) = Writer::spawn(wr, stop_writer.clone());
     let mut session = Session {
         proxy,
+        peer,
         out,
         vm: None,
         shim: None,

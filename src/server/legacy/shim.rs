@@ -131,7 +131,7 @@ impl Session {
                     .await
                     .inspect_err(|_| stream.release(attach, Vec::new()))?;
                 tracing::info!(vm = %vm.id, token = %stream.token, "legacy shim connected");
-                crate::admin::tap::emit(|| crate::admin::tap::TapEvent::StreamAttached {
+                vm.tap(|| crate::admin::tap::TapEvent::StreamAttached {
                     vm: vm.id.clone(),
                     token: stream.token.short().to_string(),
                 });
@@ -186,6 +186,12 @@ impl Session {
             .find_token_settled(&token)
             .await
             .ok_or(CommandError::UnknownToken)?;
+        crate::server::authz::check_vm(
+            &self.peer,
+            &vm.id,
+            vm.owner,
+            crate::server::authz::Front::Legacy,
+        )?;
         let attach = stream.attach().map_err(|e| match e {
             AttachError::Busy => CommandError::ShimBusy,
             AttachError::Closed => CommandError::UnknownToken,

@@ -12,7 +12,7 @@ use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 use serde_json::Value;
 
-use super::parse;
+use super::{check_vm, parse, peer};
 use crate::error::ProxyError;
 use crate::server::Proxy;
 use crate::stream::Token;
@@ -22,8 +22,9 @@ use crate::vm::process::{self, StreamUse, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 const HOST_BOUND: &[u32] = &[code::ACK, code::ERROR, code::NEXT];
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
-    let _ = m.register_async_method(methods::AGENT_CALL, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::AGENT_CALL, |params, proxy, ext| async move {
         let p: AgentCallParams = parse(&params)?;
+        check_vm(&proxy, &peer(&ext), &p.vm)?;
         Ok::<_, ErrorObjectOwned>(call(&proxy, p).await?)
     });
 }

@@ -15,7 +15,7 @@ use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::RpcModule;
 use serde::de::DeserializeOwned;
 
-use super::Proxy;
+use super::{authz, Peer, Proxy};
 
 /// Every method, over the shared proxy state.
 pub fn module(proxy: Arc<Proxy>) -> RpcModule<Arc<Proxy>> {
@@ -32,4 +32,25 @@ pub fn module(proxy: Arc<Proxy>) -> RpcModule<Arc<Proxy>> {
 /// Parse params into `T`, answering -32602 with serde's explanation on failure (counted by [`errors`]).
 pub fn parse<T: DeserializeOwned>(params: &Params<'_>) -> Result<T, ErrorObjectOwned> {
     params.parse::<T>()
+}
+
+/// The client of a request, as the connection recorded it (a request without one is an unknown uid that owns
+/// nothing and is not privileged).
+pub fn peer(ext: &jsonrpsee::Extensions) -> Peer {
+    ext.get::<Peer>().cloned().unwrap_or_else(|| Peer {
+        id: 0,
+        pid: None,
+        uid: u32::MAX,
+        gid: u32::MAX,
+        groups: Arc::from([]),
+        access: authz::Access::OwnerOnly,
+    })
+}
+
+/// May the client use VM `id`? Unknown ids are left to the method (which answers "no VM").
+pub fn check_vm(proxy: &Proxy, peer: &Peer, id: &str) -> Result<(), ErrorObjectOwned> {
+    match proxy.registry.owner(id) {
+        Some(owner) => Ok(authz::check_vm(peer, id, owner, authz::Front::JsonRpc)?),
+        None => Ok(()),
+    }
 }

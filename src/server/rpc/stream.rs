@@ -7,16 +7,18 @@ use cc_proxy_api::types::{ResizeParams, SignalParams, StreamAllocation, TokenPar
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 
-use super::parse;
+use super::{check_vm, parse, peer};
 use crate::admin::metrics::DetachKind;
 use crate::error::ProxyError;
-use crate::server::Proxy;
+use crate::server::authz::{self, Front};
+use crate::server::{Peer, Proxy};
 use crate::stream::{Stream, Token};
 use crate::vm::{process, Vm};
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
-    let _ = m.register_async_method(methods::STREAM_ALLOCATE, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::STREAM_ALLOCATE, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
+        check_vm(&proxy, &peer(&ext), &p.id)?;
         let vm = proxy.registry.get_settled(&p.id).await?;
         let s = vm.allocate_stream();
         Ok::<_, ErrorObjectOwned>(StreamAllocation {
@@ -25,33 +27,40 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
             stderr: s.stderr,
         })
     });
-    let _ = m.register_async_method(methods::STREAM_SIGNAL, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::STREAM_SIGNAL, |params, proxy, ext| async move {
         let p: SignalParams = parse(&params)?;
-        let (vm, stream) = find(&proxy, &p.token).await?;
+        let (vm, stream) = find(&proxy, &peer(&ext), &p.token).await?;
         process::signal(&vm, &stream, p.signal).await?;
         Ok::<_, ErrorObjectOwned>(())
     });
-    let _ = m.register_async_method(methods::STREAM_RESIZE, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::STREAM_RESIZE, |params, proxy, ext| async move {
         let p: ResizeParams = parse(&params)?;
-        let (vm, stream) = find(&proxy, &p.token).await?;
+        let (vm, stream) = find(&proxy, &peer(&ext), &p.token).await?;
         process::resize(&vm, &stream, p.rows, p.cols).await?;
         Ok::<_, ErrorObjectOwned>(())
     });
-    let _ = m.register_async_method(methods::STREAM_CLOSE, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::STREAM_CLOSE, |params, proxy, ext| async move {
         let p: TokenParam = parse(&params)?;
-        let (vm, stream) = find(&proxy, &p.token).await?;
+        let (vm, stream) = find(&proxy, &peer(&ext), &p.token).await?;
         vm.free_stream(&stream.token);
         vm.shim_detached(&stream.token, DetachKind::Close);
         Ok::<_, ErrorObjectOwned>(())
     });
 }
 
-/// The VM and stream of a token (after its VM's recovery, when it is being recovered).
-async fn find(proxy: &Proxy, token: &str) -> Result<(Arc<Vm>, Arc<Stream>), ProxyError> {
+/// The VM and stream of a token (after its VM's recovery, when it is being recovered), if `peer` may use
+/// the VM.
+async fn find(
+    proxy: &Proxy,
+    peer: &Peer,
+    token: &str,
+) -> Result<(Arc<Vm>, Arc<Stream>), ProxyError> {
     let token = Token::parse(token).ok_or(ProxyError::TokenNotFound)?;
-    proxy
+    let (vm, stream) = proxy
         .registry
         .find_token_settled(&token)
         .await
-        .ok_or(ProxyError::TokenNotFound)
+        .ok_or(ProxyError::TokenNotFound)?;
+    authz::check_vm(peer, &vm.id, vm.owner, Front::JsonRpc)?;
+    Ok((vm, stream))
 }

@@ -1,6 +1,7 @@
 //! `tap.observe {vm?, filter?, limit?, rate?}` (WebSocket): live tap events as `tap.event` notifications.
 //!
-//! `vm` keeps one VM's events; `filter` is a list of event names (`agent_command`, `process_started`,
+//! A tap shows the events of the VMs its client may see: all of them when privileged, its own otherwise
+//! (`server/authz.rs`); naming another owner's VM is refused with `1018`. `vm` keeps one VM's events; `filter` is a list of event names (`agent_command`, `process_started`,
 //! `process_exited`, `stream_attached`, `stream_detached`, `vm_state`); `limit` ends the tap after that many
 //! events; `rate` lowers the per-tap bound on events per second (default and maximum [`DEFAULT_RATE`]).
 //!
@@ -17,10 +18,11 @@ use jsonrpsee::{PendingSubscriptionSink, RpcModule, SubscriptionSink};
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::{check_vm, peer};
 use crate::admin::metrics::METRICS;
 use crate::admin::tap::{self, Observed, TapEvent};
 use crate::error::ProxyError;
-use crate::server::Proxy;
+use crate::server::{Peer, Proxy};
 
 /// Events per second one tap receives at most (a terminal cannot show more); also the burst allowance.
 pub const DEFAULT_RATE: u32 = 1000;
@@ -55,12 +57,14 @@ fn check(p: &TapParams) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Whether the tap opened with `p` receives `e`.
-fn wants(p: &TapParams, e: &TapEvent) -> bool {
-    p.vm.as_deref().is_none_or(|vm| vm == e.vm())
+/// Whether the tap opened with `p` by `peer` receives `e`.
+fn wants(peer: &Peer, p: &TapParams, e: &Observed) -> bool {
+    let e_vm = e.event.vm();
+    peer.sees(e.owner)
+        && p.vm.as_deref().is_none_or(|vm| vm == e_vm)
         && p.filter
             .as_ref()
-            .is_none_or(|f| f.iter().any(|n| n == e.name()))
+            .is_none_or(|f| f.iter().any(|n| n == e.event.name()))
 }
 
 /// A token bucket: `rate` tokens a second, holding at most one second's worth.
@@ -184,7 +188,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn observe(params: TapParams, pending: PendingSubscriptionSink) {
+async fn observe(peer: Peer, params: TapParams, pending: PendingSubscriptionSink) {
     if let Err(e) = check(&params) {
         pending.reject(e).await;
         return;
@@ -220,7 +224,7 @@ async fn observe(params: TapParams, pending: PendingSubscriptionSink) {
             e = tap.rx.recv() => e,
         };
         match event {
-            Ok(e) if wants(&params, &e.event) => {
+            Ok(e) if wants(&peer, &params, &e) => {
                 if !d.deliver(&e) {
                     break;
                 }
@@ -243,7 +247,8 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         "tap.observe",
         "tap.event",
         "tap.unobserve",
-        |params, pending, proxy, _| async move {
+        |params, pending, proxy, ext| async move {
+            let peer = peer(&ext);
             let p: TapParams = if params.is_object() {
                 match params.parse() {
                     Ok(p) => p,
@@ -266,12 +271,14 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
             // A tap of a VM that does not exist would wait for events that never come: say so instead (a VM
             // being recovered exists).
             if let Some(vm) = &p.vm {
-                if let Err(e) = proxy.registry.info(vm) {
+                let known = check_vm(&proxy, &peer, vm)
+                    .and_then(|()| proxy.registry.info(vm).map_err(Into::into));
+                if let Err(e) = known {
                     pending.reject(e).await;
                     return;
                 }
             }
-            observe(p, pending).await;
+            observe(peer, p, pending).await;
         },
     );
     if let Err(e) = registered {

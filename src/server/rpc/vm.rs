@@ -1,4 +1,7 @@
 //! `vm.register`, `vm.attach`, `vm.unregister`, `vm.list`, `vm.info`.
+//!
+//! The registering client's uid owns the VM; the other methods serve only its owner and privileged clients
+//! (`server/authz.rs`), and `vm.list` lists only the VMs the client may see.
 
 use std::sync::Arc;
 
@@ -7,35 +10,47 @@ use cc_proxy_api::types::{RegisterParams, RegisterResult, VmId, VmInfo};
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 
-use super::parse;
+use super::{check_vm, parse, peer};
+use crate::server::authz::Access;
 use crate::server::Proxy;
+use crate::vm::registry::Registrant;
 use crate::vm::Vm;
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
-    let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, ext| async move {
+        let peer = peer(&ext);
         let p: RegisterParams = parse(&params)?;
         tracing::debug!(vm = %p.id, "vm.register");
-        let vm = proxy.registry.register(p).await.inspect_err(|e| {
+        let by = Registrant {
+            uid: peer.uid,
+            privileged: peer.access == Access::Privileged,
+            rights: peer.endpoint_rights(),
+        };
+        let vm = proxy.registry.register(p, by).await.inspect_err(|e| {
             tracing::info!(error = %e, "registration failed");
         })?;
         Ok::<_, ErrorObjectOwned>(registered(&vm))
     });
-    let _ = m.register_async_method(methods::VM_ATTACH, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::VM_ATTACH, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
+        check_vm(&proxy, &peer(&ext), &p.id)?;
         let vm = proxy.registry.get_settled(&p.id).await?;
         Ok::<_, ErrorObjectOwned>(registered(&vm))
     });
-    let _ = m.register_async_method(methods::VM_UNREGISTER, |params, proxy, _| async move {
+    let _ = m.register_async_method(methods::VM_UNREGISTER, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
+        check_vm(&proxy, &peer(&ext), &p.id)?;
         proxy.registry.settle(&p.id).await;
         proxy.registry.unregister(&p.id)?;
         Ok::<_, ErrorObjectOwned>(())
     });
-    let _ = m.register_method(methods::VM_LIST, |_, proxy, _| -> Vec<VmInfo> {
-        proxy.registry.list_info()
+    let _ = m.register_method(methods::VM_LIST, |_, proxy, ext| -> Vec<VmInfo> {
+        let peer = peer(ext);
+        proxy.registry.list_info(|owner| peer.sees(owner))
     });
-    let _ = m.register_method(methods::VM_INFO, |params, proxy, _| {
+    let _ = m.register_method(methods::VM_INFO, |params, proxy, ext| {
         let p: VmId = parse(&params)?;
+        check_vm(proxy, &peer(ext), &p.id)?;
         Ok::<_, ErrorObjectOwned>(proxy.registry.info(&p.id)?)
     });
 }
