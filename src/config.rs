@@ -34,6 +34,9 @@ pub const DEFAULT_AGENT_KEEPALIVE_SECS: u64 = 5;
 /// interval a stopped or hung agent is detected (its VM `lost`) within 5 x (1 + 2) = 15 s.
 pub const DEFAULT_AGENT_KEEPALIVE_MISSES: u32 = 2;
 
+/// Shortest mesh timeout (`--mesh-*-timeout-ms`); 0 would refuse every connection.
+pub const MIN_MESH_TIMEOUT: Duration = Duration::from_millis(10);
+
 /// Shortest `--recovery-timeout`.
 pub const MIN_RECOVERY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -63,6 +66,8 @@ pub struct Config {
     pub admin_allow_log_level: bool,
     /// Settings every VM shares.
     pub vm: VmConfig,
+    /// The mesh data plane's limits.
+    pub mesh_limits: crate::mesh::listener::Limits,
 }
 
 /// One invalid setting. Each names the flag or variable and the value.
@@ -120,6 +125,18 @@ impl Config {
                 vm_buffer: cli.vm_buffer,
                 recovery_timeout: Duration::from_secs(cli.recovery_timeout)
                     .max(MIN_RECOVERY_TIMEOUT),
+            },
+            mesh_limits: crate::mesh::listener::Limits {
+                max_connections_per_listener: cli.mesh_max_connections_per_listener.max(1),
+                max_connections: cli.mesh_max_connections.max(1),
+                detect_timeout: Duration::from_millis(cli.mesh_detect_timeout_ms)
+                    .max(MIN_MESH_TIMEOUT),
+                connect_timeout: Duration::from_millis(cli.mesh_connect_timeout_ms)
+                    .max(MIN_MESH_TIMEOUT),
+                handshake_timeout: Duration::from_millis(cli.mesh_handshake_timeout_ms)
+                    .max(MIN_MESH_TIMEOUT),
+                idle_timeout: Duration::from_secs(cli.mesh_idle_timeout.max(1)),
+                max_header_bytes: cli.mesh_max_header_bytes.max(1024),
             },
         })
     }
@@ -183,6 +200,27 @@ mod tests {
         );
         assert_eq!(c.vm.keepalive_misses, DEFAULT_AGENT_KEEPALIVE_MISSES);
         assert_eq!(c.vm.stall_timeout, Duration::from_secs(10));
+        assert_eq!(c.mesh_limits, crate::mesh::listener::Limits::default());
+    }
+
+    #[test]
+    fn mesh_limits_have_floors() {
+        let Ok(c) = parse(
+            &[
+                "--mesh-detect-timeout-ms",
+                "0",
+                "--mesh-max-connections",
+                "0",
+                "--mesh-connect-timeout-ms",
+                "250",
+            ],
+            &[],
+        ) else {
+            panic!("valid flags")
+        };
+        assert_eq!(c.mesh_limits.detect_timeout, MIN_MESH_TIMEOUT);
+        assert_eq!(c.mesh_limits.max_connections, 1);
+        assert_eq!(c.mesh_limits.connect_timeout, Duration::from_millis(250));
     }
 
     #[test]

@@ -106,6 +106,37 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::logging::DEFAULT_CLIENT_LOG_BYTES, value_name = "BYTES")]
     pub max_client_log: usize,
 
+    /// Mesh: connections open at once on one mesh listener; one more is closed on accept and counted in
+    /// `cc_proxy_mesh_refused_total{reason="listener_limit"}`.
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_MAX_CONNECTIONS_PER_LISTENER, value_name = "N")]
+    pub mesh_max_connections_per_listener: usize,
+
+    /// Mesh: connections open at once on all mesh listeners together (`reason="total_limit"` beyond).
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub mesh_max_connections: usize,
+
+    /// Mesh: milliseconds an inbound connection has to show its TLS ClientHello, and then its HTTP request
+    /// line or preface; after that its bytes are treated as opaque TCP.
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_DETECT_TIMEOUT.as_millis() as u64, value_name = "MS")]
+    pub mesh_detect_timeout_ms: u64,
+
+    /// Mesh: milliseconds to connect to an inbound target or an outbound endpoint.
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_CONNECT_TIMEOUT.as_millis() as u64, value_name = "MS")]
+    pub mesh_connect_timeout_ms: u64,
+
+    /// Mesh: milliseconds for a TLS handshake, and for a transport or PROXY v2 header to arrive.
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_HANDSHAKE_TIMEOUT.as_millis() as u64, value_name = "MS")]
+    pub mesh_handshake_timeout_ms: u64,
+
+    /// Mesh: seconds an idle pooled HTTP connection to a guest, or an idle HTTP/1 client between
+    /// requests, is kept.
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_IDLE_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub mesh_idle_timeout: u64,
+
+    /// Mesh: bytes of HTTP request headers accepted from a peer (at least 8192 for HTTP/1).
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_MAX_HEADER_BYTES, value_name = "BYTES")]
+    pub mesh_max_header_bytes: usize,
+
     /// Worker threads of the data plane (0 = one per CPU core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,

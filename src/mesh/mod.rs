@@ -14,6 +14,17 @@
 
 pub mod identity;
 
+// The data plane (issue 14's meshdata side).
+pub mod copy;
+pub mod detect;
+pub mod http;
+pub mod inbound;
+pub mod listener;
+pub mod metrics;
+pub mod outbound;
+pub mod tls;
+pub mod transport_header;
+
 use std::sync::Arc;
 
 use tokio::sync::watch;

@@ -138,6 +138,9 @@ pub async fn run(
             return 1;
         }
     };
+    // The mesh data plane's limits and metric families, before any VM can be meshed.
+    crate::mesh::listener::set_limits(config.mesh_limits.clone());
+    crate::mesh::metrics::register();
     // Bound before the client socket: a configured admin address that cannot be served is fatal.
     let admin_listener = match config.admin_addr.map(crate::admin::bind).transpose() {
         Ok(l) => l,

@@ -21,7 +21,7 @@ use std::time::Duration;
 pub use connect::{BoxRead, BoxWrite, Connection, Rewind};
 pub use creds::Credentials;
 #[allow(unused_imports)] // `Accepted` is for the mesh listeners
-pub use listen::{Accepted, Listener, PeerAddr};
+pub use listen::{hybrid_listen_path, Accepted, Listener, PeerAddr};
 
 /// A parsed endpoint URI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,0 +1,387 @@
+//! HTTP on the mesh's inbound side: requests from a (usually authenticated) peer, served with hyper and
+//! forwarded to the guest's service over pooled connections.
+//!
+//! Per request:
+//! - the listener denied the peer: answer 403 with `l5d-proxy-error` (nothing reaches the guest);
+//! - `l5d-client-id` is removed, then set to the peer's identity when it is authenticated (a plaintext peer
+//!   cannot forge it);
+//! - an HTTP/2 request carrying `l5d-orig-proto: HTTP/1.1` (an HTTP/1 request a Linkerd proxy carried over
+//!   HTTP/2) goes to the guest as HTTP/1.1, and its response is marked with the same header;
+//! - HTTP/1 requests use a pool of keep-alive connections to the target, HTTP/2 ones a multiplexed
+//!   connection (the guest gets the version the peer spoke);
+//! - an upgrade (WebSocket) or CONNECT: once the guest answers 101 (or 2xx to CONNECT) the bytes pass both
+//!   ways unchanged;
+//! - the guest cannot be reached: 502 with `l5d-proxy-error`;
+//! - counted (`request_total`, `response_total`, `response_latency_ms`) and reported to the tap.
+//!
+//! At shutdown each connection finishes its requests and closes (GOAWAY, `Connection: close`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::{Connected, Connection as HyperConnection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use super::inbound::BoxIo;
+use super::listener::limits;
+use super::metrics::{self, Direction, HttpLabels, Refusal, TlsLabel};
+use crate::admin::tap::{self, MeshRequest, TapEvent};
+use crate::transport::{Connection, Endpoint, TransportError};
+
+/// Set on requests to the peer's identity.
+pub const L5D_CLIENT_ID: HeaderName = HeaderName::from_static("l5d-client-id");
+/// Marks an HTTP/1 request carried over HTTP/2 between Linkerd proxies.
+pub const L5D_ORIG_PROTO: HeaderName = HeaderName::from_static("l5d-orig-proto");
+/// On responses the proxy itself generates: why.
+pub const L5D_PROXY_ERROR: HeaderName = HeaderName::from_static("l5d-proxy-error");
+
+/// The owner the tap sees on mesh events: root, so only privileged tappers (root, the daemon's uid,
+/// `--admin-group`) see them.
+const MESH_TAP_OWNER: u32 = 0;
+
+/// Why an HTTP connection ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("serving HTTP: {0}")]
+    Serve(Box<dyn std::error::Error + Send + Sync>),
+}
+
+type RespBody = BoxBody<Bytes, hyper::Error>;
+
+/// A guest connection as hyper's client wants it.
+pub struct GuestIo(Connection);
+
+impl AsyncRead for GuestIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GuestIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl HyperConnection for GuestIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// Connects every request's connection to one fixed target, whatever the URI says.
+#[derive(Clone)]
+pub struct TargetConnector {
+    target: Endpoint,
+}
+
+impl tower::Service<Uri> for TargetConnector {
+    type Response = TokioIo<GuestIo>;
+    type Error = TransportError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let target = self.target.clone();
+        Box::pin(async move {
+            let c = target.connect(limits().connect_timeout).await?;
+            Ok(TokioIo::new(GuestIo(c)))
+        })
+    }
+}
+
+/// Pooled HTTP/1.1 and HTTP/2 clients to one target.
+pub struct Upstream {
+    pub target: Endpoint,
+    h1: Client<TargetConnector, Incoming>,
+    h2: Client<TargetConnector, Incoming>,
+}
+
+impl Upstream {
+    pub fn new(target: Endpoint) -> Upstream {
+        let connector = TargetConnector {
+            target: target.clone(),
+        };
+        let idle = limits().idle_timeout;
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle)
+            .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle)
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
+            .build(connector);
+        Upstream { target, h1, h2 }
+    }
+}
+
+/// What every request of one inbound connection shares.
+pub struct InboundSession {
+    pub vm: String,
+    /// The authenticated peer's identity.
+    pub peer: Option<String>,
+    pub tls: TlsLabel,
+    /// The listener's policy refused the peer: every request gets a 403.
+    pub denied: Option<Refusal>,
+    pub upstream: Arc<Upstream>,
+}
+
+fn proxy_response(status: StatusCode, error: &str) -> Response<RespBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{error}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(error) {
+        r.headers_mut().insert(L5D_PROXY_ERROR, v);
+    }
+    r
+}
+
+/// Whether the request asks to switch protocols or tunnel.
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        || (req.version() == Version::HTTP_11 && req.headers().contains_key(hyper::header::UPGRADE))
+}
+
+/// The request's authority: `:authority`/the URI's, else `Host`.
+fn authority<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+async fn handle(
+    s: Arc<InboundSession>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, hyper::Error> {
+    let start = Instant::now();
+    let auth = authority(&req);
+    let labels = HttpLabels {
+        direction: Direction::Inbound.as_str(),
+        tls: s.tls.as_str(),
+        client_id: s.peer.clone().unwrap_or_default(),
+        server_id: String::new(),
+        authority: auth.clone(),
+        vm: s.vm.clone(),
+    };
+    metrics::http_request(&labels);
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let resp = match s.denied {
+        Some(reason) => {
+            let msg = match reason {
+                Refusal::Unauthenticated => {
+                    "unauthorized connection: no client identity".to_string()
+                }
+                _ => format!(
+                    "unauthorized connection from {}",
+                    s.peer.as_deref().unwrap_or("an unauthenticated client")
+                ),
+            };
+            proxy_response(StatusCode::FORBIDDEN, &msg)
+        }
+        None => forward(&s, req, &auth).await,
+    };
+    let status = resp.status().as_u16();
+    let latency = start.elapsed();
+    metrics::http_response(&labels, status, latency.as_secs_f64() * 1000.0);
+    let vm = s.vm.clone();
+    let peer = s.peer.clone();
+    // The mesh context does not carry the VM's owner: these events go to privileged taps only.
+    tap::emit(MESH_TAP_OWNER, move || {
+        TapEvent::MeshInboundRequest(MeshRequest {
+            vm,
+            method,
+            authority: auth,
+            path,
+            status,
+            latency_us: latency.as_micros() as u64,
+            peer_identity: peer,
+        })
+    });
+    Ok(resp)
+}
+
+/// Send the request to the guest and bring back its response.
+async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> Response<RespBody> {
+    let headers = req.headers_mut();
+    headers.remove(L5D_CLIENT_ID);
+    if let Some(id) = s
+        .peer
+        .as_deref()
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
+        headers.insert(L5D_CLIENT_ID, id);
+    }
+    let orig_proto = req.version() == Version::HTTP_2
+        && req
+            .headers()
+            .get(L5D_ORIG_PROTO)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("HTTP/1.1"));
+    if orig_proto {
+        req.headers_mut().remove(L5D_ORIG_PROTO);
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(HOST) {
+            if let Ok(h) = HeaderValue::from_str(auth) {
+                req.headers_mut().insert(HOST, h);
+            }
+        }
+    }
+    // The pooled client wants absolute URIs; the connector ignores them (the target is fixed).
+    if req.method() != Method::CONNECT {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let host = if auth.is_empty() { "guest" } else { auth };
+        if let Ok(u) = Uri::builder()
+            .scheme("http")
+            .authority(host)
+            .path_and_query(pq)
+            .build()
+        {
+            *req.uri_mut() = u;
+        }
+    }
+    let upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let client = if req.version() == Version::HTTP_2 {
+        &s.upstream.h2
+    } else {
+        &s.upstream.h1
+    };
+    let mut resp = match client.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(vm = %s.vm, target = %s.upstream.target, error = %e, "mesh inbound: the guest did not answer");
+            return proxy_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("cannot reach the workload at {}", s.upstream.target),
+            );
+        }
+    };
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (resp.status().is_success() && upgrade.is_some() && resp.version() != Version::HTTP_2);
+    if let (Some(client_side), true) = (upgrade, switched) {
+        let guest_side = hyper::upgrade::on(&mut resp);
+        let vm = s.vm.clone();
+        tokio::spawn(async move {
+            let (c, g) = tokio::join!(client_side, guest_side);
+            match (c, g) {
+                (Ok(c), Ok(g)) => {
+                    let counts = super::copy::Transferred::default();
+                    if let Err(e) =
+                        super::copy::bidirectional(TokioIo::new(c), TokioIo::new(g), &counts).await
+                    {
+                        tracing::debug!(vm, error = %e, "mesh: upgraded connection ended");
+                    }
+                }
+                (c, g) => {
+                    tracing::debug!(
+                        vm,
+                        client = c.is_ok(),
+                        guest = g.is_ok(),
+                        "mesh: upgrade failed"
+                    )
+                }
+            }
+        });
+    }
+    if orig_proto {
+        *resp.version_mut() = Version::HTTP_2;
+        resp.headers_mut()
+            .insert(L5D_ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        // HTTP/2 has no connection-specific headers.
+        for h in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+        ] {
+            resp.headers_mut().remove(h);
+        }
+    }
+    resp.map(|b| b.boxed())
+}
+
+/// Serve one inbound connection's HTTP (`http2`: prior knowledge, else HTTP/1) until it ends, or until
+/// `shutdown`, then finish the requests in flight and close.
+pub async fn serve_inbound(
+    io: BoxIo,
+    http2: bool,
+    s: Arc<InboundSession>,
+    shutdown: CancellationToken,
+) -> Result<(), HttpError> {
+    let lim = limits();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(lim.idle_timeout)
+        .max_buf_size(lim.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = if http2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let service = hyper::service::service_fn(move |req| handle(s.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    r.map_err(HttpError::Serve)
+}

@@ -1,0 +1,379 @@
+//! The mesh's metrics, named and labelled as linkerd2-proxy's where the concept is the same so Linkerd's
+//! dashboards and queries work on them (no `cc_proxy_` prefix for those), plus the refusals.
+//!
+//! | family | labels |
+//! |---|---|
+//! | `tcp_open_total`, `tcp_open_connections`, `tcp_read_bytes_total`, `tcp_write_bytes_total` | `direction`, `tls`, `client_id` / `server_id`, `vm` |
+//! | `tcp_close_total` | the same and `errno` (empty for a clean close) |
+//! | `request_total` | `direction`, `tls`, `client_id` / `server_id`, `authority`, `vm` |
+//! | `response_total` | the same and `status_code`, `classification` (`success` / `failure`) |
+//! | `response_latency_ms` (histogram, Linkerd's buckets) | as `request_total` |
+//! | `cc_proxy_mesh_refused_total` | `vm`, `direction`, `reason` ([`Refusal`]) |
+//!
+//! `tls` is `true`, `no_identity` (outbound to an endpoint without identity), `no_tls` (inbound plaintext),
+//! as Linkerd writes it. Read bytes are bytes read from the accepted peer, write bytes written to it.
+//! The families are registered with the admin server at startup ([`register`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::copy::Transferred;
+
+/// `direction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// `tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsLabel {
+    /// Mutual (or at least server-authenticated) TLS.
+    Yes,
+    /// Outbound to an endpoint without an identity.
+    NoIdentity,
+    /// Inbound plaintext.
+    NoTls,
+}
+
+impl TlsLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsLabel::Yes => "true",
+            TlsLabel::NoIdentity => "no_identity",
+            TlsLabel::NoTls => "no_tls",
+        }
+    }
+}
+
+/// Why the mesh refused a connection or request (`reason` of `cc_proxy_mesh_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The listener's connection limit.
+    ListenerLimit,
+    /// The daemon-wide mesh connection limit.
+    TotalLimit,
+    /// No client identity where one is required.
+    Unauthenticated,
+    /// A client identity not in the listener's list.
+    Unauthorized,
+    /// The TLS handshake failed or timed out.
+    Handshake,
+    /// A transport or PROXY header was malformed, too long or late.
+    Header,
+    /// The target or endpoint could not be reached.
+    Connect,
+    /// A transport header on a target without ports (`unix://`), or no destination known.
+    NoDestination,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::ListenerLimit => "listener_limit",
+            Refusal::TotalLimit => "total_limit",
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Handshake => "handshake",
+            Refusal::Header => "header",
+            Refusal::Connect => "connect",
+            Refusal::NoDestination => "no_destination",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: &'static str,
+    pub tls: &'static str,
+    pub client_id: String,
+    pub server_id: String,
+    pub vm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub direction: &'static str,
+    pub tls: &'static str,
+    pub client_id: String,
+    pub server_id: String,
+    pub vm: String,
+    pub errno: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub direction: &'static str,
+    pub tls: &'static str,
+    pub client_id: String,
+    pub server_id: String,
+    pub authority: String,
+    pub vm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub direction: &'static str,
+    pub tls: &'static str,
+    pub client_id: String,
+    pub server_id: String,
+    pub authority: String,
+    pub vm: String,
+    pub status_code: String,
+    pub classification: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub vm: String,
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+/// Linkerd's `response_latency_ms` buckets.
+fn latency_ms_histogram() -> Histogram {
+    Histogram::new([
+        1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0,
+        1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
+    ])
+}
+
+/// Every mesh family.
+pub struct MeshMetrics {
+    pub tcp_open: Family<TcpLabels, Counter>,
+    pub tcp_open_connections: Family<TcpLabels, Gauge>,
+    pub tcp_read_bytes: Family<TcpLabels, Counter>,
+    pub tcp_write_bytes: Family<TcpLabels, Counter>,
+    pub tcp_close: Family<CloseLabels, Counter>,
+    pub request: Family<HttpLabels, Counter>,
+    pub response: Family<ResponseLabels, Counter>,
+    pub response_latency_ms: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    pub refused: Family<RefusalLabels, Counter>,
+}
+
+pub static METRICS: LazyLock<MeshMetrics> = LazyLock::new(|| MeshMetrics {
+    tcp_open: Family::default(),
+    tcp_open_connections: Family::default(),
+    tcp_read_bytes: Family::default(),
+    tcp_write_bytes: Family::default(),
+    tcp_close: Family::default(),
+    request: Family::default(),
+    response: Family::default(),
+    response_latency_ms: Family::new_with_constructor(latency_ms_histogram),
+    refused: Family::default(),
+});
+
+/// Add the mesh's families to the admin server's scrapes. Call once at startup.
+pub fn register() {
+    crate::admin::add_metrics_source(Box::new(|r: &mut Registry| {
+        let m = &*METRICS;
+        r.register("tcp_open", "Mesh connections opened", m.tcp_open.clone());
+        r.register(
+            "tcp_open_connections",
+            "Mesh connections open now",
+            m.tcp_open_connections.clone(),
+        );
+        r.register(
+            "tcp_read_bytes",
+            "Bytes read from mesh peers",
+            m.tcp_read_bytes.clone(),
+        );
+        r.register(
+            "tcp_write_bytes",
+            "Bytes written to mesh peers",
+            m.tcp_write_bytes.clone(),
+        );
+        r.register(
+            "tcp_close",
+            "Mesh connections closed, by errno (empty: clean)",
+            m.tcp_close.clone(),
+        );
+        r.register("request", "Mesh HTTP requests", m.request.clone());
+        r.register("response", "Mesh HTTP responses", m.response.clone());
+        r.register(
+            "response_latency_ms",
+            "Mesh HTTP response latency in milliseconds (to the response headers)",
+            m.response_latency_ms.clone(),
+        );
+        r.sub_registry_with_prefix("cc_proxy").register(
+            "mesh_refused",
+            "Mesh connections and requests refused, by reason (limits, authorization, handshakes, headers)",
+            m.refused.clone(),
+        );
+    }));
+}
+
+/// Count a refusal and log it.
+pub fn refused(vm: &str, direction: Direction, reason: Refusal) {
+    METRICS
+        .refused
+        .get_or_create(&RefusalLabels {
+            vm: vm.to_string(),
+            direction: direction.as_str(),
+            reason: reason.as_str(),
+        })
+        .inc();
+}
+
+/// One open connection's metrics: opened on creation, closed (with its byte counts) on [`TcpConn::close`].
+pub struct TcpConn {
+    labels: TcpLabels,
+    closed: bool,
+}
+
+impl TcpConn {
+    pub fn open(vm: &str, direction: Direction, tls: TlsLabel, peer_id: Option<&str>) -> TcpConn {
+        let id = peer_id.unwrap_or_default().to_string();
+        let (client_id, server_id) = match direction {
+            Direction::Inbound => (id, String::new()),
+            Direction::Outbound => (String::new(), id),
+        };
+        let labels = TcpLabels {
+            direction: direction.as_str(),
+            tls: tls.as_str(),
+            client_id,
+            server_id,
+            vm: vm.to_string(),
+        };
+        METRICS.tcp_open.get_or_create(&labels).inc();
+        METRICS.tcp_open_connections.get_or_create(&labels).inc();
+        TcpConn {
+            labels,
+            closed: false,
+        }
+    }
+
+    /// Count the bytes carried and the close (`errno` of the error that ended it, if any).
+    pub fn close(mut self, counts: &Transferred, errno: Option<i32>) {
+        self.finish(counts, errno);
+    }
+
+    fn finish(&mut self, counts: &Transferred, errno: Option<i32>) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let m = &*METRICS;
+        m.tcp_read_bytes
+            .get_or_create(&self.labels)
+            .inc_by(counts.up.load(Ordering::Relaxed));
+        m.tcp_write_bytes
+            .get_or_create(&self.labels)
+            .inc_by(counts.down.load(Ordering::Relaxed));
+        m.tcp_open_connections.get_or_create(&self.labels).dec();
+        let l = &self.labels;
+        m.tcp_close
+            .get_or_create(&CloseLabels {
+                direction: l.direction,
+                tls: l.tls,
+                client_id: l.client_id.clone(),
+                server_id: l.server_id.clone(),
+                vm: l.vm.clone(),
+                errno: errno.map(|e| e.to_string()).unwrap_or_default(),
+            })
+            .inc();
+    }
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        self.finish(&Transferred::default(), None);
+    }
+}
+
+/// One HTTP request's metrics.
+pub fn http_request(labels: &HttpLabels) {
+    METRICS.request.get_or_create(labels).inc();
+}
+
+/// The response to a request counted with `labels`.
+pub fn http_response(labels: &HttpLabels, status: u16, latency_ms: f64) {
+    let classification = if status >= 500 { "failure" } else { "success" };
+    METRICS
+        .response
+        .get_or_create(&ResponseLabels {
+            direction: labels.direction,
+            tls: labels.tls,
+            client_id: labels.client_id.clone(),
+            server_id: labels.server_id.clone(),
+            authority: labels.authority.clone(),
+            vm: labels.vm.clone(),
+            status_code: status.to_string(),
+            classification,
+        })
+        .inc();
+    METRICS
+        .response_latency_ms
+        .get_or_create(labels)
+        .observe(latency_ms);
+}
+
+/// A stream that counts the bytes read from it (`up`) and written to it (`down`), for connections whose
+/// bytes are not copied by `copy` (HTTP).
+pub struct Counted<T> {
+    inner: T,
+    counts: std::sync::Arc<Transferred>,
+}
+
+impl<T> Counted<T> {
+    pub fn new(inner: T, counts: std::sync::Arc<Transferred>) -> Counted<T> {
+        Counted { inner, counts }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.counts.up.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.counts.down.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
