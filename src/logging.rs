@@ -53,7 +53,7 @@ impl LogHandle {
 
     /// Replace the filter; takes effect at once.
     pub fn set(&self, filter: &str) -> Result<(), String> {
-        let parsed = EnvFilter::try_new(filter)
+        let parsed = EnvFilter::try_new(with_dependency_caps(filter))
             .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
         self.handle.reload(parsed).map_err(|e| e.to_string())?;
         if let Ok(mut cur) = self.current.lock() {
@@ -61,6 +61,25 @@ impl LogHandle {
         }
         Ok(())
     }
+}
+
+/// Libraries whose debug and trace output prints what clients sent and what they were answered (request
+/// bodies, stream tokens, WebSocket frames), unescaped: they log at most at `info` unless the filter names them.
+const DEPENDENCY_CAPS: &[&str] = &["jsonrpsee", "soketto", "h2", "hyper"];
+
+/// `filter` with [`DEPENDENCY_CAPS`] added for every library it does not name itself.
+fn with_dependency_caps(filter: &str) -> String {
+    let mut out = filter.trim().to_string();
+    for lib in DEPENDENCY_CAPS {
+        if !out.contains(lib) {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(lib);
+            out.push_str("=info");
+        }
+    }
+    out
 }
 
 /// True when stderr is connected to the journal: `JOURNAL_STREAM` holds stderr's `device:inode`.
@@ -93,7 +112,7 @@ fn journal_priorities() -> tracing_journald::PriorityMappings {
 
 /// Install the global subscriber. Returns the reload handle and the sink chosen.
 pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle, Sink) {
-    let (filter, handle) = reload::Layer::new(EnvFilter::new(level.as_str()));
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(with_dependency_caps(level.as_str())));
     let stderr_journal = stderr_is_journal();
     let want_journald = match target {
         LogTarget::Journald => true,
@@ -123,12 +142,19 @@ pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle
         Sink::Stderr
     };
     let stderr_layer = if journald.is_none() {
-        let base = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_target(false);
+        let base = tracing_subscriber::fmt::layer().with_target(false);
         Some(match format {
-            LogFormat::Text => base.with_ansi(false).boxed(),
-            LogFormat::Json => base.json().flatten_event(true).boxed(),
+            // Text lines go through OneLine: whatever a field holds, an event is one line.
+            LogFormat::Text => base
+                .with_writer(|| OneLine(std::io::stderr()))
+                .with_ansi(false)
+                .boxed(),
+            // JSON escapes control characters itself.
+            LogFormat::Json => base
+                .with_writer(std::io::stderr)
+                .json()
+                .flatten_event(true)
+                .boxed(),
         })
     } else {
         None
@@ -150,6 +176,45 @@ pub fn init(level: LogLevel, format: LogFormat, target: LogTarget) -> (LogHandle
         },
         sink,
     )
+}
+
+/// The text log's writer: the formatter writes each event as one buffer ending in a newline; any other line
+/// break or control character inside it (from a field a client supplied and a call site did not escape) is
+/// written escaped, so no field can start a forged line or move the terminal's cursor.
+struct OneLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.split_last() {
+            Some((b'\n', body)) => (body, &b"\n"[..]),
+            _ => (buf, &b""[..]),
+        };
+        if !body.iter().any(|b| needs_escape(*b)) {
+            self.0.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b if needs_escape(b) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+                b => out.push(b),
+            }
+        }
+        out.extend_from_slice(end);
+        self.0.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// C0 controls but the tab, and DEL.
+fn needs_escape(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 /// Escape bytes for a debug dump line: printable ASCII as is, everything else as `\xNN`, capped at `max` bytes.
@@ -205,7 +270,34 @@ pub fn escape_client_text(text: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{escape_bytes, escape_client_text};
+    use super::{escape_bytes, escape_client_text, OneLine};
+
+    #[test]
+    fn dependencies_are_capped_unless_named() {
+        assert_eq!(
+            super::with_dependency_caps("trace"),
+            "trace,jsonrpsee=info,soketto=info,h2=info,hyper=info"
+        );
+        assert_eq!(
+            super::with_dependency_caps("debug,jsonrpsee=trace"),
+            "debug,jsonrpsee=trace,soketto=info,h2=info,hyper=info"
+        );
+    }
+
+    #[test]
+    fn a_text_event_is_one_line_whatever_its_fields_hold() {
+        use std::io::Write;
+        let mut w = OneLine(Vec::new());
+        let _ =
+            w.write(b"INFO legacy command failed error=unknown x\nERROR cc_proxy: forged\x1b[2J\n");
+        assert_eq!(
+            String::from_utf8_lossy(&w.0),
+            "INFO legacy command failed error=unknown x\\nERROR cc_proxy: forged\\x1b[2J\n"
+        );
+        let mut plain = OneLine(Vec::new());
+        let _ = plain.write(b"WARN\tall fine\n");
+        assert_eq!(plain.0, b"WARN\tall fine\n");
+    }
 
     #[test]
     fn client_text_stays_on_one_bounded_line() {

@@ -128,9 +128,12 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
     });
     let on_upgrade = hyper::upgrade::on(&mut req);
     let shutdown = proxy.shutdown.clone();
+    let max_log = proxy.max_client_log;
     proxy.tasks.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run(vm, stream, attach, TokioIo::new(upgraded), shutdown).await,
+            Ok(upgraded) => {
+                run(vm, stream, attach, TokioIo::new(upgraded), shutdown, max_log).await
+            }
             Err(e) => {
                 tracing::debug!(vm = %vm.id, token = %stream.token, error = %e, "attach upgrade failed");
                 stream.release(attach, Vec::new());
@@ -151,13 +154,15 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>) -> HttpRe
 }
 
 /// Serve one attachment until the stream ends, the shim leaves, or the daemon stops (`shutdown`: then the
-/// writer gives back what it has not written, so the saved state has it for the shim's re-attach).
+/// writer gives back what it has not written, so the saved state has it for the shim's re-attach). A shim's
+/// text quoted in a log line (by a parse error) is escaped and cut after `max_log` bytes.
 async fn run(
     vm: Arc<Vm>,
     stream: Arc<Stream>,
     attach: u64,
     io: TokioIo<hyper::upgrade::Upgraded>,
     shutdown: CancellationToken,
+    max_log: usize,
 ) {
     let (rd, wr) = tokio::io::split(io);
     let gone = CancellationToken::new();
@@ -187,6 +192,7 @@ async fn run(
         let frame = match frame {
             Some(Ok(f)) => f,
             Some(Err(e)) => {
+                let e = crate::logging::escape_client_text(&e.to_string(), max_log);
                 tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "malformed frame from shim; closing");
                 break;
             }
@@ -223,6 +229,7 @@ async fn run(
                     break;
                 }
                 Err(e) => {
+                    let e = crate::logging::escape_client_text(&e.to_string(), max_log);
                     tracing::info!(vm = %vm.id, token = %stream.token, error = %e, "bad control message from shim; closing");
                     break;
                 }

@@ -194,3 +194,65 @@ async fn connections_past_the_limit_are_closed_and_the_daemon_keeps_serving() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_serves(&env).await;
 }
+
+/// Client text that reaches a log line (an unknown legacy id, a URI that does not parse, a shim's bad control
+/// message) is escaped: it cannot start a line of its own. And at trace level the daemon's log carries no whole
+/// stream token (the JSON-RPC library's own trace output of requests and responses stays off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_text_cannot_forge_log_lines_and_trace_logs_carry_no_token() {
+    let mut env = Env::start_with(&["--log", "trace"]).await;
+    let agent = env.agent(&["--dialect", "cc-agent"]);
+    env.register("logvm", &agent, None).await;
+    let forged = "x\nERROR cc_proxy: forged";
+
+    // Legacy AttachVM of an unknown id that holds a line break.
+    let mut s = UnixStream::connect(&env.socket).await.expect("connect");
+    let payload = json!({"containerId": forged}).to_string();
+    let mut frame = vec![0, 2, 3, 0, 0, 0, 0, 2];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload.as_bytes());
+    s.write_all(&frame).await.expect("write");
+    let mut answer = [0u8; 512];
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer)).await;
+    // A registration whose URI holds one.
+    let r = env
+        .rpc(
+            "vm.register",
+            json!({"id": "bad", "control": format!("unix:///tmp/{forged}"), "io": "unix:///tmp/io", "timeout_ms": 500}),
+        )
+        .await;
+    assert!(r.get("error").is_some(), "{r}");
+
+    // A shim attaches and sends a control message with one.
+    let token = env
+        .client
+        .stream_allocate("logvm")
+        .await
+        .expect("allocate")
+        .token;
+    let mut shim = env.client.attach(&token).await.expect("attach");
+    let bad = Frame {
+        channel: Channel::Control,
+        payload: bytes::Bytes::from(json!({"op": forged}).to_string()),
+    };
+    let _ = shim.send(bad).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), shim.next()).await;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = env.logs();
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.starts_with("ERROR cc_proxy: forged")),
+        "a client forged a log line:\n{logs}"
+    );
+    assert!(
+        logs.contains("ERROR cc_proxy: forged"),
+        "the text was not logged at all:\n{logs}"
+    );
+    assert!(
+        !logs.contains(&token),
+        "a whole token in the trace log:\n{logs}"
+    );
+    let _ = env.stop_daemon().await;
+}

@@ -103,6 +103,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn, peer: Peer) {
             Ok(Flow::Continue) => {}
             Ok(Flow::Close) => break,
             Err(e) => {
+                let e = escape_client_text(&e.to_string(), session.proxy.max_client_log);
                 tracing::warn!(error = %e, "closing legacy connection: protocol error");
                 break;
             }
@@ -134,7 +135,9 @@ impl Session {
                 let response = match reply {
                     Ok(payload) => Frame::ok(command, payload),
                     Err(e) => {
-                        tracing::info!(command = command.name(), error = %e, "legacy command failed");
+                        // Errors quote what the client sent (an unknown id, a name): escaped and bounded.
+                        let text = escape_client_text(&e.to_string(), self.proxy.max_client_log);
+                        tracing::info!(command = command.name(), error = %text, "legacy command failed");
                         Frame::error(command, &e.to_string())
                     }
                 };

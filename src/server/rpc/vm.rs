@@ -11,6 +11,7 @@ use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 
 use super::{check_vm, parse, peer};
+use crate::logging::escape_client_text;
 use crate::server::authz::Access;
 use crate::server::Proxy;
 use crate::vm::registry::Registrant;
@@ -20,14 +21,16 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, ext| async move {
         let peer = peer(&ext);
         let p: RegisterParams = parse(&params)?;
-        tracing::debug!(vm = %p.id, "vm.register");
+        let max = proxy.max_client_log;
+        // The id and URIs are not checked yet: logged escaped and bounded, as all client text.
+        tracing::debug!(vm = %escape_client_text(&p.id, max), "vm.register");
         let by = Registrant {
             uid: peer.uid,
             privileged: peer.access == Access::Privileged,
             rights: peer.endpoint_rights(),
         };
         let vm = proxy.registry.register(p, by).await.inspect_err(|e| {
-            tracing::info!(error = %e, "registration failed");
+            tracing::info!(error = %escape_client_text(&e.to_string(), max), "registration failed");
         })?;
         Ok::<_, ErrorObjectOwned>(registered(&vm))
     });
