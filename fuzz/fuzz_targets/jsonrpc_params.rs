@@ -11,8 +11,8 @@
 
 use cc_proxy_api::methods;
 use cc_proxy_api::types::{
-    AgentCallParams, EventsParams, RegisterParams, ResizeParams, SignalParams, TapParams,
-    TokenParam, VmId,
+    AgentCallParams, EventsParams, LogLevel, RegisterParams, ResizeParams, SignalParams,
+    TapParams, TokenParam, VmId,
 };
 use cc_proxy_protocol::Dialect;
 use jsonrpsee_types::{Params, Request};
@@ -36,6 +36,7 @@ const METHODS: &[&str] = &[
     methods::STREAM_CLOSE,
     methods::EVENTS_SUBSCRIBE,
     methods::TAP_OBSERVE,
+    methods::PROXY_SET_LOG_LEVEL,
 ];
 
 /// Parses `params` as the daemon does; what parses survives a serialize/parse round trip.
@@ -77,7 +78,8 @@ fn dispatch(method: &str, params: Params<'_>) {
         methods::STREAM_CLOSE => drop(parse::<TokenParam>(&params)),
         methods::EVENTS_SUBSCRIBE => drop(parse::<Option<EventsParams>>(&params)),
         methods::TAP_OBSERVE => drop(parse::<TapParams>(&params)),
-        // proxy.* and vm.list ignore their params.
+        methods::PROXY_SET_LOG_LEVEL => drop(parse::<LogLevel>(&params)),
+        // proxy.version, proxy.health and vm.list ignore their params.
         _ => drop(params.parse::<Option<serde_json::Value>>()),
     }
 }
