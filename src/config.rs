@@ -37,6 +37,27 @@ pub const DEFAULT_AGENT_KEEPALIVE_MISSES: u32 = 2;
 /// Shortest mesh timeout (`--mesh-*-timeout-ms`); 0 would refuse every connection.
 pub const MIN_MESH_TIMEOUT: Duration = Duration::from_millis(10);
 
+/// Default of `--max-id-bytes`: a JSON-RPC id's length as written (a uuid is 38 with its quotes).
+pub const DEFAULT_MAX_ID_BYTES: usize = 128;
+
+/// Default of `--max-batch`: entries of one JSON-RPC batch.
+pub const DEFAULT_MAX_BATCH: u32 = 100;
+
+/// Default of `--max-requests-per-connection`.
+pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: usize = 64;
+
+/// Default of `--client-write-timeout`.
+pub const DEFAULT_CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default of `--client-header-timeout`.
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of `--client-idle-timeout`.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Shortest client timeout (write, header, idle): 0 would close every connection at once.
+pub const MIN_CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Shortest `--recovery-timeout`.
 pub const MIN_RECOVERY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -64,10 +85,42 @@ pub struct Config {
     pub admin_group: Option<String>,
     /// Whether the admin server's `PUT /proxy-log-level` works (`--admin-allow-log-level`).
     pub admin_allow_log_level: bool,
+    /// Bounds on what one client connection may ask for or hold.
+    pub client: ClientLimits,
     /// Settings every VM shares.
     pub vm: VmConfig,
     /// The mesh data plane's limits.
     pub mesh_limits: crate::mesh::listener::Limits,
+}
+
+/// Bounds on client connections and their requests (section Limits of docs/operations.md).
+#[derive(Debug, Clone)]
+pub struct ClientLimits {
+    /// `--max-id-bytes`.
+    pub max_id_bytes: usize,
+    /// `--max-batch`.
+    pub max_batch: u32,
+    /// `--max-requests-per-connection`.
+    pub max_requests_per_connection: usize,
+    /// `--client-write-timeout`.
+    pub write_timeout: Duration,
+    /// `--client-header-timeout`.
+    pub header_timeout: Duration,
+    /// `--client-idle-timeout`.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientLimits {
+    fn default() -> ClientLimits {
+        ClientLimits {
+            max_id_bytes: DEFAULT_MAX_ID_BYTES,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_requests_per_connection: DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+            write_timeout: DEFAULT_CLIENT_WRITE_TIMEOUT,
+            header_timeout: DEFAULT_CLIENT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// One invalid setting. Each names the flag or variable and the value.
@@ -116,6 +169,14 @@ impl Config {
             max_client_log: cli.max_client_log,
             admin_group: cli.admin_group.clone(),
             admin_allow_log_level: cli.admin_allow_log_level,
+            client: ClientLimits {
+                max_id_bytes: cli.max_id_bytes.max(1),
+                max_batch: cli.max_batch.max(1),
+                max_requests_per_connection: cli.max_requests_per_connection.max(1),
+                write_timeout: client_timeout(cli.client_write_timeout),
+                header_timeout: client_timeout(cli.client_header_timeout),
+                idle_timeout: client_timeout(cli.client_idle_timeout),
+            },
             vm: VmConfig {
                 stream_buffer: cli.stream_buffer,
                 keepalive: (cli.agent_keepalive > 0)
@@ -140,6 +201,11 @@ impl Config {
             },
         })
     }
+}
+
+/// A client timeout flag's value, with its floor ([`MIN_CLIENT_TIMEOUT`]).
+fn client_timeout(secs: u64) -> Duration {
+    Duration::from_secs(secs).max(MIN_CLIENT_TIMEOUT)
 }
 
 /// `off`, or a `HOST:PORT` that resolves (the first address is used).

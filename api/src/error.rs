@@ -44,6 +44,9 @@ pub const VM_RECOVERING: i32 = 1017;
 /// client's `uid` and, when a VM is at fault, its id as `vm`.
 pub const PERMISSION_DENIED: i32 = 1018;
 
+/// Too many requests are in flight on this connection (`--max-requests-per-connection`); `data` names the
+/// limit. Wait for answers, or use another connection.
+pub const TOO_MANY_REQUESTS: i32 = 1019;
 /// A short stable name for a code, used in logs and metrics labels.
 pub fn code_name(code: i32) -> &'static str {
     match code {
@@ -71,6 +74,8 @@ pub fn code_name(code: i32) -> &'static str {
         LIMIT_EXCEEDED => "limit_exceeded",
         VM_RECOVERING => "vm_recovering",
         PERMISSION_DENIED => "permission_denied",
+        TOO_MANY_REQUESTS => "too_many_requests",
+        -32010 => "batch_too_long",
         _ => "other",
     }
 }

@@ -100,6 +100,49 @@ impl DetachKind {
     ];
 }
 
+/// Which limit refused or closed something: the `limit` label of `cc_proxy_limit_refusals`. Each is a flag
+/// documented in docs/operations.md (section Limits).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum LimitKind {
+    /// A request id longer than `--max-id-bytes` (answered -32600, id null).
+    IdTooLong,
+    /// A batch longer than `--max-batch` (answered -32010).
+    BatchTooLong,
+    /// More than `--max-requests-per-connection` requests in flight on one connection (1019).
+    RequestsInFlight,
+    /// A client that stopped reading its responses for `--client-write-timeout` (connection closed).
+    SlowConsumer,
+    /// A request head, WebSocket handshake or legacy frame not complete within `--client-header-timeout`.
+    HeaderTimeout,
+    /// A connection with nothing in flight and no traffic for `--client-idle-timeout` (closed).
+    Idle,
+}
+
+impl LimitKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::IdTooLong => "id_too_long",
+            LimitKind::BatchTooLong => "batch_too_long",
+            LimitKind::RequestsInFlight => "requests_in_flight",
+            LimitKind::SlowConsumer => "slow_consumer",
+            LimitKind::HeaderTimeout => "header_timeout",
+            LimitKind::Idle => "idle",
+        }
+    }
+}
+
+impl EncodeLabelValue for LimitKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: LimitKind,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLatencyLabels {
     pub vm: String,
@@ -184,6 +227,7 @@ pub struct Metrics {
     pub client_connections: Family<ProtocolLabel, Counter>,
     pub client_connections_open: Family<ProtocolLabel, Gauge>,
     pub api_errors: Family<CodeLabel, Counter>,
+    pub limit_refusals: Family<LimitLabel, Counter>,
     pub tap_dropped: Counter,
     /// Requests refused because the client may not use the VM or method (`server/authz.rs`).
     pub permission_denied: Family<ProtocolLabel, Counter>,
@@ -209,6 +253,7 @@ impl Metrics {
             client_connections: Family::default(),
             client_connections_open: Family::default(),
             api_errors: Family::default(),
+            limit_refusals: Family::default(),
             tap_dropped: Counter::default(),
             permission_denied: Family::default(),
         }
@@ -303,6 +348,11 @@ impl Metrics {
             self.api_errors.clone(),
         );
         r.register(
+            "limit_refusals",
+            "Requests, connections and streams refused or closed by a limit, by limit",
+            self.limit_refusals.clone(),
+        );
+        r.register(
             "tap_dropped_events",
             "Tap events dropped because a tap client was slow",
             self.tap_dropped.clone(),
@@ -321,6 +371,13 @@ impl Metrics {
                 state: state.as_str(),
             })
             .clone()
+    }
+
+    /// Count one refusal (or closing) by a limit.
+    pub fn limit_refused(&self, limit: LimitKind) {
+        self.limit_refusals
+            .get_or_create(&LimitLabel { limit })
+            .inc();
     }
 
     /// Count an API error by its stable name.

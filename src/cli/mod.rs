@@ -101,6 +101,34 @@ pub struct Cli {
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
 
+    /// Bytes of a JSON-RPC request id; a longer id is answered -32600 with id null (never echoed).
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_ID_BYTES, value_name = "BYTES")]
+    pub max_id_bytes: usize,
+
+    /// Entries of one JSON-RPC batch; a longer batch is refused whole with -32010.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_BATCH, value_name = "N")]
+    pub max_batch: u32,
+
+    /// JSON-RPC requests one connection may have in flight at once (a batch counts once); more are
+    /// answered 1019 at once.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_REQUESTS_PER_CONNECTION, value_name = "N")]
+    pub max_requests_per_connection: usize,
+
+    /// Seconds a client may leave the daemon's writes to it blocked (it does not read its responses) before
+    /// its connection is closed; while a write is blocked, no more requests are read from that connection.
+    #[arg(long, default_value_t = crate::config::DEFAULT_CLIENT_WRITE_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub client_write_timeout: u64,
+
+    /// Seconds to send a complete request head (HTTP headers, the WebSocket handshake) or legacy frame once
+    /// it is due; a connection that takes longer is closed.
+    #[arg(long, default_value_t = crate::config::DEFAULT_CLIENT_HEADER_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub client_header_timeout: u64,
+
+    /// Seconds a client connection with nothing in flight may stay silent before it is closed. Attached
+    /// streams and subscriptions (events, tap) are never idle.
+    #[arg(long, default_value_t = crate::config::DEFAULT_CLIENT_IDLE_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub client_idle_timeout: u64,
+
     /// Bytes of client-supplied text (a legacy log frame's message and container id) written into one log
     /// line; the rest is cut, and control characters are always escaped.
     #[arg(long, default_value_t = crate::logging::DEFAULT_CLIENT_LOG_BYTES, value_name = "BYTES")]

@@ -47,8 +47,8 @@ pub async fn detect<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<(Protocol
     Ok((proto, Rewind::new(first.to_vec(), stream)))
 }
 
-/// A client connection after detection.
-pub type ClientConn = Rewind<crate::transport::Connection>;
+/// A client connection after detection, under the connection guard.
+pub type ClientConn = super::guard::Guarded<Rewind<crate::transport::Connection>>;
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod authz;
 pub mod detect;
+pub mod guard;
 pub mod http;
 pub mod legacy;
 pub mod listener;
@@ -52,6 +53,8 @@ pub struct Proxy {
     pub admin_group: Option<authz::AdminGroup>,
     /// `--admin-allow-log-level`: the admin server's `PUT /proxy-log-level` works for loopback clients.
     pub admin_allow_log_level: bool,
+    /// Bounds on client connections and their requests.
+    pub limits: crate::config::ClientLimits,
     next_client: AtomicU64,
 }
 
@@ -196,6 +199,7 @@ pub async fn run(
         max_client_log: config.max_client_log,
         admin_group,
         admin_allow_log_level: config.admin_allow_log_level,
+        limits: config.client.clone(),
         next_client: AtomicU64::new(1),
     });
 
@@ -361,9 +365,15 @@ async fn serve_connection(
     METRICS.client_connections.get_or_create(&label).inc();
     METRICS.client_connections_open.get_or_create(&label).inc();
     tracing::debug!(protocol = protocol.name(), "client connected");
+    let activity = Arc::new(guard::Activity::default());
+    let timeouts = guard::GuardTimeouts {
+        write: proxy.limits.write_timeout,
+        idle: proxy.limits.idle_timeout,
+    };
+    let conn = guard::Guarded::new(conn, activity.clone(), timeouts);
     match protocol {
-        detect::Protocol::Http => http.serve(conn, peer.clone()).await,
-        detect::Protocol::Legacy => legacy::serve(proxy, conn, peer).await,
+        detect::Protocol::Http => http.serve(conn, peer.clone(), activity).await,
+        detect::Protocol::Legacy => legacy::serve(proxy, conn, peer, activity).await,
     }
     METRICS.client_connections_open.get_or_create(&label).dec();
     tracing::debug!("client disconnected");

@@ -2,10 +2,13 @@
 //! huge ids, oversized batches, clients that do not read, idle and half-open connections, connection caps,
 //! token caps and expiry, and a stdin flood to a process that never reads.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cc_proxy_api::types::AgentCallParams;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 
 use crate::common::{exec_data, Env};
 
@@ -114,4 +117,541 @@ async fn a_stopped_agent_is_lost_within_the_default_keepalive_bound() {
     assert!(reason.contains("keepalive"), "lost_reason: {reason:?}");
     // Detection within the bound; the slack is for a loaded test machine's scheduling only.
     assert!(took < BOUND + Duration::from_secs(5), "lost after {took:?}");
+}
+
+/// A WebSocket client on the daemon's socket written by hand, so a test can send without ever reading.
+struct RawWs {
+    s: UnixStream,
+}
+
+impl RawWs {
+    async fn connect(env: &Env) -> RawWs {
+        let mut s = UnixStream::connect(&env.socket).await.expect("connect");
+        s.write_all(
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .expect("handshake");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+                .await
+                .expect("handshake answer in time")
+                .expect("read");
+            assert_eq!(n, 1, "closed during the handshake");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        RawWs { s }
+    }
+
+    /// A masked text frame (mask key 0, so the payload goes as it is).
+    fn frame(text: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x81u8];
+        let n = text.len();
+        if n < 126 {
+            f.push(0x80 | n as u8);
+        } else if n < 65_536 {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f.extend_from_slice(text);
+        f
+    }
+
+    async fn send(&mut self, text: &[u8]) {
+        self.s
+            .write_all(&Self::frame(text))
+            .await
+            .expect("ws write");
+    }
+
+    /// The next text message, `None` on close or end of file.
+    async fn recv(&mut self, within: Duration) -> Option<Value> {
+        let read = async {
+            loop {
+                let mut h = [0u8; 2];
+                self.s.read_exact(&mut h).await.ok()?;
+                let mut len = u64::from(h[1] & 0x7f);
+                if len == 126 {
+                    let mut b = [0u8; 2];
+                    self.s.read_exact(&mut b).await.ok()?;
+                    len = u64::from(u16::from_be_bytes(b));
+                } else if len == 127 {
+                    let mut b = [0u8; 8];
+                    self.s.read_exact(&mut b).await.ok()?;
+                    len = u64::from_be_bytes(b);
+                }
+                let mut payload = vec![0u8; usize::try_from(len).ok()?];
+                self.s.read_exact(&mut payload).await.ok()?;
+                match h[0] & 0x0f {
+                    0x1 => return serde_json::from_slice(&payload).ok(),
+                    0x8 => return None,
+                    _ => continue,
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.ok().flatten()
+    }
+}
+
+/// The daemon's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `cc_proxy_limit_refusals_total{limit}` from the admin server.
+async fn refusals(env: &Env, limit: &str) -> u64 {
+    let needle = format!("cc_proxy_limit_refusals_total{{limit=\"{limit}\"}} ");
+    env.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(needle.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn assert_health(env: &Env, within: Duration) {
+    let r = tokio::time::timeout(within, env.rpc("proxy.health", json!({}))).await;
+    assert!(
+        r.is_ok_and(|v| v.pointer("/result/status").is_some()),
+        "another client was not served within {within:?}\n{}",
+        env.logs()
+    );
+}
+
+/// A WebSocket client that sends requests (with 500 KB ids, and batches with big answers) and never reads
+/// (issue 16: 0.2 GB to 1.2 GB in 1,100 requests): the daemon stops reading from it once its answers back up,
+/// its memory stays bounded, the connection is closed after `--client-write-timeout`, and other clients are
+/// served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_never_reads_is_bounded_and_closed() {
+    let env = Env::start_with(&["--client-write-timeout", "3"]).await;
+    let pid = env.daemon_pid();
+    let before = rss_kib(pid);
+    let mut ws = RawWs::connect(&env).await;
+    let huge_id = format!(
+        r#"{{"jsonrpc":"2.0","id":"{}","method":"vm.info","params":{{"id":"x"}}}}"#,
+        "7".repeat(500_000)
+    );
+    let batch = format!(
+        "[{}]",
+        (0..100)
+            .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"proxy.version"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut peak = before;
+    let mut sent = 0usize;
+    // Send until the daemon stops taking our bytes (it pauses reading, then closes the connection), at
+    // most 1,100 messages (the issue's count). Never read.
+    for i in 0..1100 {
+        let msg = if i % 2 == 0 { &huge_id } else { &batch };
+        let frame = RawWs::frame(msg.as_bytes());
+        match tokio::time::timeout(Duration::from_secs(5), ws.s.write_all(&frame)).await {
+            Ok(Ok(())) => sent += 1,
+            _ => break,
+        }
+        if i % 50 == 0 {
+            peak = peak.max(rss_kib(pid));
+            assert_health(&env, Duration::from_secs(10)).await;
+        }
+    }
+    peak = peak.max(rss_kib(pid));
+    assert_health(&env, Duration::from_secs(10)).await;
+    // Closed as a slow consumer, with the test still not reading.
+    let closed = crate::common::eventually(Duration::from_secs(30), || {
+        std::fs::read_to_string(&env.stderr_log)
+            .unwrap_or_default()
+            .contains("slow consumer")
+    })
+    .await;
+    assert!(
+        closed,
+        "the slow consumer was not closed ({sent} messages sent)\n{}",
+        env.logs()
+    );
+    peak = peak.max(rss_kib(pid));
+    // Draining what was sent before the close ends in end-of-file.
+    let eof = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut sink = vec![0u8; 64 * 1024];
+        loop {
+            match ws.s.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        eof.is_ok(),
+        "the connection stayed open after the close was logged"
+    );
+    eprintln!("slow consumer: {sent} messages taken; daemon RSS {before} KiB -> peak {peak} KiB");
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 100,
+        "daemon RSS grew {grew_mib} MiB ({before} KiB to {peak} KiB) for {sent} messages"
+    );
+    assert!(refusals(&env, "slow_consumer").await >= 1);
+    assert!(env.logs().contains("slow consumer"), "{}", env.logs());
+    assert_health(&env, Duration::from_secs(5)).await;
+}
+
+/// Ids that cannot be echoed get -32600 with id null over HTTP and WebSocket, and an error never echoes
+/// unbounded client text (issue 16: a 500,000-digit id over WebSocket was never answered, a long string id
+/// and a long VM id were echoed whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_ids_and_echoed_values_are_bounded_over_http_and_websocket() {
+    let env = Env::start().await;
+    let digits = "9".repeat(500_000);
+    let long_str = format!("\"{}\"", "s".repeat(500_000));
+    let call = |id: &str| format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"proxy.version"}}"#);
+    // HTTP: a long string id (the numeric ones are covered in foundation.rs).
+    let (status, body) = post_raw(&env, call(&long_str).as_bytes()).await;
+    assert_eq!(status, 200);
+    assert!(body.len() < 1000, "the id was echoed: {} bytes", body.len());
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v.pointer("/error/code"), Some(&json!(-32600)), "{v}");
+    assert!(v["id"].is_null());
+    // A long client value in an error's message and data is cut.
+    let long_vm = "v".repeat(200_000);
+    let v = env.rpc("vm.info", json!({ "id": long_vm })).await;
+    let text = v.to_string();
+    assert!(v.pointer("/error/code").is_some(), "{text:.300}");
+    assert!(text.len() < 2000, "echoed {} bytes", text.len());
+    // WebSocket: each of these is answered -32600 with id null, nothing echoed.
+    let mut ws = RawWs::connect(&env).await;
+    for id in [digits.as_str(), long_str.as_str(), "-1", "1.5"] {
+        ws.send(call(id).as_bytes()).await;
+        let answer = ws.recv(Duration::from_secs(10)).await;
+        let Some(a) = answer else {
+            panic!("no answer over WebSocket for id {:.20}", id)
+        };
+        assert_eq!(a.pointer("/error/code"), Some(&json!(-32600)), "{a}");
+        assert!(a["id"].is_null(), "{a}");
+        assert!(a.to_string().len() < 1000);
+    }
+    // A good id still works on the same connection.
+    ws.send(call("42").as_bytes()).await;
+    let a = ws.recv(Duration::from_secs(10)).await.expect("answer");
+    assert_eq!(a["id"], 42);
+    assert!(a.pointer("/result/version").is_some(), "{a}");
+    assert!(refusals(&env, "id_too_long").await >= 2);
+}
+
+/// POST `body` as JSON-RPC over HTTP/1.1 on the daemon socket; (status, body).
+async fn post_raw(env: &Env, body: &[u8]) -> (u16, String) {
+    let mut s = UnixStream::connect(&env.socket).await.expect("connect");
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: keep the JSON only.
+    let body = match (body.find(['{', '[']), body.rfind(['}', ']'])) {
+        (Some(a), Some(b)) if a <= b => body[a..=b].to_string(),
+        _ => body,
+    };
+    (status, body)
+}
+
+/// A batch past `--max-batch` is refused whole with -32010 (issue 16: 500k calls ran); batches at the limit
+/// run, several at once, while another client's calls are answered in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_batches_are_refused_and_big_ones_do_not_starve_other_clients() {
+    let env = Env::start_with(&["--max-batch", "1000"]).await;
+    let entries = |n: usize| {
+        format!(
+            "[{}]",
+            (0..n)
+                .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"vm.list"}}"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    let (status, body) = post_raw(&env, entries(1001).as_bytes()).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    assert_eq!(
+        v.pointer("/error/code"),
+        Some(&json!(-32010)),
+        "{body:.300}"
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    assert!(refusals(&env, "batch_too_long").await >= 1);
+    // Four clients send full batches back to back for a while; another client's calls interleave.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let body = Arc::new(entries(1000));
+    let mut flooders = Vec::new();
+    for _ in 0..4 {
+        let (env_socket, stop, in_flight, done, body) = (
+            env.socket.clone(),
+            stop.clone(),
+            in_flight.clone(),
+            done.clone(),
+            body.clone(),
+        );
+        flooders.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            while !stop.load(Ordering::SeqCst) {
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                let r = post_socket(&env_socket, body.as_bytes()).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                assert!(r.starts_with('['), "a full batch is answered: {r:.200}");
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // Wait until batches are running, then time the other client's calls against theirs.
+    let running = crate::common::eventually(Duration::from_secs(10), || {
+        in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(running);
+    let mut served_during = 0;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let v = env.rpc("proxy.health", json!({})).await;
+        assert!(v.pointer("/result").is_some(), "{v}");
+        let batches_running = in_flight.load(std::sync::atomic::Ordering::SeqCst);
+        if batches_running > 0 {
+            served_during += 1;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a call took {:?}",
+            t.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for f in flooders {
+        assert!(f.await.is_ok());
+    }
+    assert!(
+        served_during >= 5,
+        "only {served_during} of 10 calls were answered while batches ran"
+    );
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst) > 0);
+}
+
+/// POST on a socket path (for tasks that do not hold the Env).
+async fn post_socket(socket: &std::path::Path, body: &[u8]) -> String {
+    let Ok(mut s) = UnixStream::connect(socket).await else {
+        return String::new();
+    };
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes()).await.is_err() || s.write_all(body).await.is_err() {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim_start().to_string())
+        .unwrap_or_default()
+}
+
+/// `--max-requests-per-connection`: past the limit, a request on the same connection is answered 1019 at
+/// once instead of queued; the ones in flight finish normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_per_connection_are_bounded() {
+    let mut env = Env::start_with(&["--max-requests-per-connection", "2"]).await;
+    let agent = env.agent(&["--dialect", "cc-agent"]);
+    env.register("slow", &agent, None).await;
+    // A stopped agent holds every call until its timeout.
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &agent.pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let mut ws = RawWs::connect(&env).await;
+    for id in 1..=3 {
+        let req = json!({"jsonrpc": "2.0", "id": id, "method": "agent.call",
+            "params": {"vm": "slow", "command": "ping", "timeout_ms": 3000}});
+        ws.send(req.to_string().as_bytes()).await;
+    }
+    // One of the three (they run concurrently, so any one) is refused at once.
+    let first = ws
+        .recv(Duration::from_secs(2))
+        .await
+        .expect("an immediate answer");
+    assert_eq!(
+        first.pointer("/error/code"),
+        Some(&json!(cc_proxy_api::error::TOO_MANY_REQUESTS)),
+        "{first}"
+    );
+    assert!(
+        first["id"].is_u64(),
+        "the refusal names its request: {first}"
+    );
+    // The two in flight end with the agent's timeout, not the limit.
+    for _ in 0..2 {
+        let a = ws.recv(Duration::from_secs(20)).await.expect("answer");
+        assert_ne!(a["id"], first["id"]);
+        assert_ne!(
+            a.pointer("/error/code"),
+            Some(&json!(cc_proxy_api::error::TOO_MANY_REQUESTS)),
+            "{a}"
+        );
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &agent.pid.to_string()])
+        .status();
+    assert!(refusals(&env, "requests_in_flight").await >= 1);
+}
+
+/// Read until end of file; how long it took, `None` if the connection stayed open for `within`.
+async fn closed_within(s: &mut UnixStream, within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut sink = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| t0.elapsed())
+}
+
+/// Header and first-frame timeouts for every protocol, and the idle timeout (issue 16: a legacy connection
+/// that sent `00 02` and nothing more was held forever; a partial HTTP head or WebSocket handshake 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_heads_and_frames_and_idle_connections_are_closed() {
+    let env =
+        Env::start_with(&["--client-header-timeout", "2", "--client-idle-timeout", "3"]).await;
+    let bound = Duration::from_secs(15);
+    let half: [(&str, &[u8]); 4] = [
+        ("legacy 00 02", &[0, 2]),
+        ("legacy half header", &[0, 2, 3, 0, 0, 0]),
+        ("http head", b"POST / HTTP/1.1\r\nHost: localhost\r\n"),
+        (
+            "websocket handshake",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n",
+        ),
+    ];
+    let mut conns = Vec::new();
+    for (what, bytes) in half {
+        let mut s = UnixStream::connect(&env.socket).await.expect("connect");
+        s.write_all(bytes).await.expect("write");
+        conns.push((what, s));
+    }
+    for (what, s) in &mut conns {
+        let took = closed_within(s, bound).await;
+        assert!(
+            took.is_some(),
+            "{what}: still open after {bound:?}\n{}",
+            env.logs()
+        );
+    }
+    assert!(refusals(&env, "header_timeout").await >= 4);
+    // Idle: a WebSocket that completed its handshake and a legacy client after a whole frame.
+    let mut ws = RawWs::connect(&env).await;
+    let mut legacy = UnixStream::connect(&env.socket).await.expect("connect");
+    let log = br#"{"level":"info","msg":"hello","source":"shim"}"#;
+    let mut frame = vec![0, 2, 3, 0, 0, 0, 2, 3];
+    frame.extend_from_slice(&(log.len() as u32).to_be_bytes());
+    frame.extend_from_slice(log);
+    legacy.write_all(&frame).await.expect("write");
+    let t0 = Instant::now();
+    assert!(
+        closed_within(&mut ws.s, bound).await.is_some(),
+        "idle WebSocket stays open"
+    );
+    assert!(
+        closed_within(&mut legacy, bound).await.is_some(),
+        "idle legacy stays open"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "closed before the idle timeout"
+    );
+    assert!(refusals(&env, "idle").await >= 2);
+    assert_health(&env, Duration::from_secs(5)).await;
+}
+
+/// What is legitimately quiet is not idle: an events subscription and an attached stream outlive the idle
+/// timeout and still deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_and_attached_streams_are_not_idle() {
+    use jsonrpsee::core::client::SubscriptionClientT;
+    let mut env = Env::start_with(&["--client-idle-timeout", "1"]).await;
+    let agent = env.agent(&[]);
+    env.register("q", &agent, None).await;
+    let stream = UnixStream::connect(&env.socket).await.expect("connect");
+    let ws = jsonrpsee::ws_client::WsClientBuilder::default()
+        .build_with_stream("ws://localhost/", stream)
+        .await
+        .expect("WebSocket");
+    let mut sub = ws
+        .subscribe::<Value, _>(
+            "events.subscribe",
+            jsonrpsee::rpc_params![],
+            "events.unsubscribe",
+        )
+        .await
+        .expect("subscribe");
+    let (_, mut shim) = exec_attached(&env, "q", &["sh", "-c", "sleep 4; echo late"]).await;
+    // Four idle timeouts of silence on both, then the process's output, exit and event arrive.
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        cc_proxy_api::client::collect(&mut shim),
+    )
+    .await
+    .expect("the stream ends")
+    .expect("read");
+    assert_eq!(out.stdout, b"late\n");
+    assert_eq!(out.status, Some(0));
+    let ev = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match sub.next().await {
+                Some(Ok(v)) if v.to_string().contains("process_exited") => return Some(v),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(ev, Ok(Some(_))),
+        "the quiet subscription was closed: {ev:?}\n{}",
+        env.logs()
+    );
 }

@@ -11,12 +11,18 @@
 //! A protocol error (a malformed frame, a frame a client may not send, an invalid log entry) closes only the
 //! offending connection, with a log line saying why. A command that fails gets an error response and the
 //! session goes on.
+//!
+//! A frame must be complete within `--client-header-timeout` of its first byte (the first frame: of the
+//! connection's first bytes, `00 02`); a connection that stalls mid-frame is closed. A connection that is
+//! not a shim and sends nothing is closed after `--client-idle-timeout` by the connection guard
+//! ([`crate::server::guard`]); a shim's connection is an attached stream and never idle.
 
 mod commands;
 mod shim;
 mod writer;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use cc_proxy_api::legacy::{
@@ -26,10 +32,15 @@ use futures::StreamExt;
 use tokio_util::codec::FramedRead;
 
 use super::detect::ClientConn;
+use super::guard::Activity;
 use super::{Peer, Proxy};
+use crate::admin::metrics::{LimitKind, METRICS};
 use crate::logging::escape_client_text;
 use crate::vm::Vm;
 use writer::{Writer, WRITER_DRAIN};
+
+/// How often a session checks whether the frame it is reading has taken too long.
+const FRAME_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Why a session is closed. Each is logged with the client's identity.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +82,8 @@ struct Session {
 
 /// Serve one legacy v2 connection until the client leaves or breaks the protocol. Its log lines carry the
 /// client's fields through the connection's span (see [`crate::server::Peer`]).
-pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn, peer: Peer) {
+pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn, peer: Peer, activity: Arc<Activity>) {
+    let header_timeout = proxy.limits.header_timeout;
     let (rd, wr) = tokio::io::split(conn);
     let mut reader = FramedRead::new(rd, LegacyCodec::default());
     // The writer stops at once when the daemon stops; otherwise it writes what was queued, then ends.
@@ -84,12 +96,31 @@ pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn, peer: Peer) {
         vm: None,
         shim: None,
     };
+    // When the frame being read began: the first one with the connection (its `00 02` is in).
+    let mut frame_started = Some(Instant::now());
+    let mut check = tokio::time::interval(FRAME_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             // The daemon is stopping: end the session like a dropped connection (tokens are kept).
             _ = session.proxy.shutdown.cancelled() => break,
             next = reader.next() => next,
+            _ = check.tick() => {
+                if frame_started.is_none() && !reader.read_buffer().is_empty() {
+                    frame_started = Some(Instant::now());
+                }
+                if frame_started.is_some_and(|t| t.elapsed() >= header_timeout) {
+                    METRICS.limit_refused(LimitKind::HeaderTimeout);
+                    tracing::info!(timeout = ?header_timeout, buffered = reader.read_buffer().len(),
+                        "closing legacy connection: frame not complete within --client-header-timeout");
+                    break;
+                }
+                continue;
+            }
         };
+        if matches!(next, Some(Ok(_))) {
+            frame_started = None;
+        }
         let result = match next {
             None => break,
             Some(Err(FrameError::Io(e))) => {
@@ -99,6 +130,10 @@ pub async fn serve(proxy: Arc<Proxy>, conn: ClientConn, peer: Peer) {
             Some(Err(e)) => Err(SessionError::Frame(e)),
             Some(Ok(frame)) => session.handle(frame).await,
         };
+        if session.shim.is_some() {
+            // A shim's connection is an attached stream: the guard stands aside.
+            activity.set_attached();
+        }
         match result {
             Ok(Flow::Continue) => {}
             Ok(Flow::Close) => break,

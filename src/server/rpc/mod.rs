@@ -4,6 +4,7 @@ pub mod agent;
 pub mod errors;
 pub mod events;
 pub mod ids;
+pub mod limits;
 pub mod proxy;
 pub mod stream;
 pub mod tap;
