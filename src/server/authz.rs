@@ -73,10 +73,15 @@ impl AdminGroup {
     }
 }
 
+/// uid 0 and the daemon's own effective uid are privileged whatever their groups.
+pub fn always_privileged(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
 /// Classify a client: privileged when uid 0 or the daemon's own effective uid, or when `admin` is set and the client's primary gid, one of its
 /// process's supplementary `groups`, or its user name (looked up by uid) is in the group.
 pub fn classify(uid: u32, gid: u32, groups: &[u32], admin: Option<&AdminGroup>) -> Access {
-    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+    if always_privileged(uid) {
         return Access::Privileged;
     }
     let Some(admin) = admin else {

@@ -505,3 +505,46 @@ async fn admin_group_members_are_privileged() {
         "the socket was created before the check"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_vm_without_an_owner_belongs_to_root() {
+    let Some(u) = other_user(OTHER_USER) else {
+        return;
+    };
+    let mut env = shared_env(&[]).await;
+    let agent = env.agent(&["--dialect", "cc-agent"]);
+    give_socket(&agent, u);
+    let ws = ws_as(&env, u.uid, u.gid, &[u.gid]).await;
+    let r = call(&ws, "vm.register", register_params("old", &agent)).await;
+    assert!(r["result"].is_object(), "{r}");
+    drop(ws);
+    let st = env.stop_daemon().await;
+    assert!(st.success());
+    // The record as a daemon from before owners were kept wrote it.
+    let path = env.state_dir.join("vms/old.json");
+    let mut record: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state record")).expect("JSON");
+    assert_eq!(record["owner"], u.uid, "{record}");
+    let obj = record.as_object_mut().expect("object");
+    obj.remove("owner");
+    obj.remove("owner_rights");
+    std::fs::write(&path, record.to_string()).expect("write the record");
+    env.restart_daemon().await;
+    let info = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(i) = env.client.vm_info("old").await {
+                if i.state.as_str() != "recovering" {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("recovered");
+    assert_eq!(info.state.as_str(), "ready", "{info:?}");
+    assert_eq!(info.owner, 0, "{info:?}");
+    let ws = ws_as(&env, u.uid, u.gid, &[u.gid]).await;
+    let r = call(&ws, "vm.info", json!({"id": "old"})).await;
+    assert_eq!(r["error"]["code"], 1018, "{r}");
+}
