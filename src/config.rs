@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{Cli, LogFormat, LogLevel, LogTarget};
+use crate::mesh::identity::{IdentityConfig, SourceConfig, MAX_CERT_LIFETIME, MIN_CERT_LIFETIME};
 use crate::vm::VmConfig;
 
 /// The log level when `--log` is absent.
@@ -91,6 +92,8 @@ pub struct Config {
     pub vm: VmConfig,
     /// The mesh data plane's limits.
     pub mesh_limits: crate::mesh::listener::Limits,
+    /// Where mesh certificates and trust anchors come from.
+    pub mesh_identity: IdentityConfig,
 }
 
 /// Bounds on client connections and their requests (section Limits of docs/operations.md).
@@ -130,6 +133,8 @@ pub enum ConfigError {
     AdminAddr { value: String, reason: String },
     #[error("invalid {ENV_LOG_LEVEL} {0:?} (error, warn, info, debug or trace)")]
     LogLevelEnv(String),
+    #[error("invalid --mesh-cert-lifetime {value:?}: {reason}")]
+    MeshCertLifetime { value: String, reason: String },
 }
 
 impl Config {
@@ -153,9 +158,23 @@ impl Config {
             errors.push(e);
             None
         });
+        let lifetime = parse_lifetime(&cli.mesh_cert_lifetime).unwrap_or_else(|reason| {
+            errors.push(ConfigError::MeshCertLifetime {
+                value: cli.mesh_cert_lifetime.clone(),
+                reason,
+            });
+            MIN_CERT_LIFETIME
+        });
         if !errors.is_empty() {
             return Err(errors);
         }
+        let source = match &cli.mesh_identity_dir {
+            Some(dir) => SourceConfig::Files { dir: dir.clone() },
+            None => SourceConfig::Ca {
+                state_dir: cli.state_dir.clone(),
+                lifetime,
+            },
+        };
         Ok(Config {
             socket: cli.socket.clone(),
             socket_group: cli.socket_group.clone(),
@@ -199,6 +218,10 @@ impl Config {
                 idle_timeout: Duration::from_secs(cli.mesh_idle_timeout.max(1)),
                 max_header_bytes: cli.mesh_max_header_bytes.max(1024),
             },
+            mesh_identity: IdentityConfig {
+                source,
+                extra_anchors: cli.mesh_trust_anchors.clone(),
+            },
         })
     }
 }
@@ -206,6 +229,34 @@ impl Config {
 /// A client timeout flag's value, with its floor ([`MIN_CLIENT_TIMEOUT`]).
 fn client_timeout(secs: u64) -> Duration {
     Duration::from_secs(secs).max(MIN_CLIENT_TIMEOUT)
+}
+
+/// A duration such as `24h`, `90m`, `6s` or `7d`, within [`MIN_CERT_LIFETIME`, `MAX_CERT_LIFETIME`].
+fn parse_lifetime(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| "no unit (s, m, h or d), e.g. 24h".to_string())?;
+    let (number, unit) = value.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| "expected a number followed by s, m, h or d".to_string())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} (s, m, h or d)")),
+    };
+    let d = Duration::from_secs(n.saturating_mul(unit_secs));
+    if d < MIN_CERT_LIFETIME || d > MAX_CERT_LIFETIME {
+        return Err(format!(
+            "must be between {}s and {}d",
+            MIN_CERT_LIFETIME.as_secs(),
+            MAX_CERT_LIFETIME.as_secs() / 86_400
+        ));
+    }
+    Ok(d)
 }
 
 /// `off`, or a `HOST:PORT` that resolves (the first address is used).
@@ -267,6 +318,47 @@ mod tests {
         assert_eq!(c.vm.keepalive_misses, DEFAULT_AGENT_KEEPALIVE_MISSES);
         assert_eq!(c.vm.stall_timeout, Duration::from_secs(10));
         assert_eq!(c.mesh_limits, crate::mesh::listener::Limits::default());
+        assert!(matches!(
+            c.mesh_identity.source,
+            SourceConfig::Ca { lifetime, .. } if lifetime == Duration::from_secs(24 * 3600)
+        ));
+    }
+
+    #[test]
+    fn mesh_flags() {
+        let c = parse(&["--mesh-cert-lifetime", "6s"], &[]).ok();
+        assert!(matches!(
+            c.map(|c| c.mesh_identity.source),
+            Some(SourceConfig::Ca { lifetime, .. }) if lifetime == Duration::from_secs(6)
+        ));
+        for bad in ["1s", "6", "s", "6x", "400d", "1.5s", ""] {
+            let Err(errors) = parse(&["--mesh-cert-lifetime", bad], &[]) else {
+                panic!("--mesh-cert-lifetime {bad:?} accepted")
+            };
+            assert!(
+                matches!(&errors[..], [ConfigError::MeshCertLifetime { .. }]),
+                "{bad:?}: {errors:?}"
+            );
+        }
+        let c = parse(
+            &[
+                "--mesh-identity-dir",
+                "/etc/mesh",
+                "--mesh-trust-anchors",
+                "/etc/l5d.pem",
+            ],
+            &[],
+        )
+        .ok();
+        assert_eq!(
+            c.map(|c| c.mesh_identity),
+            Some(IdentityConfig {
+                source: SourceConfig::Files {
+                    dir: "/etc/mesh".into()
+                },
+                extra_anchors: Some("/etc/l5d.pem".into()),
+            })
+        );
     }
 
     #[test]

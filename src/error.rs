@@ -64,6 +64,14 @@ pub enum ProxyError {
     /// The client's uid may not use the VM (`vm: Some`) or call a privileged method (`vm: None`).
     #[error("permission denied: {}", denied_text(vm.as_deref(), *uid))]
     PermissionDenied { vm: Option<String>, uid: u32 },
+    #[error("VM {vm:?}: invalid mesh configuration: {field}: {reason}")]
+    MeshConfig {
+        vm: String,
+        field: String,
+        reason: String,
+    },
+    #[error("VM {vm:?}: mesh listener: {reason}")]
+    MeshListen { vm: String, reason: String },
 }
 
 fn denied_text(vm: Option<&str>, uid: u32) -> String {
@@ -145,6 +153,7 @@ impl ProxyError {
             ProxyError::Limit(_) => code::LIMIT_EXCEEDED,
             ProxyError::Recovering(_) => code::VM_RECOVERING,
             ProxyError::PermissionDenied { .. } => code::PERMISSION_DENIED,
+            ProxyError::MeshConfig { .. } | ProxyError::MeshListen { .. } => code::MESH_CONFIG,
         }
     }
 
@@ -180,6 +189,8 @@ impl ProxyError {
             ProxyError::PermissionDenied { vm: Some(vm), uid } => json!({"vm": vm, "uid": uid}),
             ProxyError::PermissionDenied { vm: None, uid } => json!({"uid": uid}),
             ProxyError::ShuttingDown | ProxyError::Limit(_) => Value::Null,
+            ProxyError::MeshConfig { vm, field, .. } => json!({"vm": vm, "field": field}),
+            ProxyError::MeshListen { vm, .. } => json!({"vm": vm, "field": "mesh"}),
         }
     }
 }
@@ -190,6 +201,23 @@ impl From<TransportError> for ProxyError {
         match e {
             TransportError::InvalidUri { .. } => ProxyError::InvalidUri(std::sync::Arc::new(e)),
             _ => ProxyError::Unreachable(Unreachable::Transport(std::sync::Arc::new(e))),
+        }
+    }
+}
+
+impl ProxyError {
+    /// A VM's mesh could not be set up.
+    pub fn mesh(vm: &str, e: crate::mesh::MeshSetupError) -> ProxyError {
+        match e {
+            crate::mesh::MeshSetupError::Config(c) => ProxyError::MeshConfig {
+                vm: vm.to_string(),
+                field: c.field,
+                reason: c.reason,
+            },
+            crate::mesh::MeshSetupError::Listen(e) => ProxyError::MeshListen {
+                vm: vm.to_string(),
+                reason: e.to_string(),
+            },
         }
     }
 }

@@ -253,6 +253,16 @@ impl Client {
         self.call(methods::VM_INFO, json!({ "id": id })).await
     }
 
+    /// The mesh trust anchors (PEM bundle) peers must trust.
+    pub async fn mesh_trust_anchors(&self) -> Result<crate::mesh::TrustAnchors, ClientError> {
+        self.call(methods::MESH_TRUST_ANCHORS, json!({})).await
+    }
+
+    /// A meshed VM's identity and the certificate its listeners serve.
+    pub async fn mesh_identity(&self, id: &str) -> Result<crate::mesh::MeshIdentity, ClientError> {
+        self.call(methods::MESH_IDENTITY, json!({ "id": id })).await
+    }
+
     pub async fn agent_call(
         &self,
         params: &AgentCallParams,

@@ -47,6 +47,10 @@ pub const PERMISSION_DENIED: i32 = 1018;
 /// Too many requests are in flight on this connection (`--max-requests-per-connection`); `data` names the
 /// limit. Wait for answers, or use another connection.
 pub const TOO_MANY_REQUESTS: i32 = 1019;
+
+/// The VM's `mesh` object is invalid (`data.field` names the part at fault), or one of its listeners cannot be
+/// set up (an address in use, a socket path that cannot be bound).
+pub const MESH_CONFIG: i32 = 1030;
 /// A short stable name for a code, used in logs and metrics labels.
 pub fn code_name(code: i32) -> &'static str {
     match code {
@@ -76,6 +80,7 @@ pub fn code_name(code: i32) -> &'static str {
         PERMISSION_DENIED => "permission_denied",
         TOO_MANY_REQUESTS => "too_many_requests",
         -32010 => "batch_too_long",
+        MESH_CONFIG => "mesh_config",
         _ => "other",
     }
 }

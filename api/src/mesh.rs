@@ -113,3 +113,26 @@ pub struct CertificateInfo {
     /// `"ca"` (the embedded CA), `"files"` or `"identity-service"`.
     pub source: String,
 }
+
+/// `mesh.trust_anchors` result: what a peer must trust to accept this daemon's mesh certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustAnchors {
+    /// Every anchor as one PEM bundle (the embedded CA's certificate or the identity directory's `ca.crt`,
+    /// then the extra anchors of `--mesh-trust-anchors`).
+    pub pem: String,
+    /// How many certificates `pem` holds.
+    pub count: usize,
+}
+
+/// `mesh.identity {id}` result: a meshed VM's identity and the certificate its listeners serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshIdentity {
+    pub vm: String,
+    pub identity: String,
+    /// Absent until a certificate was issued (or while the identity files are missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateInfo>,
+    /// The served chain (leaf first) as PEM; certificates only, never the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_pem: Option<String>,
+}

@@ -1,5 +1,5 @@
 //! JSON-RPC method names. Namespaced by what they act on: the proxy itself, VMs, agent commands, streams,
-//! and event subscriptions (WebSocket only).
+//! event subscriptions (WebSocket only) and the mesh front.
 
 /// `proxy.version` → [`crate::types::VersionInfo`].
 pub const PROXY_VERSION: &str = "proxy.version";
@@ -45,3 +45,8 @@ pub const TAP_OBSERVE: &str = "tap.observe";
 pub const TAP_NOTIFICATION: &str = "tap.event";
 /// `tap.unobserve`.
 pub const TAP_UNOBSERVE: &str = "tap.unobserve";
+
+/// `mesh.trust_anchors` → [`crate::mesh::TrustAnchors`]: the PEM bundle peers must trust.
+pub const MESH_TRUST_ANCHORS: &str = "mesh.trust_anchors";
+/// `mesh.identity {id}` → [`crate::mesh::MeshIdentity`]: a meshed VM's identity and served certificate.
+pub const MESH_IDENTITY: &str = "mesh.identity";

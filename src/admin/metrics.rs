@@ -20,6 +20,18 @@ pub struct VmLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabel {
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuanceLabels {
+    pub identity: String,
+    /// `ca` or `files`.
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -231,6 +243,14 @@ pub struct Metrics {
     pub tap_dropped: Counter,
     /// Requests refused because the client may not use the VM or method (`server/authz.rs`).
     pub permission_denied: Family<ProtocolLabel, Counter>,
+    /// Expiry (unix seconds) of each meshed identity's current certificate (Linkerd's name).
+    pub mesh_cert_expiry: Family<IdentityLabel, Gauge>,
+    /// Certificates issued by the CA or loaded from files.
+    pub mesh_cert_issuances: Family<IssuanceLabels, Counter>,
+    /// Identity file reloads refused (the previous certificate kept).
+    pub mesh_identity_reload_failures: Family<IdentityLabel, Counter>,
+    /// Trust anchor reloads refused (the previous anchors kept).
+    pub mesh_anchor_reload_failures: Counter,
 }
 
 impl Metrics {
@@ -256,11 +276,23 @@ impl Metrics {
             limit_refusals: Family::default(),
             tap_dropped: Counter::default(),
             permission_denied: Family::default(),
+            mesh_cert_expiry: Family::default(),
+            mesh_cert_issuances: Family::default(),
+            mesh_identity_reload_failures: Family::default(),
+            mesh_anchor_reload_failures: Counter::default(),
         }
     }
 
     /// Register every family in `registry` under the `cc_proxy` prefix.
     pub fn register(&self, registry: &mut Registry) {
+        // Linkerd's name, so its dashboards' certificate panels work (with an `identity` label: one daemon
+        // serves many identities).
+        registry.register_with_unit(
+            "identity_cert_expiration_timestamp",
+            "Expiry of each meshed identity's current certificate, as unix time",
+            Unit::Seconds,
+            self.mesh_cert_expiry.clone(),
+        );
         let r = registry.sub_registry_with_prefix("cc_proxy");
         r.register("vms", "Registered VMs by state", self.vms.clone());
         r.register(
@@ -362,6 +394,58 @@ impl Metrics {
             "Requests refused because the client's uid may not use the VM or method, by protocol",
             self.permission_denied.clone(),
         );
+        r.register(
+            "mesh_certificate_issuances",
+            "Mesh certificates issued by the embedded CA or loaded from files, by identity",
+            self.mesh_cert_issuances.clone(),
+        );
+        r.register(
+            "mesh_identity_reload_failures",
+            "Identity file reloads refused as invalid (the previous certificate is kept), by identity",
+            self.mesh_identity_reload_failures.clone(),
+        );
+        r.register(
+            "mesh_trust_anchor_reload_failures",
+            "Trust anchor file reloads refused as invalid (the previous anchors are kept)",
+            self.mesh_anchor_reload_failures.clone(),
+        );
+    }
+
+    /// A new certificate for `identity` is served.
+    pub fn mesh_certificate(&self, identity: &str, source: &'static str, not_after_unix: i64) {
+        let label = IdentityLabel {
+            identity: identity.to_string(),
+        };
+        self.mesh_cert_expiry
+            .get_or_create(&label)
+            .set(not_after_unix);
+        self.mesh_cert_issuances
+            .get_or_create(&IssuanceLabels {
+                identity: identity.to_string(),
+                source,
+            })
+            .inc();
+    }
+
+    /// An identity's files were refused on reload.
+    pub fn mesh_reload_failure(&self, identity: &str) {
+        self.mesh_identity_reload_failures
+            .get_or_create(&IdentityLabel {
+                identity: identity.to_string(),
+            })
+            .inc();
+    }
+
+    /// The anchors file was refused on reload.
+    pub fn mesh_anchor_reload_failure(&self) {
+        self.mesh_anchor_reload_failures.inc();
+    }
+
+    /// No VM uses `identity` any more: its expiry series goes (the counters stay, as counters do).
+    pub fn mesh_identity_gone(&self, identity: &str) {
+        self.mesh_cert_expiry.remove(&IdentityLabel {
+            identity: identity.to_string(),
+        });
     }
 
     /// The `vms{state}` gauge of one state.

@@ -9,7 +9,7 @@ use cc_proxy_api::stream::{Channel, ControlMessage, Frame};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 
-use super::{Command, VmCommand};
+use super::{Command, MeshCommand, VmCommand};
 
 /// Exit status when the stream ends with an error rather than an exit status.
 const STREAM_FAILED: u8 = 255;
@@ -49,6 +49,15 @@ fn parse_env(values: &[String]) -> Result<Vec<(String, String)>, String> {
         }
     }
     Ok(out)
+}
+
+/// `vm register --mesh`: JSON, or `@FILE` holding it.
+fn parse_mesh(value: &str) -> Result<cc_proxy_api::mesh::MeshConfig, String> {
+    let text = match value.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        None => value.to_string(),
+    };
+    serde_json::from_str(&text).map_err(|e| format!("not a mesh object ({e})"))
 }
 
 /// Run a client subcommand; returns the process exit status.
@@ -156,8 +165,16 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                         io,
                         console,
                         timeout_ms,
+                        mesh,
                     },
             } => {
+                let mesh = match mesh.as_deref().map(parse_mesh).transpose() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("cc-proxy: --mesh: {e}");
+                        return Ok(USAGE);
+                    }
+                };
                 let r = client
                     .register(&cc_proxy_api::types::RegisterParams {
                         id,
@@ -165,7 +182,7 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                         io,
                         console,
                         timeout_ms,
-                        mesh: None,
+                        mesh,
                     })
                     .await?;
                 if json {
@@ -216,6 +233,53 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                     );
                     println!("commands:    {} ({} errors)", vm.commands, vm.errors);
                     println!("streams:     {} running, {} tokens", vm.streams, vm.tokens);
+                    if let Some(mesh) = &vm.mesh {
+                        println!(
+                            "mesh:        {} ({} inbound, {} outbound listeners)",
+                            mesh.config.identity,
+                            mesh.config.inbound.len(),
+                            mesh.config.outbound.len()
+                        );
+                        match &mesh.certificate {
+                            Some(c) => println!(
+                                "certificate: serial {} until {} (from {})",
+                                c.serial, c.not_after, c.source
+                            ),
+                            None => println!("certificate: none yet (the listeners do not serve)"),
+                        }
+                    }
+                }
+                Ok(0)
+            }
+            Command::Mesh {
+                command: MeshCommand::TrustAnchors,
+            } => {
+                let anchors = client.mesh_trust_anchors().await?;
+                if json {
+                    print_json(&anchors);
+                } else {
+                    print!("{}", anchors.pem);
+                }
+                Ok(0)
+            }
+            Command::Mesh {
+                command: MeshCommand::Identity { vm },
+            } => {
+                let id = client.mesh_identity(&vm).await?;
+                if json {
+                    print_json(&id);
+                } else {
+                    println!("vm:          {}", id.vm);
+                    println!("identity:    {}", id.identity);
+                    match (&id.certificate, &id.chain_pem) {
+                        (Some(c), Some(pem)) => {
+                            println!("source:      {}", c.source);
+                            println!("serial:      {}", c.serial);
+                            println!("not after:   {}", c.not_after);
+                            print!("{pem}");
+                        }
+                        _ => println!("certificate: none yet (the listeners do not serve)"),
+                    }
                 }
                 Ok(0)
             }

@@ -165,6 +165,20 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_MAX_HEADER_BYTES, value_name = "BYTES")]
     pub mesh_max_header_bytes: usize,
 
+    /// Lifetime of the certificates the embedded mesh CA issues (renewed at 70%): a number with a unit,
+    /// `s`, `m`, `h` or `d` (2s to 365d).
+    #[arg(long, default_value = crate::mesh::identity::DEFAULT_CERT_LIFETIME, value_name = "DURATION")]
+    pub mesh_cert_lifetime: String,
+
+    /// Take mesh certificates from files instead of the embedded CA: DIR/ca.crt (trust anchors),
+    /// DIR/<identity>/tls.crt and tls.key; reloaded when they change (docs/mesh.md).
+    #[arg(long, value_name = "DIR")]
+    pub mesh_identity_dir: Option<PathBuf>,
+
+    /// A PEM bundle of more trust anchors for mesh peers (e.g. Linkerd's), added to the CA's or DIR/ca.crt.
+    #[arg(long, value_name = "FILE")]
+    pub mesh_trust_anchors: Option<PathBuf>,
+
     /// Worker threads of the data plane (0 = one per CPU core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
@@ -255,6 +269,11 @@ pub enum Command {
         /// The stream token (from `agent.call` with `streams: 1`, or `stream.allocate`).
         token: String,
     },
+    /// The mesh front: trust anchors and identities.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCommand,
+    },
     /// Print the daemon's version and features.
     Version,
     /// Change the running daemon's log filter (privileged clients only): `cc-proxy log-level debug`, or a
@@ -317,6 +336,10 @@ pub enum VmCommand {
         /// (default 10000).
         #[arg(long, value_name = "MS")]
         timeout_ms: Option<u64>,
+        /// The VM's mesh front as JSON (`{"identity": ..., "inbound": [...], "outbound": [...]}`, see
+        /// docs/mesh.md), or @FILE to read it from a file.
+        #[arg(long, value_name = "JSON|@FILE")]
+        mesh: Option<String>,
     },
     /// Unregister a VM: its streams end and its tokens are freed.
     Unregister {
@@ -327,5 +350,17 @@ pub enum VmCommand {
     Info {
         /// The VM id.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MeshCommand {
+    /// Print the trust anchors (PEM bundle) a peer must trust to accept this daemon's mesh certificates,
+    /// e.g. for Linkerd's `identityTrustAnchorsPEM`.
+    TrustAnchors,
+    /// Show a meshed VM's identity and the certificate its listeners serve (with the chain as PEM).
+    Identity {
+        /// The VM id.
+        vm: String,
     },
 }

@@ -7,11 +7,23 @@
 //! - `listener`: binds a VM's inbound and outbound listeners and runs their accept loops until the VM's
 //!   [`MeshVmCtx::shutdown`] fires (unregistered, lost, daemon stopping: stop accepting, drain).
 //! - `tls`, `detect`, `inbound`, `outbound`, `http`, `transport_header`, `copy`, `metrics`: the data plane.
+//! - `config`: checks a VM's `mesh` object before anything is bound; `ca` and `files`: the identity sources.
 //!
 //! Contract between the identity and lifecycle side and the data plane: a VM's listeners get a
 //! [`MeshVmCtx`]; they serve only while `credential` holds `Some`, and build their rustls configurations
 //! from it and from `anchors` each time either changes.
+//!
+//! Lifecycle ([`Mesh`], one per daemon, held by the VM registry): a registration with a `mesh` object is
+//! checked ([`config::validate`]), its listeners are bound before the agent is connected (a bad or used
+//! address fails the registration and nothing stays bound), and once the VM is published its listeners serve
+//! ([`Mesh::start`]) with a lease on the VM's identity. They stop when the VM leaves `Ready` (unregistered,
+//! lost, the daemon stopping: the VM's `ended` token) or when the whole mesh stops ([`Mesh::stop_all`]);
+//! the VM's entry, and its identity lease, go once its listeners have drained. A recovered VM's listeners are
+//! bound and started again from its state record.
 
+pub mod ca;
+pub mod config;
+pub mod files;
 pub mod identity;
 
 // The data plane (issue 14's meshdata side).
@@ -25,12 +37,16 @@ pub mod outbound;
 pub mod tls;
 pub mod transport_header;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use cc_proxy_api::mesh::MeshConfig;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use identity::{Anchors, Credential};
+use identity::{Anchors, Credential, IdentityLease, IdentityStore};
 
 /// What one meshed VM's listeners need from the rest of the daemon.
 #[derive(Clone)]
@@ -45,4 +61,159 @@ pub struct MeshVmCtx {
     pub anchors: watch::Receiver<Arc<Anchors>>,
     /// Fired when the VM's listeners must stop accepting and drain.
     pub shutdown: CancellationToken,
+}
+
+/// How long a registration waits for its identity's first certificate before answering, so that a client
+/// connecting right after `vm.register` finds the listeners serving (the embedded CA issues in milliseconds;
+/// files that are missing keep the listeners waiting, and the registration does not wait for them).
+pub const FIRST_CREDENTIAL_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a VM's mesh could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshSetupError {
+    /// The configuration is wrong (the field at fault is named).
+    #[error("invalid mesh configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Listen(#[from] listener::MeshError),
+}
+
+/// A VM's listeners, bound and not yet serving; dropping it unbinds them.
+pub struct Bound {
+    inner: listener::BoundListeners,
+}
+
+/// One meshed VM's running listeners.
+struct MeshVm {
+    config: Arc<MeshConfig>,
+    /// The VM's hold on its identity's certificate; released when the entry goes.
+    lease: IdentityLease,
+    /// Fired to stop the listeners (child of the mesh's `stopping`, and fired when the VM ends).
+    shutdown: CancellationToken,
+    /// Fired once the listeners have drained.
+    done: CancellationToken,
+}
+
+/// Every meshed VM's listeners, and the identity store they take certificates from.
+pub struct Mesh {
+    identities: Arc<IdentityStore>,
+    vms: Mutex<HashMap<String, Arc<MeshVm>>>,
+    /// Fired when the daemon stops: every VM's listeners stop accepting and drain.
+    stopping: CancellationToken,
+    /// Every VM's serving task, so the daemon's exit can wait for the drain.
+    tasks: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Mesh {
+    pub fn new(identities: Arc<IdentityStore>) -> Arc<Mesh> {
+        Arc::new(Mesh {
+            identities,
+            vms: Mutex::new(HashMap::new()),
+            stopping: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// The identity store (trust anchors for `mesh.trust_anchors`).
+    pub fn identities(&self) -> &Arc<IdentityStore> {
+        &self.identities
+    }
+
+    /// Check `cfg` and bind its listeners. Nothing stays bound on failure; dropping the result unbinds.
+    pub async fn bind(&self, cfg: &MeshConfig) -> Result<Bound, MeshSetupError> {
+        config::validate(cfg)?;
+        let inner = listener::bind_vm(cfg).await?;
+        Ok(Bound { inner })
+    }
+
+    /// Serve VM `vm`'s bound listeners until `ended` fires (the VM left `Ready`) or the mesh stops. Returns
+    /// once the identity's first certificate is served, or after [`FIRST_CREDENTIAL_WAIT`].
+    pub async fn start(
+        self: &Arc<Self>,
+        vm: &str,
+        cfg: MeshConfig,
+        bound: Bound,
+        ended: CancellationToken,
+    ) {
+        let lease = self.identities.acquire(&cfg.identity);
+        let mut first = lease.credential.clone();
+        let shutdown = self.stopping.child_token();
+        let ctx = MeshVmCtx {
+            vm: vm.to_string(),
+            identity: cfg.identity.clone(),
+            credential: lease.credential.clone(),
+            anchors: self.identities.anchors(),
+            shutdown: shutdown.clone(),
+        };
+        let entry = Arc::new(MeshVm {
+            config: Arc::new(cfg),
+            lease,
+            shutdown: shutdown.clone(),
+            done: CancellationToken::new(),
+        });
+        // An entry of the same id still draining (a lost VM just replaced) is superseded; its end removes
+        // nothing.
+        lock(&self.vms).insert(vm.to_string(), entry.clone());
+        // The VM's end stops its listeners.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = ended.cancelled() => shutdown.cancel(),
+                _ = shutdown.cancelled() => {}
+            }
+        });
+        let mesh = self.clone();
+        let id = vm.to_string();
+        let cfg = entry.config.clone();
+        self.tasks.spawn(async move {
+            listener::serve_vm(bound.inner, cfg, ctx).await;
+            mesh.finished(&id, &entry);
+        });
+        let _ = tokio::time::timeout(FIRST_CREDENTIAL_WAIT, first.wait_for(Option::is_some)).await;
+    }
+
+    /// VM `vm`'s listeners have drained: forget it (unless a newer registration of its id took its place).
+    fn finished(&self, vm: &str, entry: &Arc<MeshVm>) {
+        let mut vms = lock(&self.vms);
+        if vms.get(vm).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            vms.remove(vm);
+        }
+        drop(vms);
+        tracing::debug!(vm = %vm, "mesh listeners stopped");
+        entry.done.cancel();
+    }
+
+    /// The certificate VM `vm`'s listeners serve now, if it is meshed and one was issued.
+    pub fn credential(&self, vm: &str) -> Option<Arc<Credential>> {
+        lock(&self.vms).get(vm).and_then(|e| e.lease.current())
+    }
+
+    /// Wait (at most `within`) until VM `vm`'s listeners have drained, so that their addresses are free again.
+    pub async fn stopped(&self, vm: &str, within: Duration) {
+        let Some(entry) = lock(&self.vms).get(vm).cloned() else {
+            return;
+        };
+        entry.shutdown.cancel();
+        if tokio::time::timeout(within, entry.done.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(vm = %vm, after = ?within, "mesh listeners still draining");
+        }
+    }
+
+    /// The daemon stops: every VM's listeners stop accepting and drain; [`Mesh::drained`] waits for them.
+    pub fn stop_all(&self) {
+        self.stopping.cancel();
+        self.tasks.close();
+    }
+
+    /// Every VM's listeners have drained (after [`Mesh::stop_all`]).
+    pub async fn drained(&self) {
+        self.tasks.wait().await;
+    }
 }

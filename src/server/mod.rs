@@ -144,6 +144,15 @@ pub async fn run(
     // The mesh data plane's limits and metric families, before any VM can be meshed.
     crate::mesh::listener::set_limits(config.mesh_limits.clone());
     crate::mesh::metrics::register();
+    // The mesh's certificate source: the embedded CA is created on the first start (or reused), or the
+    // identity directory is read and watched. A source that cannot be used is fatal, as the state directory.
+    let identities = match crate::mesh::identity::IdentityStore::open(&config.mesh_identity) {
+        Ok(store) => store,
+        Err(e) => {
+            log.startup_error(&format_args!("mesh identity: {e}"));
+            return 1;
+        }
+    };
     // Bound before the client socket: a configured admin address that cannot be served is fatal.
     let admin_listener = match config.admin_addr.map(crate::admin::bind).transpose() {
         Ok(l) => l,
@@ -187,7 +196,8 @@ pub async fn run(
     };
 
     let (events, _) = tokio::sync::broadcast::channel::<crate::vm::VmEvent>(1024);
-    let registry = Registry::new(Some(state), config.vm.clone(), events);
+    let mesh = crate::mesh::Mesh::new(identities);
+    let registry = Registry::new(Some(state), config.vm.clone(), events, Some(mesh.clone()));
     registry.spawn_state_writer();
     let proxy = Arc::new(Proxy {
         registry: registry.clone(),
@@ -268,8 +278,10 @@ pub async fn run(
 
     tracing::info!("shutting down: draining connections");
     notify::stopping();
-    // The accept loop ends and drops the listening socket.
+    // The accept loop ends and drops the listening socket; the mesh listeners stop accepting and drain
+    // (GOAWAY, `Connection: close`, close_notify) alongside the client connections.
     stop_accepting.cancel();
+    mesh.stop_all();
     let _ = accepting.await;
     if listener.created {
         let _ = std::fs::remove_file(&listener.path);
@@ -279,7 +291,7 @@ pub async fn run(
     let _ = server_handle.stop();
     tracker.close();
     tokio::select! {
-        _ = tracker.wait() => {}
+        _ = async { tokio::join!(tracker.wait(), mesh.drained()) } => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!("grace period over; closing remaining connections");
         }

@@ -85,6 +85,12 @@ impl Vm {
         lock(&self.state).clone()
     }
 
+    /// A token fired when the VM leaves `Ready` (lost, unregistered, the daemon stopping): its mesh listeners
+    /// stop on it.
+    pub fn ended_token(&self) -> tokio_util::sync::CancellationToken {
+        self.ended.clone()
+    }
+
     /// True once the VM left `Ready` for good (lost, unregistered, or the daemon stopping).
     pub fn has_ended(&self) -> bool {
         self.ended.is_cancelled()

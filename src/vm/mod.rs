@@ -101,6 +101,8 @@ pub struct Vm {
     pub owner: u32,
     /// The endpoints were opened with the owner's rights (see [`state::VmRecord::owner_rights`]).
     pub owner_rights: bool,
+    /// The VM's mesh configuration (`vm.register`'s `mesh`), kept in its state record.
+    pub mesh: Option<Arc<cc_proxy_api::mesh::MeshConfig>>,
     /// Commands to the control actor (boxed: the channel's first block is allocated with the VM).
     calls: mpsc::Sender<Box<actor::Call>>,
     /// Packets to the I/O writer.
@@ -154,6 +156,7 @@ impl Vm {
             recovered,
             owner: record.owner.unwrap_or(0),
             owner_rights: record.owner_rights,
+            mesh: record.mesh.clone().map(Arc::new),
             calls: calls_tx,
             io_out: io_tx,
             state: Mutex::new(VmState::Connecting),
@@ -279,8 +282,14 @@ impl Vm {
             tokens,
             recovered: self.recovered,
             owner: self.owner,
-            // Filled in by the mesh front (src/mesh/) for meshed VMs.
-            mesh: None,
+            // The certificate is filled in by the registry from the mesh front (src/mesh/).
+            mesh: self
+                .mesh
+                .as_deref()
+                .map(|config| cc_proxy_api::mesh::MeshInfo {
+                    config: config.clone(),
+                    certificate: None,
+                }),
         }
     }
 
@@ -325,6 +334,7 @@ pub(crate) mod testing {
             api_version: None,
             owner: None,
             owner_rights: false,
+            mesh: None,
         };
         let shared = VmShared {
             config: VmConfig {

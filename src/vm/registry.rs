@@ -30,6 +30,7 @@ use super::persist::StateWriter;
 use super::state::{StateDir, VmRecord};
 use super::{console, handshake, io, lock, LostReason, Vm, VmConfig, VmEvent, VmShared, VmState};
 use crate::error::{Limit, ProxyError};
+use crate::mesh::Mesh;
 use crate::stream::{Stream, Token};
 use crate::transport::{Credentials, Endpoint};
 
@@ -63,6 +64,8 @@ pub struct Registry {
     shared: VmShared,
     /// Keeps the state directory up to date; `None` when there is no usable state directory.
     writer: Option<Arc<StateWriter>>,
+    /// Every meshed VM's listeners (`None` in unit tests that need no mesh).
+    mesh: Option<Arc<Mesh>>,
     /// Set once recovery at startup finished (the admin `/ready` waits for it).
     recovered: AtomicBool,
     shutting_down: AtomicBool,
@@ -132,6 +135,7 @@ impl Registry {
         state: Option<StateDir>,
         config: VmConfig,
         events: broadcast::Sender<VmEvent>,
+        mesh: Option<Arc<Mesh>>,
     ) -> Arc<Registry> {
         Arc::new(Registry {
             vms: RwLock::new(HashMap::new()),
@@ -143,6 +147,7 @@ impl Registry {
                 tokens: Arc::new(Mutex::new(HashMap::new())),
             },
             writer: state.map(|dir| Arc::new(StateWriter::new(dir))),
+            mesh,
             recovered: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
         })
@@ -153,6 +158,19 @@ impl Registry {
         if let Some(writer) = &self.writer {
             writer.spawn(Arc::downgrade(self));
         }
+    }
+
+    /// The mesh front.
+    pub fn mesh(&self) -> Option<&Arc<Mesh>> {
+        self.mesh.as_ref()
+    }
+
+    /// Fill in the certificate of a meshed VM's `vm.info`.
+    fn with_certificate(&self, mut info: VmInfo) -> VmInfo {
+        if let (Some(mesh), Some(m)) = (&self.mesh, info.mesh.as_mut()) {
+            m.certificate = mesh.credential(&info.id).map(|c| c.info());
+        }
+        info
     }
 
     pub fn events(&self) -> &broadcast::Sender<VmEvent> {
@@ -221,7 +239,7 @@ impl Registry {
         let mut out: Vec<VmInfo> = vms
             .values()
             .filter(|vm| visible(vm.owner))
-            .map(|vm| vm.info())
+            .map(|vm| self.with_certificate(vm.info()))
             .collect();
         out.extend(
             lock(&self.recovering)
@@ -238,7 +256,7 @@ impl Registry {
     /// One VM as `vm.info` shows it; a VM being recovered is shown as `recovering` without waiting.
     pub fn info(&self, id: &str) -> Result<VmInfo, ProxyError> {
         match self.get(id) {
-            Ok(vm) => Ok(vm.info()),
+            Ok(vm) => Ok(self.with_certificate(vm.info())),
             Err(ProxyError::Recovering(_)) => lock(&self.recovering)
                 .get(id)
                 .map(|r| recovering_info(&r.record))
@@ -297,6 +315,17 @@ impl Registry {
         // A recorded VM of this id is being reconnected: its outcome decides what this registration meets.
         self.settle(&params.id).await;
         let endpoints = parse_endpoints(&params.control, &params.io, params.console.as_deref())?;
+        if let Some(cfg) = &params.mesh {
+            crate::mesh::config::validate(cfg).map_err(|e| {
+                ProxyError::mesh(&params.id, crate::mesh::MeshSetupError::Config(e))
+            })?;
+            if self.mesh.is_none() {
+                return Err(ProxyError::MeshListen {
+                    vm: params.id.clone(),
+                    reason: "this daemon runs without the mesh front".into(),
+                });
+            }
+        }
         let timeout = Duration::from_millis(
             params
                 .timeout_ms
@@ -314,6 +343,7 @@ impl Registry {
             api_version: None,
             owner: Some(by.uid),
             owner_rights: by.rights.is_some(),
+            mesh: params.mesh.clone(),
         };
         if record.control == record.io {
             return Err(ProxyError::invalid(
@@ -329,6 +359,18 @@ impl Registry {
             // A replacement continues after the lost VM's sequence numbers.
             record.next_seq = old.record(false).next_seq;
         }
+        // The mesh listeners are bound before the agent is connected: an address that cannot be bound fails
+        // the registration with nothing connected, and a failed connect unbinds them (dropped).
+        let bound = match (&self.mesh, &params.mesh) {
+            (Some(mesh), Some(cfg)) => match mesh.bind(cfg).await {
+                Ok(b) => Some((mesh.clone(), cfg.clone(), b)),
+                Err(e) => {
+                    lock(&self.registering).remove(&params.id);
+                    return Err(ProxyError::mesh(&params.id, e));
+                }
+            },
+            _ => None,
+        };
         let vm = match self
             .connect(&record, endpoints, timeout, false, by.rights.as_ref())
             .await
@@ -345,6 +387,9 @@ impl Registry {
         self.publish(vm.clone());
         if let Some(old) = replacing {
             old.transition(VmState::Replaced);
+        }
+        if let Some((mesh, cfg, bound)) = bound {
+            mesh.start(&vm.id, cfg, bound, vm.ended_token()).await;
         }
         // The state writer records the new VM right away, off this request's path (file creation is what
         // bounds the registration rate otherwise).
@@ -539,7 +584,35 @@ impl Registry {
                 vm
             }
         };
-        self.publish(vm);
+        self.publish(vm.clone());
+        if matches!(vm.state(), VmState::Ready) {
+            self.start_recovered_mesh(&vm).await;
+        }
+    }
+
+    /// Bind and start the mesh listeners of a VM recovered after a restart. A listener that cannot be bound
+    /// now (its address taken meanwhile) leaves the VM recovered without its mesh: logged, and `vm.info` shows
+    /// no certificate for it.
+    async fn start_recovered_mesh(&self, vm: &Arc<Vm>) {
+        let (Some(mesh), Some(cfg)) = (&self.mesh, &vm.mesh) else {
+            return;
+        };
+        match mesh.bind(cfg).await {
+            Ok(bound) => {
+                mesh.start(&vm.id, cfg.as_ref().clone(), bound, vm.ended_token())
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(vm = %vm.id, error = %e, "the recovered VM's mesh listeners cannot be set up")
+            }
+        }
+    }
+
+    /// Wait (bounded by `within`) for VM `id`'s mesh listeners to drain after it was unregistered.
+    pub async fn mesh_stopped(&self, id: &str, within: Duration) {
+        if let Some(mesh) = &self.mesh {
+            mesh.stopped(id, within).await;
+        }
     }
 
     /// Make a VM visible; its id leaves `registering` (and `recovering`) under the same write lock, so no
@@ -627,6 +700,12 @@ fn recovering_info(record: &VmRecord) -> VmInfo {
         tokens: record.streams.len(),
         recovered: true,
         owner: record.owner.unwrap_or(0),
-        mesh: None,
+        mesh: record
+            .mesh
+            .clone()
+            .map(|config| cc_proxy_api::mesh::MeshInfo {
+                config,
+                certificate: None,
+            }),
     }
 }

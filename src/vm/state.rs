@@ -40,6 +40,9 @@ pub struct VmRecord {
     /// restart opens them the same way.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub owner_rights: bool,
+    /// The VM's mesh configuration, as registered: its listeners are bound again after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<cc_proxy_api::mesh::MeshConfig>,
 }
 
 /// What is kept of one live token.
@@ -240,6 +243,13 @@ mod tests {
             api_version: Some(4242),
             owner: Some(1000),
             owner_rights: true,
+            mesh: Some(
+                serde_json::from_value(serde_json::json!({
+                    "identity": "web.default",
+                    "inbound": [{"listen": "127.0.0.1:4143", "target": "vsock://5:8080"}]
+                }))
+                .unwrap(),
+            ),
         };
         st.save(&rec).unwrap();
         std::fs::write(dir.join("vms/broken.json"), b"{").unwrap();

@@ -296,6 +296,7 @@ impl Vm {
             api_version: (self.api_version != 0).then_some(self.api_version),
             owner: Some(self.owner),
             owner_rights: self.owner_rights,
+            mesh: self.mesh.as_deref().cloned(),
         }
     }
 }

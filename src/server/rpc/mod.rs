@@ -1,10 +1,12 @@
-//! The JSON-RPC 2.0 methods, one file per family: `proxy.*`, `vm.*`, `agent.*`, `stream.*`, `events.*`.
+//! The JSON-RPC 2.0 methods, one file per family: `proxy.*`, `vm.*`, `agent.*`, `stream.*`, `events.*`, `tap.*`,
+//! `mesh.*`.
 
 pub mod agent;
 pub mod errors;
 pub mod events;
 pub mod ids;
 pub mod limits;
+pub mod mesh;
 pub mod proxy;
 pub mod stream;
 pub mod tap;
@@ -27,6 +29,7 @@ pub fn module(proxy: Arc<Proxy>) -> RpcModule<Arc<Proxy>> {
     stream::register(&mut m);
     events::register(&mut m);
     tap::register(&mut m);
+    mesh::register(&mut m);
     m
 }
 

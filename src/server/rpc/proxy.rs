@@ -22,6 +22,7 @@ pub const FEATURES: &[&str] = &[
     "hvsock",
     "vsock",
     "metrics",
+    "mesh",
 ];
 
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {

@@ -45,6 +45,11 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         check_vm(&proxy, &peer(&ext), &p.id)?;
         proxy.registry.settle(&p.id).await;
         proxy.registry.unregister(&p.id)?;
+        // The VM's mesh listeners drain before the answer, so their addresses are free for a new registration.
+        proxy
+            .registry
+            .mesh_stopped(&p.id, crate::server::SHUTDOWN_GRACE)
+            .await;
         Ok::<_, ErrorObjectOwned>(())
     });
     let _ = m.register_method(methods::VM_LIST, |_, proxy, ext| -> Vec<VmInfo> {

@@ -1,0 +1,288 @@
+//! Checking a VM's `mesh` object (`vm.register`) before anything is bound or connected, so a mistake is
+//! answered with the field at fault rather than found by a listener later.
+//!
+//! What is checked here is syntax and consistency within one VM's configuration: the identity and every
+//! identity it names, each listen address and target URI, the destination endpoints, the bounds below, and
+//! that no two listeners of the VM share an address. Whether an address can actually be bound is found by
+//! binding it (`listener::bind_vm`), which fails the registration too.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use cc_proxy_api::mesh::{MeshConfig, OutboundConfig};
+
+use super::identity::validate_identity;
+use crate::transport::Endpoint;
+
+/// Most inbound listeners, and most outbound listeners, one VM may have.
+pub const MAX_LISTENERS: usize = 32;
+/// Most client identities one inbound listener's `authz` may list.
+pub const MAX_AUTHZ_IDENTITIES: usize = 256;
+/// Most endpoints of one fixed outbound destination.
+pub const MAX_ENDPOINTS: usize = 64;
+/// The prefix of a listen address whose connections were redirected by iptables (`SO_ORIGINAL_DST`).
+pub const TRANSPARENT_PREFIX: &str = "transparent:";
+
+/// A listen address of a mesh listener, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// `HOST:PORT`: a TCP listener (the host is an IP address).
+    Tcp(SocketAddr),
+    /// `transparent:HOST:PORT`: a TCP listener receiving iptables-redirected connections.
+    Transparent(SocketAddr),
+    /// `vsock://CID:PORT`: an AF_VSOCK listener on the host (outbound only).
+    Vsock { cid: u32, port: u32 },
+    /// `hvsock:///path:PORT`: the unix socket `/path_PORT` (outbound only).
+    Hvsock { path: PathBuf, port: u32 },
+}
+
+impl ListenAddr {
+    /// Parse a listen address; the error says what was expected.
+    pub fn parse(value: &str) -> Result<ListenAddr, String> {
+        let tcp = |s: &str| -> Result<SocketAddr, String> {
+            let addr: SocketAddr = s.parse().map_err(|_| {
+                format!("{s:?} is not IP:PORT (such as 127.0.0.1:4143 or [::1]:4143)")
+            })?;
+            Ok(addr)
+        };
+        if let Some(rest) = value.strip_prefix(TRANSPARENT_PREFIX) {
+            return tcp(rest).map(ListenAddr::Transparent);
+        }
+        if value.contains("://") {
+            return match Endpoint::parse(value) {
+                Ok(Endpoint::Vsock { cid, port }) => Ok(ListenAddr::Vsock { cid, port }),
+                Ok(Endpoint::HybridVsock { path, port }) => Ok(ListenAddr::Hvsock { path, port }),
+                Ok(_) => Err(format!(
+                    "{value:?}: a listen address is IP:PORT, transparent:IP:PORT, vsock://CID:PORT or hvsock:///path:PORT"
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        tcp(value).map(ListenAddr::Tcp)
+    }
+
+    /// Whether the guest reaches this listener over (hybrid) vsock.
+    pub fn is_vsock(&self) -> bool {
+        matches!(self, ListenAddr::Vsock { .. } | ListenAddr::Hvsock { .. })
+    }
+}
+
+/// One mistake in a mesh configuration: the field (`mesh.inbound[0].target`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Check a VM's mesh configuration; the first mistake found is returned.
+pub fn validate(cfg: &MeshConfig) -> Result<(), ConfigError> {
+    validate_identity(&cfg.identity).map_err(|r| err("mesh.identity", r))?;
+    if cfg.inbound.len() > MAX_LISTENERS {
+        return Err(err(
+            "mesh.inbound",
+            format!("at most {MAX_LISTENERS} inbound listeners"),
+        ));
+    }
+    if cfg.outbound.len() > MAX_LISTENERS {
+        return Err(err(
+            "mesh.outbound",
+            format!("at most {MAX_LISTENERS} outbound listeners"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, inbound) in cfg.inbound.iter().enumerate() {
+        let field = format!("mesh.inbound[{i}]");
+        let listen =
+            ListenAddr::parse(&inbound.listen).map_err(|r| err(format!("{field}.listen"), r))?;
+        if listen.is_vsock() {
+            return Err(err(
+                format!("{field}.listen"),
+                "an inbound listener is IP:PORT or transparent:IP:PORT (peers reach it over the network)",
+            ));
+        }
+        if !seen.insert(listen) {
+            return Err(err(
+                format!("{field}.listen"),
+                format!(
+                    "{:?} is used by another listener of this VM",
+                    inbound.listen
+                ),
+            ));
+        }
+        Endpoint::parse(&inbound.target)
+            .map_err(|e| err(format!("{field}.target"), e.to_string()))?;
+        if let Some(authz) = &inbound.authz {
+            if authz.identities.len() > MAX_AUTHZ_IDENTITIES {
+                return Err(err(
+                    format!("{field}.authz.identities"),
+                    format!("at most {MAX_AUTHZ_IDENTITIES} identities"),
+                ));
+            }
+            for (j, id) in authz.identities.iter().enumerate() {
+                validate_identity(id)
+                    .map_err(|r| err(format!("{field}.authz.identities[{j}]"), r))?;
+            }
+        }
+    }
+    for (i, outbound) in cfg.outbound.iter().enumerate() {
+        let field = format!("mesh.outbound[{i}]");
+        let listen =
+            ListenAddr::parse(&outbound.listen).map_err(|r| err(format!("{field}.listen"), r))?;
+        if !seen.insert(listen) {
+            return Err(err(
+                format!("{field}.listen"),
+                format!(
+                    "{:?} is used by another listener of this VM",
+                    outbound.listen
+                ),
+            ));
+        }
+        validate_destination(&field, outbound)?;
+    }
+    Ok(())
+}
+
+fn validate_destination(field: &str, outbound: &OutboundConfig) -> Result<(), ConfigError> {
+    let Some(dst) = &outbound.destination else {
+        return Ok(());
+    };
+    let field = format!("{field}.destination");
+    if dst.endpoints.is_empty() {
+        return Err(err(
+            format!("{field}.endpoints"),
+            "a fixed destination needs at least one IP:PORT endpoint (omit `destination` to take it from the connection)",
+        ));
+    }
+    if dst.endpoints.len() > MAX_ENDPOINTS {
+        return Err(err(
+            format!("{field}.endpoints"),
+            format!("at most {MAX_ENDPOINTS} endpoints"),
+        ));
+    }
+    for (j, e) in dst.endpoints.iter().enumerate() {
+        let addr: SocketAddr = e.parse().map_err(|_| {
+            err(
+                format!("{field}.endpoints[{j}]"),
+                format!("{e:?} is not IP:PORT"),
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(err(format!("{field}.endpoints[{j}]"), "port 0"));
+        }
+    }
+    if let Some(id) = &dst.identity {
+        validate_identity(id).map_err(|r| err(format!("{field}.identity"), r))?;
+    }
+    match dst.opaque_transport_port {
+        Some(0) => Err(err(format!("{field}.opaque_transport_port"), "port 0")),
+        Some(_) if dst.identity.is_none() => Err(err(
+            format!("{field}.opaque_transport_port"),
+            "the transport header travels inside mTLS only: set `identity` too",
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
+    const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
+
+    fn config(v: serde_json::Value) -> MeshConfig {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let cfg = config(json!({
+            "identity": B,
+            "inbound": [{"listen": "127.0.0.1:4143", "target": "vsock://5:8080", "protocol": "auto",
+                         "authz": {"identities": [A], "unauthenticated": false}}],
+            "outbound": [{"listen": "127.0.0.1:4140",
+                          "destination": {"endpoints": ["10.0.0.7:4143"], "identity": B}},
+                         {"listen": "transparent:127.0.0.1:4141"},
+                         {"listen": "hvsock:///run/vm5.vsock:4140",
+                          "destination": {"endpoints": ["127.0.0.1:4143"], "identity": B}}]
+        }));
+        assert_eq!(validate(&cfg), Ok(()));
+        assert_eq!(
+            ListenAddr::parse("hvsock:///run/vm5.vsock:4140"),
+            Ok(ListenAddr::Hvsock {
+                path: "/run/vm5.vsock".into(),
+                port: 4140
+            })
+        );
+    }
+
+    #[test]
+    fn mistakes_name_their_field() {
+        let cases = [
+            (json!({"identity": "Not Valid"}), "mesh.identity"),
+            (
+                json!({"identity": B, "inbound": [{"listen": "localhost:80", "target": "tcp://127.0.0.1:1"}]}),
+                "mesh.inbound[0].listen",
+            ),
+            (
+                json!({"identity": B, "inbound": [{"listen": "vsock://2:80", "target": "tcp://127.0.0.1:1"}]}),
+                "mesh.inbound[0].listen",
+            ),
+            (
+                json!({"identity": B, "inbound": [{"listen": "127.0.0.1:4143", "target": "ftp://x"}]}),
+                "mesh.inbound[0].target",
+            ),
+            (
+                json!({"identity": B, "inbound": [{"listen": "127.0.0.1:4143", "target": "tcp://127.0.0.1:1",
+                "authz": {"identities": ["x"]}}]}),
+                "mesh.inbound[0].authz.identities[0]",
+            ),
+            (
+                json!({"identity": B, "inbound": [{"listen": "127.0.0.1:4143", "target": "tcp://127.0.0.1:1"}],
+                "outbound": [{"listen": "127.0.0.1:4143"}]}),
+                "mesh.outbound[0].listen",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "unix:///x"}]}),
+                "mesh.outbound[0].listen",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140", "destination": {"endpoints": []}}]}),
+                "mesh.outbound[0].destination.endpoints",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140", "destination": {"endpoints": ["b:1"]}}]}),
+                "mesh.outbound[0].destination.endpoints[0]",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"endpoints": ["10.0.0.1:4143"], "identity": "B"}}]}),
+                "mesh.outbound[0].destination.identity",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"endpoints": ["10.0.0.1:4143"], "opaque_transport_port": 80}}]}),
+                "mesh.outbound[0].destination.opaque_transport_port",
+            ),
+        ];
+        for (cfg, field) in cases {
+            let e = validate(&config(cfg.clone())).expect_err(&cfg.to_string());
+            assert_eq!(e.field, field, "{cfg}: {e}");
+        }
+        let many: Vec<_> = (0..=MAX_LISTENERS)
+            .map(|i| json!({"listen": format!("127.0.0.1:{}", 5000 + i)}))
+            .collect();
+        let e = validate(&config(json!({"identity": B, "outbound": many}))).unwrap_err();
+        assert_eq!(e.field, "mesh.outbound");
+    }
+}

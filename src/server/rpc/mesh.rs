@@ -1,0 +1,55 @@
+//! `mesh.trust_anchors` and `mesh.identity`: the mesh front's control surface.
+//!
+//! The trust anchors are public (every peer must be given them): any client may read them. A VM's identity
+//! and certificate are served to the VM's owner and privileged clients, like `vm.info`.
+
+use std::sync::Arc;
+
+use cc_proxy_api::mesh::{MeshIdentity, TrustAnchors};
+use cc_proxy_api::methods;
+use cc_proxy_api::types::VmId;
+use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::RpcModule;
+
+use super::{check_vm, parse, peer};
+use crate::error::ProxyError;
+use crate::server::Proxy;
+
+pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
+    let _ = m.register_method(methods::MESH_TRUST_ANCHORS, |_, proxy, _| {
+        let mesh = proxy.registry.mesh().ok_or_else(no_mesh)?;
+        let anchors = mesh.identities().current_anchors();
+        Ok::<_, ErrorObjectOwned>(TrustAnchors {
+            pem: anchors.pem(),
+            count: anchors.roots.len(),
+        })
+    });
+    let _ = m.register_async_method(methods::MESH_IDENTITY, |params, proxy, ext| async move {
+        let p: VmId = parse(&params)?;
+        // A VM's certificate is shown to its owner and privileged clients only, like the rest of the VM.
+        check_vm(&proxy, &peer(&ext), &p.id)?;
+        let vm = proxy.registry.get_settled(&p.id).await?;
+        let config = vm.mesh.clone().ok_or_else(|| {
+            ProxyError::invalid(
+                "id",
+                format!("VM {:?} was registered without a mesh", vm.id),
+            )
+        })?;
+        let mesh = proxy.registry.mesh().ok_or_else(no_mesh)?;
+        let credential = mesh.credential(&vm.id);
+        Ok::<_, ErrorObjectOwned>(MeshIdentity {
+            vm: vm.id.clone(),
+            identity: config.identity.clone(),
+            certificate: credential.as_ref().map(|c| c.info()),
+            chain_pem: credential.as_ref().map(|c| c.chain_pem()),
+        })
+    });
+}
+
+fn no_mesh() -> ErrorObjectOwned {
+    ProxyError::MeshListen {
+        vm: String::new(),
+        reason: "this daemon runs without the mesh front".into(),
+    }
+    .into()
+}
