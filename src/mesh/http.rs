@@ -8,7 +8,8 @@
 //! - an HTTP/2 request carrying `l5d-orig-proto: HTTP/1.1` (an HTTP/1 request a Linkerd proxy carried over
 //!   HTTP/2) goes to the guest as HTTP/1.1, and its response is marked with the same header;
 //! - HTTP/1 requests use a pool of keep-alive connections to the target, HTTP/2 ones a multiplexed
-//!   connection (the guest gets the version the peer spoke);
+//!   connection; the guest gets the version the peer spoke (`auto`) or the one its listener names
+//!   (`http1`, `http2`: requests are converted, responses go back in the peer's version);
 //! - an upgrade (WebSocket) or CONNECT: once the guest answers 101 (or 2xx to CONNECT) the bytes pass both
 //!   ways unchanged;
 //! - the guest cannot be reached: 502 with `l5d-proxy-error`;
@@ -145,6 +146,17 @@ impl Upstream {
     }
 }
 
+/// Which HTTP version the guest is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestProtocol {
+    /// The version the peer spoke (`auto`), except `l5d-orig-proto` requests (HTTP/1.1).
+    AsReceived,
+    /// Always HTTP/1.1 (`http1`).
+    Http1,
+    /// Always HTTP/2 with prior knowledge (`http2`).
+    Http2,
+}
+
 /// What every request of one inbound connection shares.
 pub struct InboundSession {
     pub vm: String,
@@ -154,6 +166,7 @@ pub struct InboundSession {
     /// The listener's policy refused the peer: every request gets a 403.
     pub denied: Option<Refusal>,
     pub upstream: Arc<Upstream>,
+    pub guest: GuestProtocol,
 }
 
 fn proxy_response(status: StatusCode, error: &str) -> Response<RespBody> {
@@ -264,6 +277,17 @@ async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> 
             .is_some_and(|v| v.starts_with("HTTP/1.1"));
     if orig_proto {
         req.headers_mut().remove(L5D_ORIG_PROTO);
+    }
+    let to_h2 = match s.guest {
+        GuestProtocol::Http2 => true,
+        GuestProtocol::Http1 => false,
+        GuestProtocol::AsReceived => req.version() == Version::HTTP_2 && !orig_proto,
+    };
+    // An HTTP/2 request going to the guest as HTTP/1.1 (or the reverse) comes back in the peer's version.
+    let peer_version = req.version();
+    if to_h2 {
+        *req.version_mut() = Version::HTTP_2;
+    } else if peer_version == Version::HTTP_2 {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(HOST) {
             if let Ok(h) = HeaderValue::from_str(auth) {
@@ -289,7 +313,7 @@ async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> 
         }
     }
     let upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    let client = if req.version() == Version::HTTP_2 {
+    let client = if to_h2 {
         &s.upstream.h2
     } else {
         &s.upstream.h1
@@ -332,9 +356,11 @@ async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> 
         });
     }
     if orig_proto {
-        *resp.version_mut() = Version::HTTP_2;
         resp.headers_mut()
             .insert(L5D_ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    if peer_version == Version::HTTP_2 && !to_h2 {
+        *resp.version_mut() = Version::HTTP_2;
         // HTTP/2 has no connection-specific headers.
         for h in [
             "connection",
@@ -345,6 +371,9 @@ async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> 
         ] {
             resp.headers_mut().remove(h);
         }
+    }
+    if peer_version != Version::HTTP_2 && to_h2 {
+        *resp.version_mut() = peer_version;
     }
     resp.map(|b| b.boxed())
 }

@@ -12,8 +12,10 @@
 //!    (`cc_proxy_mesh_refused_total{reason}`) and logged.
 //! 4. `TransportHeader`: a connection that negotiated ALPN `transport.l5d.io/v1` starts with Linkerd's
 //!    transport header; it must be authenticated; it goes to the header's port on the target's host.
-//! 5. `Protocol`: `auto` detects HTTP/1, HTTP/2 (prior knowledge) or opaque; `http1`/`http2` skip detection;
-//!    `opaque` skips it too (server-speaks-first protocols are not stalled).
+//! 5. `Protocol`: `auto` detects HTTP/1, HTTP/2 (prior knowledge) or opaque, and the guest gets requests in
+//!    the version the peer spoke; `http1`/`http2` say what the guest speaks: the peer's HTTP version is still
+//!    detected and requests are converted (an HTTP/2 client reaches an HTTP/1.1-only guest); `opaque` skips
+//!    detection (server-speaks-first protocols are not stalled).
 //! 6. `Forward`: HTTP through `http` (pooled connections to the target); opaque through `copy`.
 
 use std::sync::Arc;
@@ -319,9 +321,9 @@ async fn serve(
     let lim = limits();
     let detected = match protocol {
         MeshProtocol::Opaque => Detected::Opaque,
-        MeshProtocol::Http1 => Detected::Http1,
-        MeshProtocol::Http2 => Detected::Http2,
-        MeshProtocol::Auto => {
+        // `http1`/`http2` name what the guest speaks; what the peer speaks is still detected (a peer may
+        // send HTTP/2 to an HTTP/1 guest), and anything else is served as HTTP/1 (hyper answers 400).
+        MeshProtocol::Auto | MeshProtocol::Http1 | MeshProtocol::Http2 => {
             let (prefix, d) =
                 detect::http(&mut io, lim.detect_timeout)
                     .await
@@ -330,8 +332,17 @@ async fn serve(
                         source,
                     })?;
             io = Box::new(Rewind::new(prefix, io));
-            d
+            match (protocol, d) {
+                (MeshProtocol::Auto, d) => d,
+                (_, Detected::Opaque) => Detected::Http1,
+                (_, d) => d,
+            }
         }
+    };
+    let guest = match protocol {
+        MeshProtocol::Http1 => http::GuestProtocol::Http1,
+        MeshProtocol::Http2 => http::GuestProtocol::Http2,
+        MeshProtocol::Auto | MeshProtocol::Opaque => http::GuestProtocol::AsReceived,
     };
     let conn_metrics = TcpConn::open(&vm.vm, Direction::Inbound, s.tls, s.peer.id());
     let counts = Arc::new(Transferred::default());
@@ -371,6 +382,7 @@ async fn serve(
                         Decision::Allow => None,
                     },
                     upstream,
+                    guest,
                 }),
                 vm.shutdown.clone(),
             )
