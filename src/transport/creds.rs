@@ -17,7 +17,7 @@
 //! most that long for room in the listener's backlog).
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -55,16 +55,40 @@ impl Credentials {
         path: &Path,
         timeout: Duration,
     ) -> Result<tokio::net::UnixStream, CredsError> {
+        let path = path.to_path_buf();
+        let stream = self
+            .run_as(move |creds| creds.connect_blocking(&path, timeout))
+            .await?;
+        stream.set_nonblocking(true)?;
+        Ok(tokio::net::UnixStream::from_std(stream)?)
+    }
+
+    /// Whether these credentials can see `path` at all (search permission on every directory on the way):
+    /// `Ok` when it exists and is reachable, the `stat` error otherwise (`PermissionDenied` whether or not
+    /// the file exists, when a directory is closed to them).
+    pub async fn look_up(&self, path: &Path) -> Result<(), CredsError> {
+        let path = path.to_path_buf();
+        self.run_as(move |creds| {
+            creds.take_for_this_thread()?;
+            std::fs::metadata(&path)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Run `f` in a thread of its own that ends right after (so the identity `f` takes dies with it).
+    async fn run_as<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Credentials) -> Result<T, CredsError> + Send + 'static,
+    ) -> Result<T, CredsError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (creds, path): (Credentials, PathBuf) = (self.clone(), path.to_path_buf());
+        let creds = self.clone();
         std::thread::Builder::new()
             .name("cc-proxy-connect-as".into())
             .spawn(move || {
-                let _ = tx.send(creds.connect_blocking(&path, timeout));
+                let _ = tx.send(f(&creds));
             })?;
-        let stream = rx.await.map_err(|_| CredsError::ThreadGone)??;
-        stream.set_nonblocking(true)?;
-        Ok(tokio::net::UnixStream::from_std(stream)?)
+        rx.await.map_err(|_| CredsError::ThreadGone)?
     }
 
     /// Runs in a thread that ends right after: switch this thread's filesystem identity, then connect.

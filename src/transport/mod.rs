@@ -115,6 +115,14 @@ impl Endpoint {
 }
 
 impl Endpoint {
+    /// The filesystem path a `unix://` or `hvsock://` endpoint connects to (`None` for vsock and TCP).
+    pub fn unix_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Endpoint::Unix(p) | Endpoint::HybridVsock { path: p, .. } => Some(p),
+            Endpoint::Vsock { .. } | Endpoint::Tcp(_) => None,
+        }
+    }
+
     /// The addresses a `tcp://` endpoint's host resolves to (empty for other schemes).
     pub async fn resolve(&self) -> Result<Vec<SocketAddr>, TransportError> {
         let Endpoint::Tcp(hostport) = self else {

@@ -32,7 +32,8 @@ use super::{console, handshake, io, lock, LostReason, Vm, VmConfig, VmEvent, VmS
 use crate::error::{Limit, ProxyError};
 use crate::mesh::Mesh;
 use crate::stream::{Stream, Token};
-use crate::transport::{Credentials, Endpoint};
+use crate::transport::creds::CredsError;
+use crate::transport::{Credentials, Endpoint, TransportError};
 
 /// Default wait for the agent's READY.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -351,6 +352,23 @@ impl Registry {
                 "the control and I/O channels must be different endpoints",
             ));
         }
+        // A client that cannot even see an endpoint's path learns nothing more about it (not that another VM
+        // uses it): the answer is the one connecting with its rights would give.
+        if let Some(rights) = &by.rights {
+            for ep in [&endpoints.control, &endpoints.io] {
+                let Some(path) = ep.unix_path() else {
+                    continue;
+                };
+                if let Err(CredsError::Io(e)) = rights.look_up(path).await {
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        return Err(ProxyError::from(TransportError::Connect {
+                            uri: ep.to_string(),
+                            source: e,
+                        }));
+                    }
+                }
+            }
+        }
         // A lost VM of this id is replaced by this registration (once it succeeds): after a host reboot every
         // recovered VM is lost, and its id must not stay blocked until someone unregisters it.
         let replacing = self.reserve(&record, &by)?;
@@ -426,9 +444,15 @@ impl Registry {
                 .iter()
                 .any(|u| **u == record.control || **u == record.io)
         }) {
+            // A client that may not see the other VM is not told its name.
+            let whose = if by.privileged || other.owner == by.uid {
+                format!("VM {:?}", other.id)
+            } else {
+                "another VM".to_string()
+            };
             return Err(ProxyError::invalid(
                 "control",
-                format!("the endpoint is already used by VM {:?}", other.id),
+                format!("the endpoint is already used by {whose}"),
             ));
         }
         if let Some(other) = lock(&self.recovering).values().find(|r| {
@@ -436,12 +460,15 @@ impl Registry {
                 .iter()
                 .any(|u| **u == record.control || **u == record.io)
         }) {
+            let owner = other.record.owner.unwrap_or(0);
+            let whose = if by.privileged || owner == by.uid {
+                format!("VM {:?}", other.record.id)
+            } else {
+                "another VM".to_string()
+            };
             return Err(ProxyError::invalid(
                 "control",
-                format!(
-                    "the endpoint is used by VM {:?}, which is being recovered",
-                    other.record.id
-                ),
+                format!("the endpoint is used by {whose}, which is being recovered"),
             ));
         }
         if vms.len() >= MAX_VMS {

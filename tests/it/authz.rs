@@ -433,6 +433,21 @@ async fn a_second_uid_registers_only_endpoints_it_could_open_itself() {
         "{r}"
     );
 
+    // Root registers a VM on the hidden socket: the user still learns nothing, not even that it is used.
+    let r = env
+        .rpc(
+            "vm.register",
+            json!({"id": "hidden", "control": uri(&moved, 2718), "io": uri(&moved, 2719), "timeout_ms": 3000}),
+        )
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    let used = attempt(moved.clone(), "probe6").await;
+    assert_eq!(
+        msg(&used, "agent.sock"),
+        msg(&missing, "nothing.sock"),
+        "{used}"
+    );
+
     // A socket in a directory the user can search but that it may not write.
     let readonly = env.agent(&["--dialect", "cc-agent"]);
     std::fs::set_permissions(&readonly.path, std::fs::Permissions::from_mode(0o755))
@@ -459,7 +474,17 @@ async fn a_second_uid_registers_only_endpoints_it_could_open_itself() {
     give_socket(&readonly, u);
     let r = call(&ws, "vm.register", register_params("probe4", &readonly)).await;
     assert!(r["result"].is_object(), "{r}");
-    assert!(env.client.vm_list().await.expect("list").len() == 1);
+    assert_eq!(env.client.vm_list().await.expect("list").len(), 2);
+    // An endpoint the user can see, used by root's VM: refused without naming that VM.
+    let visible = env.agent(&["--dialect", "cc-agent"]);
+    env.register("rootsvm", &visible, None).await;
+    let r = call(&ws, "vm.register", register_params("probe7", &visible)).await;
+    assert_eq!(r["error"]["code"], 1011, "{r}");
+    let text = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("another VM") && !text.contains("rootsvm"),
+        "{r}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
