@@ -6,13 +6,12 @@
 //! that no two listeners of the VM share an address. Whether an address can actually be bound is found by
 //! binding it (`listener::bind_vm`), which fails the registration too.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use cc_proxy_api::mesh::{MeshConfig, OutboundConfig};
 
 use super::identity::validate_identity;
+use super::listener::{ListenAddr, MeshError};
 use crate::transport::Endpoint;
 
 /// Most inbound listeners, and most outbound listeners, one VM may have.
@@ -21,59 +20,20 @@ pub const MAX_LISTENERS: usize = 32;
 pub const MAX_AUTHZ_IDENTITIES: usize = 256;
 /// Most endpoints of one fixed outbound destination.
 pub const MAX_ENDPOINTS: usize = 64;
-/// The prefix of a listen address whose connections were redirected by iptables (`SO_ORIGINAL_DST`).
-pub const TRANSPARENT_PREFIX: &str = "transparent:";
-
-/// A listen address of a mesh listener, parsed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ListenAddr {
-    /// `HOST:PORT`: a TCP listener (the host is an IP address).
-    Tcp(SocketAddr),
-    /// `transparent:HOST:PORT`: a TCP listener receiving iptables-redirected connections.
-    Transparent(SocketAddr),
-    /// `vsock://CID:PORT`: an AF_VSOCK listener on the host (outbound only).
-    Vsock { cid: u32, port: u32 },
-    /// `hvsock:///path:PORT`: the unix socket `/path_PORT` (outbound only).
-    Hvsock { path: PathBuf, port: u32 },
-}
-
-impl ListenAddr {
-    /// Parse a listen address; the error says what was expected.
-    pub fn parse(value: &str) -> Result<ListenAddr, String> {
-        let tcp = |s: &str| -> Result<SocketAddr, String> {
-            let addr: SocketAddr = s.parse().map_err(|_| {
-                format!("{s:?} is not IP:PORT (such as 127.0.0.1:4143 or [::1]:4143)")
-            })?;
-            Ok(addr)
-        };
-        if let Some(rest) = value.strip_prefix(TRANSPARENT_PREFIX) {
-            return tcp(rest).map(ListenAddr::Transparent);
-        }
-        if value.contains("://") {
-            return match Endpoint::parse(value) {
-                Ok(Endpoint::Vsock { cid, port }) => Ok(ListenAddr::Vsock { cid, port }),
-                Ok(Endpoint::HybridVsock { path, port }) => Ok(ListenAddr::Hvsock { path, port }),
-                Ok(_) => Err(format!(
-                    "{value:?}: a listen address is IP:PORT, transparent:IP:PORT, vsock://CID:PORT or hvsock:///path:PORT"
-                )),
-                Err(e) => Err(e.to_string()),
-            };
-        }
-        tcp(value).map(ListenAddr::Tcp)
-    }
-
-    /// Whether the guest reaches this listener over (hybrid) vsock.
-    pub fn is_vsock(&self) -> bool {
-        matches!(self, ListenAddr::Vsock { .. } | ListenAddr::Hvsock { .. })
-    }
-}
-
 /// One mistake in a mesh configuration: the field (`mesh.inbound[0].target`) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct ConfigError {
     pub field: String,
     pub reason: String,
+}
+
+/// Parse a listen address with the data plane's parser (`listener::ListenAddr`, what `bind_vm` binds).
+fn listen_addr(field: &str, listen: &str, inbound: bool) -> Result<ListenAddr, ConfigError> {
+    ListenAddr::parse(listen, inbound).map_err(|e| match e {
+        MeshError::InvalidListen { reason, .. } => err(field, format!("{listen:?}: {reason}")),
+        other => err(field, other.to_string()),
+    })
 }
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -98,26 +58,22 @@ pub fn validate(cfg: &MeshConfig) -> Result<(), ConfigError> {
             format!("at most {MAX_LISTENERS} outbound listeners"),
         ));
     }
-    let mut seen = HashSet::new();
+    // Listen addresses seen so far (at most 2 x MAX_LISTENERS: a linear search is enough).
+    let mut seen: Vec<ListenAddr> = Vec::new();
+    let mut unique = |field: &str, value: &str, inbound: bool| -> Result<(), ConfigError> {
+        let addr = listen_addr(field, value, inbound)?;
+        if seen.contains(&addr) {
+            return Err(err(
+                field,
+                format!("{value:?} is used by another listener of this VM"),
+            ));
+        }
+        seen.push(addr);
+        Ok(())
+    };
     for (i, inbound) in cfg.inbound.iter().enumerate() {
         let field = format!("mesh.inbound[{i}]");
-        let listen =
-            ListenAddr::parse(&inbound.listen).map_err(|r| err(format!("{field}.listen"), r))?;
-        if listen.is_vsock() {
-            return Err(err(
-                format!("{field}.listen"),
-                "an inbound listener is IP:PORT or transparent:IP:PORT (peers reach it over the network)",
-            ));
-        }
-        if !seen.insert(listen) {
-            return Err(err(
-                format!("{field}.listen"),
-                format!(
-                    "{:?} is used by another listener of this VM",
-                    inbound.listen
-                ),
-            ));
-        }
+        unique(&format!("{field}.listen"), &inbound.listen, true)?;
         Endpoint::parse(&inbound.target)
             .map_err(|e| err(format!("{field}.target"), e.to_string()))?;
         if let Some(authz) = &inbound.authz {
@@ -135,17 +91,7 @@ pub fn validate(cfg: &MeshConfig) -> Result<(), ConfigError> {
     }
     for (i, outbound) in cfg.outbound.iter().enumerate() {
         let field = format!("mesh.outbound[{i}]");
-        let listen =
-            ListenAddr::parse(&outbound.listen).map_err(|r| err(format!("{field}.listen"), r))?;
-        if !seen.insert(listen) {
-            return Err(err(
-                format!("{field}.listen"),
-                format!(
-                    "{:?} is used by another listener of this VM",
-                    outbound.listen
-                ),
-            ));
-        }
+        unique(&format!("{field}.listen"), &outbound.listen, false)?;
         validate_destination(&field, outbound)?;
     }
     Ok(())
@@ -217,13 +163,6 @@ mod tests {
                           "destination": {"endpoints": ["127.0.0.1:4143"], "identity": B}}]
         }));
         assert_eq!(validate(&cfg), Ok(()));
-        assert_eq!(
-            ListenAddr::parse("hvsock:///run/vm5.vsock:4140"),
-            Ok(ListenAddr::Hvsock {
-                path: "/run/vm5.vsock".into(),
-                port: 4140
-            })
-        );
     }
 
     #[test]
@@ -231,7 +170,7 @@ mod tests {
         let cases = [
             (json!({"identity": "Not Valid"}), "mesh.identity"),
             (
-                json!({"identity": B, "inbound": [{"listen": "localhost:80", "target": "tcp://127.0.0.1:1"}]}),
+                json!({"identity": B, "inbound": [{"listen": "nowhere", "target": "tcp://127.0.0.1:1"}]}),
                 "mesh.inbound[0].listen",
             ),
             (

@@ -262,6 +262,15 @@ async fn a_restart_keeps_the_ca_and_the_vms_mesh_configuration() {
     serial(&env, "vm1").await;
     let out: Value =
         serde_json::from_str(&cli_ok(&env, &["--json", "mesh", "identity", "vm1"])).expect("json");
+    // Its inbound listener is bound again and serves that certificate.
+    let addr = config_addr(&env, "vm1").await;
+    assert_eq!(
+        served_serial(&addr, B),
+        out["certificate"]["serial"]
+            .as_str()
+            .expect("serial")
+            .trim_start_matches('0')
+    );
     let leaf = env.dir.path().join("leaf.pem");
     std::fs::write(&leaf, out["chain_pem"].as_str().expect("chain")).expect("write");
     let ca_path = env.state_dir.join("mesh-ca.pem");
@@ -613,5 +622,54 @@ async fn the_inbound_listener_serves_the_issued_certificate_and_its_renewal() {
     // Same identity, a new lease: a certificate is served again.
     let s = serial(&env, "vm2").await;
     assert_eq!(served_serial(&addr, B), s.trim_start_matches('0'));
+    let _ = env.stop_daemon().await;
+}
+
+/// The first inbound listen address of VM `id`, as `vm.info` shows its configuration.
+async fn config_addr(env: &Env, id: &str) -> String {
+    info(env, id)
+        .await
+        .mesh
+        .and_then(|m| m.config.inbound.first().map(|i| i.listen.clone()))
+        .expect("an inbound listener")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_vms_listeners_stop_and_its_identity_is_released() {
+    let mut env = Env::start().await;
+    let agent = env.agent(&[]);
+    let r = register(&env, "vm1", &agent, mesh(A)).await;
+    assert!(r.get("result").is_some(), "{r}");
+    serial(&env, "vm1").await;
+    let addr = config_addr(&env, "vm1").await;
+    assert!(
+        std::net::TcpStream::connect(&addr).is_ok(),
+        "the listener serves"
+    );
+    // The VM dies: it is lost, its listener closes and its identity's certificate is no longer served.
+    env.kill_agent(&agent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let i = info(&env, "vm1").await;
+        let closed = std::net::TcpStream::connect(&addr).is_err();
+        if i.state == cc_proxy_api::types::VmStateName::Lost && closed {
+            let m = i
+                .mesh
+                .expect("a lost VM still shows its mesh configuration");
+            assert!(m.certificate.is_none(), "{m:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vm1 {:?}, listener closed: {closed}\n{}",
+            i.state,
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let series = format!("identity_cert_expiration_timestamp_seconds{{identity=\"{A}\"}}");
+    assert!(!env.metrics().await.contains(&series));
+    // The daemon's readiness is unaffected.
+    assert_eq!(http_get(&env.admin, "/ready").await.0, 200);
     let _ = env.stop_daemon().await;
 }
