@@ -38,6 +38,12 @@ pub const DEFAULT_AGENT_KEEPALIVE_MISSES: u32 = 2;
 /// Shortest mesh timeout (`--mesh-*-timeout-ms`); 0 would refuse every connection.
 pub const MIN_MESH_TIMEOUT: Duration = Duration::from_millis(10);
 
+/// Default of `--max-connections-per-uid`: half the default total, so one user always leaves room.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = crate::cli::DEFAULT_MAX_CONNECTIONS / 2;
+
+/// Default of `--fd-reserve`: descriptors kept free for the admin server, agents and state writes.
+pub const DEFAULT_FD_RESERVE: u64 = 64;
+
 /// Default of `--max-id-bytes`: a JSON-RPC id's length as written (a uuid is 38 with its quotes).
 pub const DEFAULT_MAX_ID_BYTES: usize = 128;
 
@@ -99,6 +105,10 @@ pub struct Config {
 /// Bounds on client connections and their requests (section Limits of docs/operations.md).
 #[derive(Debug, Clone)]
 pub struct ClientLimits {
+    /// `--max-connections-per-uid`.
+    pub max_connections_per_uid: usize,
+    /// `--fd-reserve`.
+    pub fd_reserve: u64,
     /// `--max-id-bytes`.
     pub max_id_bytes: usize,
     /// `--max-batch`.
@@ -116,6 +126,8 @@ pub struct ClientLimits {
 impl Default for ClientLimits {
     fn default() -> ClientLimits {
         ClientLimits {
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            fd_reserve: DEFAULT_FD_RESERVE,
             max_id_bytes: DEFAULT_MAX_ID_BYTES,
             max_batch: DEFAULT_MAX_BATCH,
             max_requests_per_connection: DEFAULT_MAX_REQUESTS_PER_CONNECTION,
@@ -189,6 +201,8 @@ impl Config {
             admin_group: cli.admin_group.clone(),
             admin_allow_log_level: cli.admin_allow_log_level,
             client: ClientLimits {
+                max_connections_per_uid: cli.max_connections_per_uid.max(1),
+                fd_reserve: cli.fd_reserve,
                 max_id_bytes: cli.max_id_bytes.max(1),
                 max_batch: cli.max_batch.max(1),
                 max_requests_per_connection: cli.max_requests_per_connection.max(1),

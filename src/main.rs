@@ -75,6 +75,9 @@ fn main() -> ExitCode {
         }
     };
     let (log, _sink) = logging::init(config.log_level, config.log_format, config.log_target);
+    // Before the runtime opens anything: the most descriptors the host allows (logged, with the reserve
+    // kept for the admin server and agents, see --fd-reserve).
+    accept::raise_nofile_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("cc-proxy");
     if config.threads > 0 {

@@ -47,10 +47,15 @@ pub const PERMISSION_DENIED: i32 = 1018;
 /// Too many requests are in flight on this connection (`--max-requests-per-connection`); `data` names the
 /// limit. Wait for answers, or use another connection.
 pub const TOO_MANY_REQUESTS: i32 = 1019;
+/// Too many client connections: `--max-connections` in total or `--max-connections-per-uid` for this uid,
+/// or the daemon keeps its last file descriptors in reserve (`--fd-reserve`). Sent as an HTTP 503 answer
+/// (or a legacy error response) on a refused connection, which is then closed.
+pub const TOO_MANY_CONNECTIONS: i32 = 1022;
 
 /// The VM's `mesh` object is invalid (`data.field` names the part at fault), or one of its listeners cannot be
 /// set up (an address in use, a socket path that cannot be bound).
 pub const MESH_CONFIG: i32 = 1030;
+
 /// A short stable name for a code, used in logs and metrics labels.
 pub fn code_name(code: i32) -> &'static str {
     match code {
@@ -79,6 +84,7 @@ pub fn code_name(code: i32) -> &'static str {
         VM_RECOVERING => "vm_recovering",
         PERMISSION_DENIED => "permission_denied",
         TOO_MANY_REQUESTS => "too_many_requests",
+        TOO_MANY_CONNECTIONS => "too_many_connections",
         -32010 => "batch_too_long",
         MESH_CONFIG => "mesh_config",
         _ => "other",

@@ -128,6 +128,12 @@ pub enum LimitKind {
     HeaderTimeout,
     /// A connection with nothing in flight and no traffic for `--client-idle-timeout` (closed).
     Idle,
+    /// A connection past `--max-connections` (refused).
+    ConnectionsTotal,
+    /// A connection past `--max-connections-per-uid` (refused).
+    ConnectionsPerUid,
+    /// A connection refused to keep `--fd-reserve` descriptors free.
+    FdReserve,
 }
 
 impl LimitKind {
@@ -140,6 +146,9 @@ impl LimitKind {
             LimitKind::SlowConsumer => "slow_consumer",
             LimitKind::HeaderTimeout => "header_timeout",
             LimitKind::Idle => "idle",
+            LimitKind::ConnectionsTotal => "connections_total",
+            LimitKind::ConnectionsPerUid => "connections_per_uid",
+            LimitKind::FdReserve => "fd_reserve",
         }
     }
 }

@@ -101,6 +101,16 @@ pub struct Cli {
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
 
+    /// Client connections one uid may hold open at once (its peer credentials); one more is refused with an
+    /// error, so one user cannot take every connection.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONNECTIONS_PER_UID, value_name = "N")]
+    pub max_connections_per_uid: usize,
+
+    /// File descriptors kept free for the admin server, agents and state files: a new client connection is
+    /// refused while fewer than N are left below the open-files limit.
+    #[arg(long, default_value_t = crate::config::DEFAULT_FD_RESERVE, value_name = "N")]
+    pub fd_reserve: u64,
+
     /// Bytes of a JSON-RPC request id; a longer id is answered -32600 with id null (never echoed).
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_ID_BYTES, value_name = "BYTES")]
     pub max_id_bytes: usize,

@@ -33,6 +33,10 @@ use crate::vm::Registry;
 /// How long in-flight requests may take to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a refused client is given to send its first bytes (to learn its protocol) and to take the
+/// refusal.
+pub const REFUSAL_WAIT: Duration = Duration::from_millis(250);
+
 /// Largest JSON-RPC request body.
 pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
 
@@ -262,13 +266,18 @@ pub async fn run(
     let stop_accepting = tokio_util::sync::CancellationToken::new();
     let accepting = {
         let (proxy, http) = (proxy.clone(), http.clone());
-        tokio::spawn(accept::serve(
+        tokio::spawn(accept::serve_with(
             Listener::from_unix(unix, listener.path.clone()),
             "client",
-            config.max_connections,
+            accept::AcceptLimits {
+                max_connections: config.max_connections,
+                max_per_uid: Some(config.client.max_connections_per_uid),
+                fd_reserve: Some(config.client.fd_reserve),
+            },
             stop_accepting.clone(),
             tracker.clone(),
             move |incoming| handle_connection(proxy.clone(), http.clone(), incoming),
+            refuse_connection,
         ))
     };
     tokio::select! {
@@ -398,4 +407,76 @@ async fn serve_connection(
     }
     METRICS.client_connections_open.get_or_create(&label).dec();
     tracing::debug!("client disconnected");
+}
+
+/// Tell a refused client why, in its protocol, then close: an HTTP 503 with a JSON-RPC error (code 1022),
+/// or a legacy error response to its first command. A client that sends nothing within [`REFUSAL_WAIT`]
+/// is just closed.
+async fn refuse_connection(incoming: Incoming, refusal: accept::Refusal) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = incoming.conn;
+    let mut head = [0u8; 12];
+    let mut got = 0;
+    let read = tokio::time::timeout(REFUSAL_WAIT, async {
+        while got < head.len() {
+            match conn.read(&mut head[got..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+            // Enough to tell HTTP from legacy; a legacy client's command is in byte 7.
+            if got >= 2 && head[..2] != [0, 2] {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = read;
+    let message = refusal.to_string();
+    let answer: Vec<u8> = if got >= 8 && head[..2] == [0, 2] {
+        let op = head[7];
+        match cc_proxy_api::legacy::Command::from_opcode(op) {
+            Some(command) if head[6] & 0x0f == 0 => {
+                let frame = cc_proxy_api::legacy::Frame::error(command, &message);
+                let mut out = bytes::BytesMut::new();
+                match cc_proxy_api::legacy::encode(&frame, &mut out, usize::MAX) {
+                    Ok(()) => out.to_vec(),
+                    Err(_) => Vec::new(),
+                }
+            }
+            _ => Vec::new(),
+        }
+    } else if got >= 2 && head[..2] != [0, 2] {
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {
+                "code": cc_proxy_api::error::TOO_MANY_CONNECTIONS,
+                "message": message,
+            }
+        })
+        .to_string();
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+             Connection: close\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    } else {
+        Vec::new()
+    };
+    if !answer.is_empty() {
+        let _ = tokio::time::timeout(REFUSAL_WAIT, conn.write_all(&answer)).await;
+        let _ = tokio::time::timeout(REFUSAL_WAIT, conn.shutdown()).await;
+        // Read what the client still sends for a moment, so closing does not reset the connection before
+        // it has read the answer.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(REFUSAL_WAIT, async {
+            while let Ok(n) = conn.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }

@@ -128,6 +128,19 @@ pub enum Connection {
     Vsock(tokio_vsock::VsockStream),
 }
 
+impl Connection {
+    /// The connection's file descriptor number.
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Connection::Unix(s) => Some(s.as_raw_fd()),
+            Connection::UnixRewound(_) => None,
+            Connection::Tcp(s) => Some(s.as_raw_fd()),
+            Connection::Vsock(s) => Some(s.as_raw_fd()),
+        }
+    }
+}
+
 /// The reading half of a [`Connection`].
 pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 /// The writing half of a [`Connection`].

@@ -57,6 +57,8 @@ pub struct Env {
     pub stderr_log: PathBuf,
     agents: Vec<Child>,
     extra_args: Vec<String>,
+    /// The daemon's open-files limit (soft, hard), set with `prlimit` when given.
+    nofile: Option<(u64, u64)>,
 }
 
 /// A started test agent serving one or more VMs.
@@ -93,8 +95,17 @@ impl Env {
         Env::start_with(&[]).await
     }
 
+    /// Start the daemon under an open-files limit (`prlimit --nofile=SOFT:HARD`).
+    pub async fn start_with_nofile(soft: u64, hard: u64, args: &[&str]) -> Env {
+        Env::start_inner(args, Some((soft, hard))).await
+    }
+
     /// Start the daemon with extra arguments (`--log debug`, `--stream-buffer N`, ...).
     pub async fn start_with(args: &[&str]) -> Env {
+        Env::start_inner(args, None).await
+    }
+
+    async fn start_inner(args: &[&str], nofile: Option<(u64, u64)>) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("ccp-it")
             .tempdir_in("/tmp")
@@ -111,6 +122,7 @@ impl Env {
             stderr_log,
             agents: Vec::new(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            nofile,
             dir,
         };
         env.spawn_daemon().await;
@@ -123,7 +135,15 @@ impl Env {
             .append(true)
             .open(&self.stderr_log)
             .expect("log file");
-        let mut cmd = Command::new(proxy_bin());
+        // prlimit sets the limit and execs the daemon (same pid).
+        let mut cmd = match self.nofile {
+            Some((soft, hard)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}")).arg(proxy_bin());
+                c
+            }
+            None => Command::new(proxy_bin()),
+        };
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")

@@ -655,3 +655,174 @@ async fn subscriptions_and_attached_streams_are_not_idle() {
         env.logs()
     );
 }
+
+/// A legacy v2 command frame.
+fn legacy_command(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0, 2, 3, 0, 0, 0, 0, op];
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Read one legacy frame: (type byte, opcode, payload); `None` on end of file or timeout.
+async fn legacy_read(s: &mut UnixStream) -> Option<(u8, u8, Value)> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut fixed = [0u8; 12];
+        s.read_exact(&mut fixed).await.ok()?;
+        let mut extra = vec![0u8; (fixed[2] as usize * 4).saturating_sub(12)];
+        s.read_exact(&mut extra).await.ok()?;
+        let len = u32::from_be_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.ok()?;
+        Some((
+            fixed[6],
+            fixed[7],
+            serde_json::from_slice(&payload).unwrap_or(Value::Null),
+        ))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Connections past `--max-connections-per-uid` and `--max-connections` are refused with an answer in
+/// the client's protocol (HTTP 503 with JSON-RPC error 1022, a legacy error response), then closed; the
+/// held ones keep working and new clients are served once they leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_a_cap_are_refused_with_an_answer() {
+    for (flag, limit) in [
+        ("--max-connections-per-uid", "connections_per_uid"),
+        ("--max-connections", "connections_total"),
+    ] {
+        let env = Env::start_with(&[flag, "3"]).await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(UnixStream::connect(&env.socket).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, body) = post_raw(
+            &env,
+            br#"{"jsonrpc":"2.0","id":1,"method":"proxy.version"}"#,
+        )
+        .await;
+        assert_eq!(status, 503, "{flag}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        assert_eq!(
+            v.pointer("/error/code"),
+            Some(&json!(cc_proxy_api::error::TOO_MANY_CONNECTIONS)),
+            "{flag}: {body}"
+        );
+        assert!(
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .is_some_and(|m| m.contains(flag)),
+            "{flag}: the refusal names its flag: {body}"
+        );
+        // A legacy client's first command gets an error response naming the limit.
+        let mut legacy = UnixStream::connect(&env.socket).await.expect("connect");
+        legacy
+            .write_all(&legacy_command(2, br#"{"containerId":"c1"}"#))
+            .await
+            .expect("write");
+        let Some((ty, op, payload)) = legacy_read(&mut legacy).await else {
+            panic!("{flag}: no legacy answer\n{}", env.logs())
+        };
+        assert_eq!((ty & 0x0f, ty & 0x10 != 0, op), (1, true, 2), "{payload}");
+        assert!(
+            payload["msg"].as_str().is_some_and(|m| m.contains(flag)),
+            "{payload}"
+        );
+        assert!(closed_within(&mut legacy, Duration::from_secs(5))
+            .await
+            .is_some());
+        assert!(refusals(&env, limit).await >= 2, "{limit}");
+        // The held ones are served; once they leave, new clients are too.
+        let mut first = held.remove(0);
+        first
+            .write_all(&legacy_command(2, br#"{"containerId":"nope"}"#))
+            .await
+            .expect("write");
+        let answer = legacy_read(&mut first).await;
+        assert!(
+            answer.is_some_and(|(ty, _, _)| ty & 0x0f == 1),
+            "a held connection is served"
+        );
+        drop(first);
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_health(&env, Duration::from_secs(5)).await;
+    }
+}
+
+/// A daemon started with a low open-files limit (`prlimit --nofile=256:256`) and flooded with connections
+/// keeps descriptors in reserve: `/live`, `/ready` and `/metrics` answer on the admin port, a registered
+/// VM's agent channels stay up, and new clients get a clear refusal instead of hanging in the backlog. At
+/// start the soft limit is raised to the hard one, and both are logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_open_files_limit_the_admin_server_works_and_clients_are_refused_clearly() {
+    // The raise: soft 256, hard 1024.
+    let env = Env::start_with_nofile(256, 1024, &[]).await;
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", env.daemon_pid())).unwrap_or_default();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        open_files
+            .split_whitespace()
+            .filter(|w| *w == "1024")
+            .count()
+            == 2,
+        "soft limit raised to the hard one: {open_files}"
+    );
+    assert!(
+        env.logs().contains("raised the open-files limit"),
+        "{}",
+        env.logs()
+    );
+    drop(env);
+
+    let mut env = Env::start_with_nofile(256, 256, &[]).await;
+    let agent = env.agent(&["--dialect", "cc-agent"]);
+    env.register("fd", &agent, None).await;
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        match UnixStream::connect(&env.socket).await {
+            Ok(s) => flood.push(s),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in ["/live", "/ready", "/metrics"] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::common::http_get(&env.admin, path),
+        )
+        .await;
+        assert!(
+            matches!(r, Ok((200, _))),
+            "{path} at the fd limit: {r:?}\n{}",
+            env.logs()
+        );
+    }
+    let (status, body) = post_raw(
+        &env,
+        br#"{"jsonrpc":"2.0","id":1,"method":"proxy.version"}"#,
+    )
+    .await;
+    assert_eq!(status, 503, "a clear refusal, not a hang: {body}");
+    assert!(body.contains("--fd-reserve"), "{body}");
+    assert!(refusals(&env, "fd_reserve").await >= 1);
+    drop(flood);
+    // Once the flood leaves, clients are served and the VM was never lost.
+    let served = crate::common::eventually(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&env.socket).is_ok()
+    })
+    .await;
+    assert!(served);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_health(&env, Duration::from_secs(10)).await;
+    assert_eq!(vm_state(&env, "fd").await, "ready");
+}
