@@ -695,11 +695,20 @@ async fn connections_past_a_cap_are_refused_with_an_answer() {
         ("--max-connections", "connections_total"),
     ] {
         let env = Env::start_with(&[flag, "3"]).await;
-        let mut held = Vec::new();
-        for _ in 0..3 {
+        // Hold three connections. The harness's own probe connection (made while waiting for the socket)
+        // may still hold a slot for a moment: a held connection refused because of it is closed by the
+        // daemon, and replaced.
+        let mut held: Vec<UnixStream> = Vec::new();
+        for _ in 0..20 {
+            if held.len() == 3 {
+                break;
+            }
             held.push(UnixStream::connect(&env.socket).await.expect("connect"));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let mut byte = [0u8; 1];
+            held.retain(|s| !matches!(s.try_read(&mut byte), Ok(0)));
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(held.len(), 3, "three connections held");
         let (status, body) = post_raw(
             &env,
             br#"{"jsonrpc":"2.0","id":1,"method":"proxy.version"}"#,
