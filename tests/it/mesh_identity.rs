@@ -545,8 +545,15 @@ async fn bad_mesh_configurations_are_refused_with_the_field_at_fault() {
 
 /// The serial (lowercase hex, no leading zeros) of the leaf the TLS server at `addr` presents for `sni`.
 fn served_serial(addr: &str, sni: &str) -> String {
-    let out = Command::new("openssl")
+    try_served_serial(addr, sni).unwrap_or_else(|text| panic!("no certificate from {addr}: {text}"))
+}
+
+/// [`served_serial`], or what `openssl s_client` printed when no certificate came within 3 s.
+fn try_served_serial(addr: &str, sni: &str) -> Result<String, String> {
+    let out = Command::new("timeout")
         .args([
+            "3",
+            "openssl",
             "s_client",
             "-connect",
             addr,
@@ -559,9 +566,9 @@ fn served_serial(addr: &str, sni: &str) -> String {
         .output()
         .expect("openssl s_client");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let begin = text
-        .find("-----BEGIN CERTIFICATE-----")
-        .unwrap_or_else(|| panic!("no certificate from {addr}: {text}"));
+    let Some(begin) = text.find("-----BEGIN CERTIFICATE-----") else {
+        return Err(text);
+    };
     let end = text[begin..]
         .find("-----END CERTIFICATE-----")
         .map(|e| begin + e + "-----END CERTIFICATE-----".len())
@@ -573,7 +580,7 @@ fn served_serial(addr: &str, sni: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    hex.trim_start_matches('0').to_string()
+    Ok(hex.trim_start_matches('0').to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -671,5 +678,37 @@ async fn a_lost_vms_listeners_stop_and_its_identity_is_released() {
     assert!(!env.metrics().await.contains(&series));
     // The daemon's readiness is unaffected.
     assert_eq!(http_get(&env.admin, "/ready").await.0, 200);
+    let _ = env.stop_daemon().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_do_not_serve_before_the_identity_has_a_certificate() {
+    // Files mode with no files for the identity yet: the VM registers, its listener is bound but serves no
+    // handshake, until the files appear.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ca = self_signed_ca(tmp.path(), "late");
+    let dir = tmp.path().join("identity");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(&ca.1, dir.join("ca.crt")).expect("anchors");
+    let dir_arg = dir.to_str().expect("path").to_string();
+    let mut env = Env::start_with(&["--mesh-identity-dir", &dir_arg]).await;
+    let agent = env.agent(&[]);
+    let r = register(&env, "vm1", &agent, mesh(B)).await;
+    assert!(r.get("result").is_some(), "{r}\n{}", env.logs());
+    let addr = config_addr(&env, "vm1").await;
+    let i = info(&env, "vm1").await;
+    assert!(i.mesh.and_then(|m| m.certificate).is_none());
+    let text = try_served_serial(&addr, B).expect_err("a handshake before any certificate");
+    assert!(!text.contains("BEGIN CERTIFICATE"), "{text}");
+    assert!(
+        env.logs().contains("its listeners wait for them"),
+        "{}",
+        env.logs()
+    );
+    // The files arrive: the certificate is picked up and served.
+    issue_leaf(&ca, B, &dir.join("v1"));
+    swap_link(&dir, B, "v1");
+    let s = serial(&env, "vm1").await;
+    assert_eq!(served_serial(&addr, B), s.trim_start_matches('0'));
     let _ = env.stop_daemon().await;
 }
