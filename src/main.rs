@@ -11,7 +11,6 @@ mod cli;
 mod config;
 mod error;
 mod logging;
-#[allow(dead_code)] // being built: the identity side and the data plane land in steps (issue 14)
 mod mesh;
 mod server;
 mod stream;

@@ -52,8 +52,6 @@ pub type MetricsSource = Box<dyn Fn(&mut Registry) + Send + Sync>;
 static SOURCES: RwLock<Vec<MetricsSource>> = RwLock::new(Vec::new());
 
 /// Have every later scrape include the metrics `source` registers. Call it once per source, at startup.
-// No caller until the mesh lands; the admin tests use it.
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn add_metrics_source(source: MetricsSource) {
     SOURCES
         .write()

@@ -1,6 +1,6 @@
 //! Inbound: a peer's connection to one of the VM's inbound listeners, forwarded to the guest's service.
 //!
-//! States of a connection ([`Stage`] names them in logs):
+//! States of a connection ([`Stage`] names those whose I/O errors are logged):
 //! 1. `Detect`: peek at the first bytes for a TLS ClientHello (bounded by the detection timeout and
 //!    [`super::detect::MAX_CLIENT_HELLO`]).
 //! 2. `Handshake`: the SNI is the VM's identity: terminate TLS 1.3 with the VM's certificate, asking for
@@ -107,10 +107,7 @@ pub fn authorize(authz: Option<&Authz>, peer: &Peer) -> Decision {
 pub enum Stage {
     Detect,
     Handshake,
-    Authorize,
-    TransportHeader,
     Protocol,
-    Forward,
 }
 
 /// Why an inbound connection ended early.

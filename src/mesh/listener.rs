@@ -188,6 +188,7 @@ pub struct BoundListeners {
 
 impl BoundListeners {
     /// The bound TCP addresses, inbound listeners first, in configuration order (port 0 picks one).
+    #[cfg(test)]
     pub fn tcp_addrs(&self) -> Vec<Option<SocketAddr>> {
         self.listeners
             .iter()
