@@ -144,6 +144,17 @@ async fn a_second_uid_is_refused_every_method_on_another_users_vm() {
         assert_eq!(e["code"], 1018, "{method}: {e}");
         assert_eq!(e["data"]["vm"], "victim", "{method}: {e}");
     }
+    // A registration with a mesh (listeners, targets and a certificate identity the daemon cannot check
+    // against the client's rights).
+    let (control, io) = agent.uris(None);
+    let r = call(
+        &ws,
+        "vm.register",
+        json!({"id": "meshed", "control": control, "io": io,
+               "mesh": {"identity": "web.default.serviceaccount.identity.linkerd.cluster.local"}}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], 1018, "{r}");
     // A privileged method.
     let r = call(&ws, "proxy.set_log_level", json!({"level": "trace"})).await;
     assert_eq!(r["error"]["code"], 1018, "{r}");
@@ -218,7 +229,7 @@ async fn a_second_uid_is_refused_every_method_on_another_users_vm() {
             &format!("cc_proxy_permission_denied_total{{protocol=\"{p}\"}}"),
         )
     };
-    assert!(denied("jsonrpc") >= 13.0, "{metrics}");
+    assert!(denied("jsonrpc") >= 14.0, "{metrics}");
     assert_eq!(denied("stream"), 1.0, "{metrics}");
     assert!(denied("legacy") >= 3.0, "{metrics}");
     let logs = env.logs();

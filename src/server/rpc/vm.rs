@@ -12,7 +12,7 @@ use jsonrpsee::RpcModule;
 
 use super::{check_vm, parse, peer};
 use crate::logging::escape_client_text;
-use crate::server::authz::Access;
+use crate::server::authz::{self, Access, Front};
 use crate::server::Proxy;
 use crate::vm::registry::Registrant;
 use crate::vm::Vm;
@@ -21,6 +21,12 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::VM_REGISTER, |params, proxy, ext| async move {
         let peer = peer(&ext);
         let p: RegisterParams = parse(&params)?;
+        // A mesh binds listeners, dials guest targets with the daemon's rights and is issued a certificate
+        // for the identity it names: none of it can be checked against the client's own rights, so a mesh
+        // is for privileged clients only.
+        if p.mesh.is_some() {
+            authz::check_privileged(&peer, "vm.register with a mesh", Front::JsonRpc)?;
+        }
         let max = proxy.max_client_log;
         // The id and URIs are not checked yet: logged escaped and bounded, as all client text.
         tracing::debug!(vm = %escape_client_text(&p.id, max), "vm.register");
