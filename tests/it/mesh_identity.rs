@@ -712,3 +712,81 @@ async fn listeners_do_not_serve_before_the_identity_has_a_certificate() {
     assert_eq!(served_serial(&addr, B), s.trim_start_matches('0'));
     let _ = env.stop_daemon().await;
 }
+
+/// Run the daemon with `args` expecting it to refuse to start; returns (exit code, stderr).
+fn refused_start(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(crate::common::proxy_bin())
+        .arg("--socket")
+        .arg(dir.join("refused.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("refused-state"))
+        .args(["--admin-addr", "off", "--log-target", "stderr"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn cc-proxy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cc-proxy {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    (status.code(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_trust_anchors_are_exported_and_bad_identity_flags_stop_the_daemon() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_, linkerd) = self_signed_ca(tmp.path(), "linkerd");
+    let linkerd_arg = linkerd.to_str().expect("path").to_string();
+    let mut env = Env::start_with(&["--mesh-trust-anchors", &linkerd_arg]).await;
+    let anchors = env.client.mesh_trust_anchors().await.expect("anchors");
+    assert_eq!(anchors.count, 2, "{}", anchors.pem);
+    let ca = std::fs::read_to_string(env.state_dir.join("mesh-ca.pem")).expect("CA");
+    let extra = std::fs::read_to_string(&linkerd).expect("linkerd CA");
+    // The embedded CA first, then the extra anchors (same certificates; PEM line layout may differ).
+    let der = |pem: &str| -> Vec<Vec<u8>> {
+        x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+            .map(|p| p.expect("PEM").contents)
+            .collect()
+    };
+    assert_eq!(
+        der(&anchors.pem),
+        [der(&ca), der(&extra)].concat(),
+        "{}",
+        anchors.pem
+    );
+    let _ = env.stop_daemon().await;
+
+    let empty = tmp.path().join("empty.pem");
+    std::fs::write(&empty, "no certificates here\n").expect("write");
+    let (code, stderr) = refused_start(
+        tmp.path(),
+        &["--mesh-trust-anchors", empty.to_str().expect("path")],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("mesh identity") && stderr.contains("holds no certificate"),
+        "{stderr}"
+    );
+    let missing = tmp.path().join("no-such-dir");
+    let (code, stderr) = refused_start(
+        tmp.path(),
+        &["--mesh-identity-dir", missing.to_str().expect("path")],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    let (code, stderr) = refused_start(tmp.path(), &["--mesh-cert-lifetime", "1s"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--mesh-cert-lifetime"), "{stderr}");
+}
