@@ -219,6 +219,11 @@ impl Config {
                 vm_buffer: cli.vm_buffer,
                 recovery_timeout: Duration::from_secs(cli.recovery_timeout)
                     .max(MIN_RECOVERY_TIMEOUT),
+                tokens: crate::vm::TokenLimits {
+                    per_vm: cli.max_tokens_per_vm.max(1),
+                    per_client: cli.max_tokens_per_client.max(1),
+                    ttl: client_timeout(cli.token_ttl),
+                },
             },
             mesh_limits: crate::mesh::listener::Limits {
                 max_connections_per_listener: cli.mesh_max_connections_per_listener.max(1),

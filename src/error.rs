@@ -106,6 +106,12 @@ pub enum Limit {
         "{0} signals and resizes are already held for the token's process, which has not started"
     )]
     HeldControls(usize),
+    #[error(
+        "VM {vm} holds {max} stream tokens (--max-tokens-per-vm); free some with stream.close"
+    )]
+    TokensPerVm { vm: String, max: usize },
+    #[error("uid {uid} holds {max} stream tokens (--max-tokens-per-client); free some with stream.close")]
+    TokensPerClient { uid: u32, max: usize },
 }
 
 /// The API versions of every dialect, for the message of [`ProxyError::UnsupportedAgent`].
@@ -150,6 +156,8 @@ impl ProxyError {
             ProxyError::Protocol { .. } => code::AGENT_PROTOCOL,
             ProxyError::ShuttingDown => code::SHUTTING_DOWN,
             ProxyError::Unregistered(_) => code::VM_UNREGISTERED,
+            ProxyError::Limit(Limit::TokensPerVm { .. }) => code::TOO_MANY_TOKENS_VM,
+            ProxyError::Limit(Limit::TokensPerClient { .. }) => code::TOO_MANY_TOKENS_CLIENT,
             ProxyError::Limit(_) => code::LIMIT_EXCEEDED,
             ProxyError::Recovering(_) => code::VM_RECOVERING,
             ProxyError::PermissionDenied { .. } => code::PERMISSION_DENIED,
@@ -188,6 +196,10 @@ impl ProxyError {
             ProxyError::InvalidUri(_) | ProxyError::Unreachable(_) => json!({"field": "uri"}),
             ProxyError::PermissionDenied { vm: Some(vm), uid } => json!({"vm": vm, "uid": uid}),
             ProxyError::PermissionDenied { vm: None, uid } => json!({"uid": uid}),
+            ProxyError::Limit(Limit::TokensPerVm { vm, max }) => json!({"vm": vm, "max": max}),
+            ProxyError::Limit(Limit::TokensPerClient { uid, max }) => {
+                json!({"uid": uid, "max": max})
+            }
             ProxyError::ShuttingDown | ProxyError::Limit(_) => Value::Null,
             ProxyError::MeshConfig { vm, field, .. } => json!({"vm": vm, "field": field}),
             ProxyError::MeshListen { vm, .. } => json!({"vm": vm, "field": "mesh"}),

@@ -47,6 +47,11 @@ pub const PERMISSION_DENIED: i32 = 1018;
 /// Too many requests are in flight on this connection (`--max-requests-per-connection`); `data` names the
 /// limit. Wait for answers, or use another connection.
 pub const TOO_MANY_REQUESTS: i32 = 1019;
+/// The VM holds `--max-tokens-per-vm` stream tokens already; `data` names the VM and the limit (`max`).
+pub const TOO_MANY_TOKENS_VM: i32 = 1020;
+/// The client (its uid) holds `--max-tokens-per-client` stream tokens already; `data` names the uid and
+/// the limit (`max`).
+pub const TOO_MANY_TOKENS_CLIENT: i32 = 1021;
 /// Too many client connections: `--max-connections` in total or `--max-connections-per-uid` for this uid,
 /// or the daemon keeps its last file descriptors in reserve (`--fd-reserve`). Sent as an HTTP 503 answer
 /// (or a legacy error response) on a refused connection, which is then closed.
@@ -84,6 +89,8 @@ pub fn code_name(code: i32) -> &'static str {
         VM_RECOVERING => "vm_recovering",
         PERMISSION_DENIED => "permission_denied",
         TOO_MANY_REQUESTS => "too_many_requests",
+        TOO_MANY_TOKENS_VM => "too_many_tokens_vm",
+        TOO_MANY_TOKENS_CLIENT => "too_many_tokens_client",
         TOO_MANY_CONNECTIONS => "too_many_connections",
         -32010 => "batch_too_long",
         MESH_CONFIG => "mesh_config",

@@ -134,6 +134,12 @@ pub enum LimitKind {
     ConnectionsPerUid,
     /// A connection refused to keep `--fd-reserve` descriptors free.
     FdReserve,
+    /// A token past `--max-tokens-per-vm` (1020).
+    TokensPerVm,
+    /// A token past `--max-tokens-per-client` (1021).
+    TokensPerClient,
+    /// A token never attached nor started within `--token-ttl` (freed).
+    TokenExpired,
 }
 
 impl LimitKind {
@@ -149,6 +155,9 @@ impl LimitKind {
             LimitKind::ConnectionsTotal => "connections_total",
             LimitKind::ConnectionsPerUid => "connections_per_uid",
             LimitKind::FdReserve => "fd_reserve",
+            LimitKind::TokensPerVm => "tokens_per_vm",
+            LimitKind::TokensPerClient => "tokens_per_client",
+            LimitKind::TokenExpired => "token_expired",
         }
     }
 }

@@ -111,6 +111,18 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::config::DEFAULT_FD_RESERVE, value_name = "N")]
     pub fd_reserve: u64,
 
+    /// Stream tokens one VM may hold at once; one more is refused (1020).
+    #[arg(long, default_value_t = crate::vm::DEFAULT_MAX_TOKENS_PER_VM, value_name = "N")]
+    pub max_tokens_per_vm: usize,
+
+    /// Stream tokens one client uid may hold at once across all VMs; one more is refused (1021).
+    #[arg(long, default_value_t = crate::vm::DEFAULT_MAX_TOKENS_PER_CLIENT, value_name = "N")]
+    pub max_tokens_per_client: usize,
+
+    /// Seconds after which a token that was never attached by a shim nor used to start a process is freed.
+    #[arg(long, default_value_t = crate::vm::DEFAULT_TOKEN_TTL.as_secs(), value_name = "SECS")]
+    pub token_ttl: u64,
+
     /// Bytes of a JSON-RPC request id; a longer id is answered -32600 with id null (never echoed).
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_ID_BYTES, value_name = "BYTES")]
     pub max_id_bytes: usize,

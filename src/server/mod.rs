@@ -203,6 +203,7 @@ pub async fn run(
     let mesh = crate::mesh::Mesh::new(identities);
     let registry = Registry::new(Some(state), config.vm.clone(), events, Some(mesh.clone()));
     registry.spawn_state_writer();
+    registry.spawn_token_reaper();
     let proxy = Arc::new(Proxy {
         registry: registry.clone(),
         socket: listener.path.clone(),

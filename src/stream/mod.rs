@@ -106,6 +106,12 @@ pub struct Stream {
     /// report won the race, just before `process_exited`), so taps never see an exit before its start.
     tap_started: std::sync::atomic::AtomicBool,
     metrics: Arc<StreamCounters>,
+    /// When the token was allocated (or restored); one never attached nor started expires after
+    /// `--token-ttl`.
+    created: std::time::Instant,
+    /// The uid the token counts against (`--max-tokens-per-client`); unset for tokens restored after a
+    /// restart.
+    owner: std::sync::OnceLock<u32>,
 }
 
 /// What the shim writer got from [`Stream::take`].
@@ -161,7 +167,29 @@ impl Stream {
             wake_attached: Notify::new(),
             tap_started: std::sync::atomic::AtomicBool::new(false),
             metrics,
+            created: std::time::Instant::now(),
+            owner: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Count the token against `uid`.
+    pub fn set_owner(&self, uid: u32) {
+        let _ = self.owner.set(uid);
+    }
+
+    /// The uid the token counts against.
+    pub fn owner(&self) -> Option<u32> {
+        self.owner.get().copied()
+    }
+
+    /// Never attached, never started (nor starting), and older than `ttl`.
+    pub fn unused_for(&self, ttl: std::time::Duration) -> bool {
+        let inner = lock(&self.inner);
+        inner.lifecycle == Lifecycle::Allocated
+            && !inner.starting
+            && inner.next_attach == 1
+            && matches!(inner.shim, ShimState::Absent)
+            && self.created.elapsed() >= ttl
     }
 
     /// True the first time it is called: whoever gets true emits the tap's `process_started`.

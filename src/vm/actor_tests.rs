@@ -183,7 +183,7 @@ async fn an_abandoned_command_never_answered_loses_the_vm() {
 #[tokio::test]
 async fn an_exit_event_between_a_command_and_its_reply_is_not_taken_for_the_reply() {
     let (vm, mut agent) = start(Dialect::Hyperstart, None);
-    let stream = vm.allocate_stream();
+    let stream = vm.allocate_stream(0).expect("within the token bounds");
     assert!(vm.bind_process(&stream, "c1", "p1", false, crate::stream::ProcessRole::Init));
     stream.mark_running();
     stream.stdout_eof();

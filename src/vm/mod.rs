@@ -59,6 +59,36 @@ pub struct VmConfig {
     pub vm_buffer: usize,
     /// Bound on reconnecting one recorded VM after a restart; requests for it wait at most this long.
     pub recovery_timeout: Duration,
+    /// Bounds on stream tokens.
+    pub tokens: TokenLimits,
+}
+
+/// Bounds on stream tokens (section Limits of docs/operations.md).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLimits {
+    /// `--max-tokens-per-vm`.
+    pub per_vm: usize,
+    /// `--max-tokens-per-client`: per uid, across VMs.
+    pub per_client: usize,
+    /// `--token-ttl`: a token never attached nor started is freed after this.
+    pub ttl: Duration,
+}
+
+/// Default of `--max-tokens-per-vm`.
+pub const DEFAULT_MAX_TOKENS_PER_VM: usize = 1024;
+/// Default of `--max-tokens-per-client`.
+pub const DEFAULT_MAX_TOKENS_PER_CLIENT: usize = 16_384;
+/// Default of `--token-ttl`.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+impl Default for TokenLimits {
+    fn default() -> TokenLimits {
+        TokenLimits {
+            per_vm: DEFAULT_MAX_TOKENS_PER_VM,
+            per_client: DEFAULT_MAX_TOKENS_PER_CLIENT,
+            ttl: DEFAULT_TOKEN_TTL,
+        }
+    }
 }
 
 /// Which VM each live token belongs to, across all VMs (attach looks tokens up here).
@@ -77,7 +107,12 @@ pub struct VmShared {
     pub config: VmConfig,
     pub events: broadcast::Sender<VmEvent>,
     pub tokens: Arc<TokenIndex>,
+    /// Tokens held per client uid, across all VMs (`--max-tokens-per-client`).
+    pub token_owners: Arc<TokenOwners>,
 }
+
+/// Live tokens per uid that allocated them.
+pub type TokenOwners = Mutex<HashMap<u32, usize>>;
 
 /// The receiving ends of a new VM's queues, for the tasks that will own its channels.
 pub struct VmInbox {
@@ -114,6 +149,8 @@ pub struct Vm {
     streams: Mutex<StreamTable>,
     /// The daemon-wide token index this VM's tokens are listed in.
     tokens: Arc<TokenIndex>,
+    /// Tokens held per client uid, daemon-wide.
+    token_owners: Arc<TokenOwners>,
     /// Output queued across the VM's streams: the VM's buffer budget is checked against it.
     buffered: Arc<BufferAccount>,
     /// State changed since the last write to the state dir.
@@ -163,6 +200,7 @@ impl Vm {
             ended: CancellationToken::new(),
             streams: Mutex::new(StreamTable::new(record.next_seq)),
             tokens: shared.tokens.clone(),
+            token_owners: shared.token_owners.clone(),
             buffered,
             dirty: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -344,9 +382,11 @@ pub(crate) mod testing {
                 stall_timeout: Duration::from_secs(1),
                 vm_buffer: 1 << 20,
                 recovery_timeout: Duration::from_secs(1),
+                tokens: TokenLimits::default(),
             },
             events: broadcast::channel(16).0,
             tokens: Arc::new(Mutex::new(HashMap::new())),
+            token_owners: Arc::new(Mutex::new(HashMap::new())),
         };
         let (vm, inbox) = Vm::new(
             &record,

@@ -47,8 +47,10 @@ const PSEUDO_CONTAINER: &str = "hyperstart";
 /// Which stream a start command uses.
 pub enum StreamUse {
     None,
-    /// Allocate one now (freed again if the command fails).
-    New,
+    /// Allocate one now for client `owner` (freed again if the command fails).
+    New {
+        owner: u32,
+    },
     /// A token allocated earlier.
     Existing(Arc<Stream>),
 }
@@ -132,7 +134,7 @@ pub async fn forward_with_payload(
 ) -> Result<Forwarded, ProxyError> {
     let (stream, fresh) = match use_stream {
         StreamUse::None => (None, false),
-        StreamUse::New => (Some(vm.allocate_stream()), true),
+        StreamUse::New { owner } => (Some(vm.allocate_stream(owner)?), true),
         StreamUse::Existing(s) => {
             if s.lifecycle() != Lifecycle::Allocated {
                 return Err(ProxyError::invalid(
@@ -172,6 +174,9 @@ pub async fn forward_with_payload(
     if let Some(s) = &stream {
         s.mark_running();
         s.set_starting(false);
+        // Recorded as started: a daemon killed before its next save must not restore the token as never
+        // started (its stdin would wait for a start that happened long ago).
+        vm.touch();
         vm.tap_process_started(s);
         tracing::info!(vm = %vm.id, token = %s.token, command = name,
             process = process.as_deref().unwrap_or(""), "process started");

@@ -146,6 +146,7 @@ impl Registry {
                 config,
                 events,
                 tokens: Arc::new(Mutex::new(HashMap::new())),
+                token_owners: Arc::new(Mutex::new(HashMap::new())),
             },
             writer: state.map(|dir| Arc::new(StateWriter::new(dir))),
             mesh,
@@ -155,6 +156,26 @@ impl Registry {
     }
 
     /// Start writing changed VM state to the state directory (if there is one).
+    /// Free, every few seconds, tokens never attached nor started within `--token-ttl`.
+    pub fn spawn_token_reaper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let ttl = self.shared.config.tokens.ttl;
+        let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                for vm in registry.list() {
+                    vm.expire_tokens(ttl);
+                }
+            }
+        });
+    }
+
     pub fn spawn_state_writer(self: &Arc<Self>) {
         if let Some(writer) = &self.writer {
             writer.spawn(Arc::downgrade(self));

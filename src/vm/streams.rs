@@ -10,8 +10,9 @@ use cc_proxy_api::types::Event;
 
 use super::state::{PendingFrame, StreamRecord, VmRecord};
 use super::{lock, Vm};
-use crate::admin::metrics::DetachKind;
+use crate::admin::metrics::{DetachKind, LimitKind, METRICS};
 use crate::admin::tap::TapEvent;
+use crate::error::{Limit, ProxyError};
 use crate::stream::{Lifecycle, ProcessRole, Stream, StreamCounters, Token, EXIT_EOF_GRACE};
 
 /// The first sequence number of a token; 1 and 2 are the null session.
@@ -93,11 +94,64 @@ impl Vm {
         stream
     }
 
-    /// Allocate a token and its two sequence numbers.
-    pub fn allocate_stream(&self) -> Arc<Stream> {
+    /// Allocate a token and its two sequence numbers for client `uid`, within `--max-tokens-per-vm` and
+    /// `--max-tokens-per-client`.
+    pub fn allocate_stream(&self, uid: u32) -> Result<Arc<Stream>, ProxyError> {
+        let limits = self.config.tokens;
+        if lock(&self.streams).by_token.len() >= limits.per_vm {
+            METRICS.limit_refused(LimitKind::TokensPerVm);
+            return Err(ProxyError::Limit(Limit::TokensPerVm {
+                vm: self.id.clone(),
+                max: limits.per_vm,
+            }));
+        }
+        {
+            let mut owners = lock(&self.token_owners);
+            let held = owners.entry(uid).or_insert(0);
+            if *held >= limits.per_client {
+                METRICS.limit_refused(LimitKind::TokensPerClient);
+                return Err(ProxyError::Limit(Limit::TokensPerClient {
+                    uid,
+                    max: limits.per_client,
+                }));
+            }
+            *held += 1;
+        }
         let stream = self.add_stream(Token::generate(), 0, true);
+        stream.set_owner(uid);
         self.touch();
-        stream
+        Ok(stream)
+    }
+
+    /// A token is gone: it no longer counts against its client.
+    fn release_owner(&self, stream: &Stream) {
+        if let Some(uid) = stream.owner() {
+            let mut owners = lock(&self.token_owners);
+            if let Some(n) = owners.get_mut(&uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    owners.remove(&uid);
+                }
+            }
+        }
+    }
+
+    /// Free the tokens never attached nor started within `ttl`; returns how many.
+    pub fn expire_tokens(&self, ttl: std::time::Duration) -> usize {
+        let expired: Vec<Token> = lock(&self.streams)
+            .by_token
+            .values()
+            .filter(|s| s.unused_for(ttl))
+            .map(|s| s.token.clone())
+            .collect();
+        for token in &expired {
+            if self.free_stream(token) {
+                METRICS.limit_refused(LimitKind::TokenExpired);
+                tracing::info!(vm = %self.id, token = %token.short(), ttl = ?ttl,
+                    "token expired: never attached nor started within --token-ttl");
+            }
+        }
+        expired.len()
     }
 
     /// Re-create the streams recorded before a restart.
@@ -213,6 +267,7 @@ impl Vm {
         table.by_seq.remove(&stream.stderr);
         table.unbind(&stream);
         drop(table);
+        self.release_owner(&stream);
         stream.close();
         self.touch();
         true
@@ -223,6 +278,7 @@ impl Vm {
     pub(super) fn end_streams(&self, reason: &str) {
         for s in self.all_streams() {
             s.fail(reason);
+            self.release_owner(&s);
         }
         let mut table = lock(&self.streams);
         let mut index = lock(&self.tokens);

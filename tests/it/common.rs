@@ -199,6 +199,14 @@ impl Env {
         }
     }
 
+    /// SIGKILL the daemon (nothing it holds is saved) and reap it.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Start the daemon again on the same socket and state dir.
     pub async fn restart_daemon(&mut self) {
         if self.daemon.is_some() {

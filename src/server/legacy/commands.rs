@@ -129,7 +129,7 @@ impl Session {
                 e => CommandError::Proxy(e),
             })?;
         tracing::info!(vm = %vm.id, tokens = wanted, "VM registered by a legacy client");
-        Ok(self.use_vm(vm, wanted))
+        self.use_vm(vm, wanted)
     }
 
     async fn attach(&mut self, p: AttachVm) -> Result<Bytes, CommandError> {
@@ -145,13 +145,28 @@ impl Session {
                 e => CommandError::Proxy(e),
             })?;
         tracing::debug!(vm = %vm.id, tokens = wanted, "legacy client attached to a VM");
-        Ok(self.use_vm(vm, wanted))
+        self.use_vm(vm, wanted)
     }
 
     /// Remember the VM for Hyper commands and allocate its tokens; the RegisterVM/AttachVM result.
-    fn use_vm(&mut self, vm: std::sync::Arc<Vm>, tokens: u32) -> Bytes {
-        let tokens: Vec<String> = (0..tokens)
-            .map(|_| vm.allocate_stream().token.as_str().to_string())
+    /// Past a token bound none is kept (the ones allocated for this command are freed again) and the
+    /// command fails.
+    fn use_vm(&mut self, vm: std::sync::Arc<Vm>, tokens: u32) -> Result<Bytes, CommandError> {
+        let mut streams = Vec::new();
+        for _ in 0..tokens {
+            match vm.allocate_stream(self.peer.uid) {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    for s in &streams {
+                        vm.free_stream(&s.token);
+                    }
+                    return Err(CommandError::Proxy(e));
+                }
+            }
+        }
+        let tokens: Vec<String> = streams
+            .iter()
+            .map(|s| s.token.as_str().to_string())
             .collect();
         self.vm = Some(vm);
         let result = VmIo {
@@ -160,7 +175,7 @@ impl Session {
                 tokens: (!tokens.is_empty()).then_some(tokens),
             },
         };
-        Bytes::from(serde_json::to_vec(&result).unwrap_or_default())
+        Ok(Bytes::from(serde_json::to_vec(&result).unwrap_or_default()))
     }
 
     /// May this client use VM `id`? Unknown ids are left to the command (which answers "unknown").

@@ -25,11 +25,11 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::AGENT_CALL, |params, proxy, ext| async move {
         let p: AgentCallParams = parse(&params)?;
         check_vm(&proxy, &peer(&ext), &p.vm)?;
-        Ok::<_, ErrorObjectOwned>(call(&proxy, p).await?)
+        Ok::<_, ErrorObjectOwned>(call(&proxy, p, peer(&ext).uid).await?)
     });
 }
 
-async fn call(proxy: &Proxy, p: AgentCallParams) -> Result<AgentCallResult, ProxyError> {
+async fn call(proxy: &Proxy, p: AgentCallParams, uid: u32) -> Result<AgentCallResult, ProxyError> {
     let vm = proxy.registry.get_settled(&p.vm).await?;
     let code = process::command_code(&vm, &p.command)?;
     if HOST_BOUND.contains(&code) || code == vm.dialect.process_async_event_code() {
@@ -65,7 +65,7 @@ async fn call(proxy: &Proxy, p: AgentCallParams) -> Result<AgentCallResult, Prox
                     .ok_or(ProxyError::TokenNotFound)?,
             )
         }
-        (_, None) => StreamUse::New,
+        (_, None) => StreamUse::New { owner: uid },
     };
     let raw = match &p.payload_base64 {
         Some(b64) => base64::engine::general_purpose::STANDARD

@@ -20,7 +20,7 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         let p: VmId = parse(&params)?;
         check_vm(&proxy, &peer(&ext), &p.id)?;
         let vm = proxy.registry.get_settled(&p.id).await?;
-        let s = vm.allocate_stream();
+        let s = vm.allocate_stream(peer(&ext).uid)?;
         Ok::<_, ErrorObjectOwned>(StreamAllocation {
             token: s.token.as_str().into(),
             stdio: s.stdio,
