@@ -45,7 +45,7 @@ pub struct TapParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
     /// Only these events (`agent_command`, `process_started`, `process_exited`, `stream_attached`,
-    /// `stream_detached`, `vm_state`, `mesh_inbound_request`).
+    /// `stream_detached`, `vm_state`, `mesh_inbound_request`, `mesh_outbound_request`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Vec<String>>,
     /// End the tap after this many events.

@@ -61,6 +61,8 @@ pub enum TapEvent {
     },
     /// An HTTP request through one of a meshed VM's inbound listeners was answered.
     MeshInboundRequest(MeshRequest),
+    /// An HTTP request from a meshed VM's guest through one of its outbound listeners was answered.
+    MeshOutboundRequest(MeshRequest),
 }
 
 /// One mesh HTTP request, answered.
@@ -96,12 +98,12 @@ impl TapEvent {
             | TapEvent::StreamAttached { vm, .. }
             | TapEvent::StreamDetached { vm, .. }
             | TapEvent::VmState { vm, .. } => vm,
-            TapEvent::MeshInboundRequest(r) => &r.vm,
+            TapEvent::MeshInboundRequest(r) | TapEvent::MeshOutboundRequest(r) => &r.vm,
         }
     }
 
     /// Every event name, as serialized and as `cc-proxy tap --filter` takes them.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "agent_command",
         "process_started",
         "process_exited",
@@ -109,6 +111,7 @@ impl TapEvent {
         "stream_detached",
         "vm_state",
         "mesh_inbound_request",
+        "mesh_outbound_request",
     ];
 
     /// The event's name as serialized (one of [`TapEvent::NAMES`]), for filters.
@@ -121,6 +124,7 @@ impl TapEvent {
             TapEvent::StreamDetached { .. } => "stream_detached",
             TapEvent::VmState { .. } => "vm_state",
             TapEvent::MeshInboundRequest(_) => "mesh_inbound_request",
+            TapEvent::MeshOutboundRequest(_) => "mesh_outbound_request",
         }
     }
 }

@@ -328,7 +328,7 @@ pub enum Command {
         #[arg(long)]
         limit: Option<u64>,
         /// Only these events (comma-separated): agent_command, process_started, process_exited,
-        /// stream_attached, stream_detached, vm_state, mesh_inbound_request.
+        /// stream_attached, stream_detached, vm_state, mesh_inbound_request, mesh_outbound_request.
         #[arg(long, value_delimiter = ',')]
         filter: Vec<String>,
         /// Most events per second (1 to 1000).

@@ -1,7 +1,8 @@
-//! HTTP on the mesh's inbound side: requests from a (usually authenticated) peer, served with hyper and
-//! forwarded to the guest's service over pooled connections.
+//! HTTP through the mesh, served with hyper: on the inbound side requests from a (usually authenticated)
+//! peer forwarded to the guest's service; on the outbound side the guest's requests forwarded to the
+//! destination over pooled mTLS connections (a new connection goes to the endpoint the two-choices rule picks).
 //!
-//! Per request:
+//! Per request (the `l5d-*` request headers are the inbound side's):
 //! - the listener denied the peer: answer 403 with `l5d-proxy-error` (nothing reaches the guest);
 //! - `l5d-client-id` is removed, then set to the peer's identity when it is authenticated (a plaintext peer
 //!   cannot forge it);
@@ -39,7 +40,7 @@ use super::inbound::BoxIo;
 use super::listener::limits;
 use super::metrics::{self, Direction, HttpLabels, Refusal, TlsLabel};
 use crate::admin::tap::{self, MeshRequest, TapEvent};
-use crate::transport::{Connection, Endpoint, TransportError};
+use crate::transport::{Endpoint, TransportError};
 
 /// Set on requests to the peer's identity.
 pub const L5D_CLIENT_ID: HeaderName = HeaderName::from_static("l5d-client-id");
@@ -61,50 +62,62 @@ pub enum HttpError {
 
 type RespBody = BoxBody<Bytes, hyper::Error>;
 
-/// A guest connection as hyper's client wants it.
-pub struct GuestIo(Connection);
+/// An upstream connection (to a guest target or a mesh endpoint) as hyper's client wants it; `hold` lives as
+/// long as the connection (an endpoint's open-connection count).
+pub struct UpstreamIo {
+    pub io: BoxIo,
+    pub _hold: Option<Box<dyn Send + Sync>>,
+}
 
-impl AsyncRead for GuestIo {
+impl AsyncRead for UpstreamIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for GuestIo {
+impl AsyncWrite for UpstreamIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
-impl HyperConnection for GuestIo {
+impl HyperConnection for UpstreamIo {
     fn connected(&self) -> Connected {
         Connected::new()
     }
 }
 
-/// Connects every request's connection to one fixed target, whatever the URI says.
+/// An error opening an upstream connection.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens one upstream connection.
+pub type ConnectFn = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>> + Send + Sync,
+>;
+
+/// Opens every pooled connection with its [`ConnectFn`], whatever the request's URI says.
 #[derive(Clone)]
-pub struct TargetConnector {
-    target: Endpoint,
+pub struct UpstreamConnector {
+    connect: ConnectFn,
 }
 
-impl tower::Service<Uri> for TargetConnector {
-    type Response = TokioIo<GuestIo>;
-    type Error = TransportError;
+impl tower::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<UpstreamIo>;
+    type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -112,26 +125,42 @@ impl tower::Service<Uri> for TargetConnector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let target = self.target.clone();
-        Box::pin(async move {
-            let c = target.connect(limits().connect_timeout).await?;
-            Ok(TokioIo::new(GuestIo(c)))
-        })
+        let connect = self.connect.clone();
+        Box::pin(async move { Ok(TokioIo::new(connect().await?)) })
     }
 }
 
-/// Pooled HTTP/1.1 and HTTP/2 clients to one target.
+/// Pooled HTTP/1.1 and HTTP/2 clients to one upstream (a guest target, or a mesh destination).
 pub struct Upstream {
-    pub target: Endpoint,
-    h1: Client<TargetConnector, Incoming>,
-    h2: Client<TargetConnector, Incoming>,
+    /// What it reaches, for logs and error responses.
+    pub name: String,
+    h1: Client<UpstreamConnector, Incoming>,
+    h2: Client<UpstreamConnector, Incoming>,
 }
 
 impl Upstream {
+    /// Pools to a guest target.
     pub fn new(target: Endpoint) -> Upstream {
-        let connector = TargetConnector {
-            target: target.clone(),
-        };
+        let name = target.to_string();
+        let connect: ConnectFn = Arc::new(move || {
+            let target = target.clone();
+            Box::pin(async move {
+                let c = target
+                    .connect(limits().connect_timeout)
+                    .await
+                    .map_err(|e: TransportError| -> BoxError { Box::new(e) })?;
+                Ok(UpstreamIo {
+                    io: Box::new(c),
+                    _hold: None,
+                })
+            })
+        });
+        Upstream::with_connector(name, connect)
+    }
+
+    /// Pools whose connections `connect` opens.
+    pub fn with_connector(name: String, connect: ConnectFn) -> Upstream {
+        let connector = UpstreamConnector { connect };
         let idle = limits().idle_timeout;
         let h1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
@@ -142,7 +171,7 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .http2_only(true)
             .build(connector);
-        Upstream { target, h1, h2 }
+        Upstream { name, h1, h2 }
     }
 }
 
@@ -157,10 +186,11 @@ pub enum GuestProtocol {
     Http2,
 }
 
-/// What every request of one inbound connection shares.
-pub struct InboundSession {
+/// What every request of one HTTP connection (inbound from a peer, or outbound from the guest) shares.
+pub struct HttpSession {
+    pub direction: Direction,
     pub vm: String,
-    /// The authenticated peer's identity.
+    /// Inbound: the authenticated client's identity; outbound: the identity the server had to present.
     pub peer: Option<String>,
     pub tls: TlsLabel,
     /// The listener's policy refused the peer: every request gets a 403.
@@ -203,16 +233,21 @@ fn authority<B>(req: &Request<B>) -> String {
 }
 
 async fn handle(
-    s: Arc<InboundSession>,
+    s: Arc<HttpSession>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, hyper::Error> {
     let start = Instant::now();
     let auth = authority(&req);
+    let peer_id = s.peer.clone().unwrap_or_default();
+    let (client_id, server_id) = match s.direction {
+        Direction::Inbound => (peer_id, String::new()),
+        Direction::Outbound => (String::new(), peer_id),
+    };
     let labels = HttpLabels {
-        direction: Direction::Inbound.as_str(),
+        direction: s.direction.as_str(),
         tls: s.tls.as_str(),
-        client_id: s.peer.clone().unwrap_or_default(),
-        server_id: String::new(),
+        client_id,
+        server_id,
         authority: auth.clone(),
         vm: s.vm.clone(),
     };
@@ -244,8 +279,9 @@ async fn handle(
     let vm = s.vm.clone();
     let peer = s.peer.clone();
     // The mesh context does not carry the VM's owner: these events go to privileged taps only.
+    let direction = s.direction;
     tap::emit(MESH_TAP_OWNER, move || {
-        TapEvent::MeshInboundRequest(MeshRequest {
+        let r = MeshRequest {
             vm,
             method,
             authority: auth,
@@ -253,23 +289,31 @@ async fn handle(
             status,
             latency_us: latency.as_micros() as u64,
             peer_identity: peer,
-        })
+        };
+        match direction {
+            Direction::Inbound => TapEvent::MeshInboundRequest(r),
+            Direction::Outbound => TapEvent::MeshOutboundRequest(r),
+        }
     });
     Ok(resp)
 }
 
-/// Send the request to the guest and bring back its response.
-async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> Response<RespBody> {
-    let headers = req.headers_mut();
-    headers.remove(L5D_CLIENT_ID);
-    if let Some(id) = s
-        .peer
-        .as_deref()
-        .and_then(|p| HeaderValue::from_str(p).ok())
-    {
-        headers.insert(L5D_CLIENT_ID, id);
+/// Send the request upstream (the guest, or the mesh destination) and bring back its response.
+async fn forward(s: &HttpSession, mut req: Request<Incoming>, auth: &str) -> Response<RespBody> {
+    let inbound = s.direction == Direction::Inbound;
+    if inbound {
+        let headers = req.headers_mut();
+        headers.remove(L5D_CLIENT_ID);
+        if let Some(id) = s
+            .peer
+            .as_deref()
+            .and_then(|p| HeaderValue::from_str(p).ok())
+        {
+            headers.insert(L5D_CLIENT_ID, id);
+        }
     }
-    let orig_proto = req.version() == Version::HTTP_2
+    let orig_proto = inbound
+        && req.version() == Version::HTTP_2
         && req
             .headers()
             .get(L5D_ORIG_PROTO)
@@ -321,10 +365,10 @@ async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> 
     let mut resp = match client.request(req).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::info!(vm = %s.vm, target = %s.upstream.target, error = %e, "mesh inbound: the guest did not answer");
+            tracing::info!(vm = %s.vm, direction = s.direction.as_str(), upstream = %s.upstream.name, error = %e, "mesh: the upstream did not answer");
             return proxy_response(
                 StatusCode::BAD_GATEWAY,
-                &format!("cannot reach the workload at {}", s.upstream.target),
+                &format!("cannot reach {}", s.upstream.name),
             );
         }
     };
@@ -383,7 +427,7 @@ async fn forward(s: &InboundSession, mut req: Request<Incoming>, auth: &str) -> 
 pub async fn serve_inbound(
     io: BoxIo,
     http2: bool,
-    s: Arc<InboundSession>,
+    s: Arc<HttpSession>,
     shutdown: CancellationToken,
 ) -> Result<(), HttpError> {
     let lim = limits();

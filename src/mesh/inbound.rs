@@ -370,7 +370,8 @@ async fn serve(
             let r = http::serve_inbound(
                 Box::new(io),
                 detected == Detected::Http2,
-                Arc::new(http::InboundSession {
+                Arc::new(http::HttpSession {
+                    direction: Direction::Inbound,
                     vm: vm.vm.clone(),
                     peer: s.peer.id().map(str::to_string),
                     tls: s.tls,

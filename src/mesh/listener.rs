@@ -721,6 +721,17 @@ mod e2e {
         addr
     }
 
+    /// A loopback address nobody listens on.
+    async fn closed_port() -> SocketAddr {
+        let Ok(l) = TcpListener::bind("127.0.0.1:0").await else {
+            panic!("bind")
+        };
+        match l.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     /// Send one HTTP/1.1 request (with `Connection: close`) and return the whole response.
     async fn http_get(addr: SocketAddr, extra: &str) -> String {
         let Ok(mut s) = TcpStream::connect(addr).await else {
@@ -824,6 +835,7 @@ mod e2e {
                 outbound: vec![
                     outbound_to(b.addr(0), Some(B), None),
                     outbound_to(b.addr(1), Some(B), None),
+                    outbound_to(closed_port().await, Some(B), None),
                 ],
             },
         )
@@ -832,6 +844,14 @@ mod e2e {
         let r = http_get(a.addr(0), "l5d-client-id: forged\r\n").await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(r.ends_with(&format!("true {A}")), "{r}");
+        // An endpoint nobody listens on: 502 from a's outbound side, naming what it could not reach.
+        let r = http_get(a.addr(2), "").await;
+        assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains("l5d-proxy-error: cannot reach"),
+            "{r}"
+        );
         // b's second listener only allows c: 403 from the proxy, naming the reason.
         let r = http_get(a.addr(1), "").await;
         assert!(r.starts_with("HTTP/1.1 403"), "{r}");

@@ -5,13 +5,17 @@
 //!    over the connections open to each), else the original destination of a `transparent:` listener
 //!    (`SO_ORIGINAL_DST`), else a PROXY protocol v2 header the guest sends first (read with the `ppp` crate,
 //!    at most [`MAX_PROXY_HEADER`] bytes within the handshake timeout; `LOCAL` or non-IP headers refused).
-//! 2. `Connect`: TCP to the chosen address within the connect timeout.
-//! 3. `Handshake`: the destination has an identity: TLS 1.3 with the VM's certificate, SNI = that identity,
+//! 2. `Protocol`: unless the listener is `opaque` or sends the transport header, the guest's first bytes are
+//!    examined (bounded like inbound detection): HTTP/1 or HTTP/2 requests are served with hyper and sent over
+//!    pooled connections (`http`), a new pooled connection going to the endpoint the two-choices rule picks;
+//!    anything else is opaque.
+//! 3. `Connect`: TCP to the chosen address within the connect timeout.
+//! 4. `Handshake`: the destination has an identity: TLS 1.3 with the VM's certificate, SNI = that identity,
 //!    the server's SAN must equal it (`tls="true"`, `server_id`); no identity: plaintext
 //!    (`tls="no_identity"`). With `opaque_transport_port` the client offers ALPN `transport.l5d.io/v1` and
 //!    sends the transport header naming that port first.
-//! 4. `Forward`: bytes copied both ways with half-close (`copy`). HTTP is carried in these bytes unchanged;
-//!    the peer's inbound side does the HTTP handling (its `l5d-client-id`, its 403s).
+//! 5. `Forward`: opaque bytes copied both ways with half-close (`copy`); HTTP request by request (an
+//!    unreachable destination answers 502 with `l5d-proxy-error`).
 //!
 //! Refusals (no destination, a bad header, an unreachable endpoint, a failed handshake) close the guest's
 //! connection and are counted in `cc_proxy_mesh_refused_total{direction="outbound"}`.
@@ -20,12 +24,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use cc_proxy_api::mesh::OutboundConfig;
+use cc_proxy_api::mesh::{MeshProtocol, OutboundConfig};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::copy::{self, Transferred};
+use super::detect::{self, Detected};
+use super::http::{self, Upstream};
 use super::inbound::BoxIo;
 use super::listener::{limits, Accepted, MeshError, VmShared};
 use super::metrics::{self, Direction, Refusal, TcpConn, TlsLabel};
@@ -56,6 +62,8 @@ pub struct OutboundListener {
     /// The identity every endpoint must present; `None`: plaintext.
     pub identity: Option<String>,
     pub opaque_transport_port: Option<u16>,
+    /// Pooled HTTP connections to a fixed destination, made at the first HTTP connection.
+    pool: std::sync::OnceLock<Arc<Upstream>>,
 }
 
 impl OutboundListener {
@@ -93,6 +101,7 @@ impl OutboundListener {
             dest,
             identity,
             opaque_transport_port: opaque,
+            pool: std::sync::OnceLock::new(),
         })
     }
 }
@@ -161,6 +170,10 @@ pub enum OutboundError {
     HandshakeTimeout(SocketAddr),
     #[error("sending the transport header: {0}")]
     TransportHeader(std::io::Error),
+    #[error("detecting the guest's protocol: {0}")]
+    Detect(std::io::Error),
+    #[error(transparent)]
+    Http(http::HttpError),
     #[error(transparent)]
     Copy(#[from] copy::CopyError),
 }
@@ -179,7 +192,7 @@ impl OutboundError {
             | OutboundError::Handshake { .. }
             | OutboundError::HandshakeTimeout(_)
             | OutboundError::TransportHeader(_) => Some(Refusal::Handshake),
-            OutboundError::Copy(_) => None,
+            OutboundError::Copy(_) | OutboundError::Detect(_) | OutboundError::Http(_) => None,
         }
     }
 }
@@ -243,7 +256,112 @@ pub async fn read_proxy_header<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-async fn run(acc: Accepted, l: &OutboundListener, vm: &VmShared) -> Result<(), OutboundError> {
+/// Open a connection to `addr`: TCP, then TLS with `identity` as SNI and required SAN (plaintext without
+/// one), then the transport header naming `transport_port`.
+pub async fn open_upstream(
+    vm: &VmShared,
+    addr: SocketAddr,
+    identity: Option<&str>,
+    transport_port: Option<u16>,
+) -> Result<BoxIo, OutboundError> {
+    let lim = limits();
+    let tcp = match tokio::time::timeout(lim.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(OutboundError::Connect { addr, source }),
+        Err(_) => return Err(OutboundError::ConnectTimeout(addr)),
+    };
+    let _ = tcp.set_nodelay(true);
+    let Some(identity) = identity else {
+        return Ok(Box::new(tcp));
+    };
+    let configs = vm.configs().ok_or(OutboundError::NoCredential)?;
+    let config = if transport_port.is_some() {
+        configs.client_transport.clone()
+    } else {
+        configs.client.clone()
+    };
+    let handshake_err = |source| OutboundError::Handshake {
+        addr,
+        identity: identity.to_string(),
+        source,
+    };
+    let name = ServerName::try_from(identity.to_string())
+        .map_err(|e| handshake_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut tls = match tokio::time::timeout(
+        lim.handshake_timeout,
+        connector.connect(name, Rewind::new(Vec::new(), tcp)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(handshake_err(source)),
+        Err(_) => return Err(OutboundError::HandshakeTimeout(addr)),
+    };
+    if let Some(port) = transport_port {
+        let header = transport_header::encode(&TransportHeader {
+            port,
+            name: None,
+            protocol: None,
+        });
+        tls.write_all(&header)
+            .await
+            .map_err(OutboundError::TransportHeader)?;
+    }
+    Ok(Box::new(tls))
+}
+
+/// Where pooled HTTP connections go.
+#[derive(Clone)]
+enum PoolDest {
+    /// One of the fixed endpoints, chosen per connection.
+    Fixed(Vec<Arc<EndpointState>>),
+    /// One address (an original destination or a PROXY header's).
+    Addr(SocketAddr),
+}
+
+/// Pooled HTTP connections to a destination, opened over mTLS (or plaintext without an identity).
+fn upstream(vm: Arc<VmShared>, dest: PoolDest, identity: Option<String>) -> Arc<Upstream> {
+    let name = match &dest {
+        PoolDest::Fixed(eps) => eps
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        PoolDest::Addr(a) => a.to_string(),
+    };
+    let connect: http::ConnectFn = Arc::new(move || {
+        let (vm, dest, identity) = (vm.clone(), dest.clone(), identity.clone());
+        Box::pin(async move {
+            let (addr, endpoint) = match &dest {
+                PoolDest::Fixed(eps) => {
+                    let e = choose(eps).ok_or(OutboundError::NoDestination)?;
+                    (e.addr, Some(e))
+                }
+                PoolDest::Addr(a) => (*a, None),
+            };
+            if let Some(e) = &endpoint {
+                e.open.fetch_add(1, Ordering::Relaxed);
+            }
+            let guard = OpenGuard(endpoint);
+            match open_upstream(&vm, addr, identity.as_deref(), None).await {
+                Ok(io) => Ok(http::UpstreamIo {
+                    io,
+                    _hold: Some(Box::new(guard)),
+                }),
+                Err(e) => {
+                    if let Some(r) = e.refusal() {
+                        metrics::refused(&vm.vm, Direction::Outbound, r);
+                    }
+                    Err(Box::new(e) as http::BoxError)
+                }
+            }
+        })
+    });
+    Arc::new(Upstream::with_connector(name, connect))
+}
+
+async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<(), OutboundError> {
     let lim = limits();
     let mut guest = acc.conn;
     let (addr, endpoint) = match &l.dest {
@@ -261,62 +379,73 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &VmShared) -> Result<(), O
             }
         },
     };
+    let tls_label = if l.identity.is_some() {
+        TlsLabel::Yes
+    } else {
+        TlsLabel::NoIdentity
+    };
+    // HTTP from the guest (not for the transport header, which carries opaque bytes): requests go over
+    // pooled connections.
+    let mut guest: BoxIo = Box::new(guest);
+    if l.opaque_transport_port.is_none() && l.cfg.protocol != MeshProtocol::Opaque {
+        let (prefix, d) = detect::http(&mut guest, lim.detect_timeout)
+            .await
+            .map_err(OutboundError::Detect)?;
+        guest = Box::new(Rewind::new(prefix, guest));
+        let d = match (l.cfg.protocol, d) {
+            (MeshProtocol::Auto, d) => d,
+            (_, Detected::Opaque) => Detected::Http1,
+            (_, d) => d,
+        };
+        if d != Detected::Opaque {
+            let pool = match &l.dest {
+                Dest::Fixed(eps) => l
+                    .pool
+                    .get_or_init(|| {
+                        upstream(vm.clone(), PoolDest::Fixed(eps.clone()), l.identity.clone())
+                    })
+                    .clone(),
+                Dest::Dynamic => upstream(vm.clone(), PoolDest::Addr(addr), l.identity.clone()),
+            };
+            let counts = Arc::new(Transferred::default());
+            let conn_metrics = TcpConn::open(
+                &vm.vm,
+                Direction::Outbound,
+                tls_label,
+                l.identity.as_deref(),
+            );
+            let io = metrics::Counted::new(guest, counts.clone());
+            let r = http::serve_inbound(
+                Box::new(io),
+                d == Detected::Http2,
+                Arc::new(http::HttpSession {
+                    direction: Direction::Outbound,
+                    vm: vm.vm.clone(),
+                    peer: l.identity.clone(),
+                    tls: tls_label,
+                    denied: None,
+                    upstream: pool,
+                    guest: match l.cfg.protocol {
+                        MeshProtocol::Http1 => http::GuestProtocol::Http1,
+                        MeshProtocol::Http2 => http::GuestProtocol::Http2,
+                        MeshProtocol::Auto | MeshProtocol::Opaque => {
+                            http::GuestProtocol::AsReceived
+                        }
+                    },
+                }),
+                vm.shutdown.clone(),
+            )
+            .await;
+            conn_metrics.close(&counts, None);
+            return r.map_err(OutboundError::Http);
+        }
+    }
     if let Some(e) = &endpoint {
         e.open.fetch_add(1, Ordering::Relaxed);
     }
     let _open = OpenGuard(endpoint);
-    let tcp = match tokio::time::timeout(lim.connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(OutboundError::Connect { addr, source }),
-        Err(_) => return Err(OutboundError::ConnectTimeout(addr)),
-    };
-    let _ = tcp.set_nodelay(true);
+    let server = open_upstream(vm, addr, l.identity.as_deref(), l.opaque_transport_port).await?;
     let counts = Transferred::default();
-    let (server, tls_label): (BoxIo, TlsLabel) = match &l.identity {
-        None => (Box::new(tcp), TlsLabel::NoIdentity),
-        Some(identity) => {
-            let configs = vm.configs().ok_or(OutboundError::NoCredential)?;
-            let config = if l.opaque_transport_port.is_some() {
-                configs.client_transport.clone()
-            } else {
-                configs.client.clone()
-            };
-            let name =
-                ServerName::try_from(identity.clone()).map_err(|e| OutboundError::Handshake {
-                    addr,
-                    identity: identity.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-                })?;
-            let connector = tokio_rustls::TlsConnector::from(config);
-            let mut tls = match tokio::time::timeout(
-                lim.handshake_timeout,
-                connector.connect(name, Rewind::new(Vec::new(), tcp)),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => {
-                    return Err(OutboundError::Handshake {
-                        addr,
-                        identity: identity.clone(),
-                        source,
-                    })
-                }
-                Err(_) => return Err(OutboundError::HandshakeTimeout(addr)),
-            };
-            if let Some(port) = l.opaque_transport_port {
-                let header = transport_header::encode(&TransportHeader {
-                    port,
-                    name: None,
-                    protocol: None,
-                });
-                tls.write_all(&header)
-                    .await
-                    .map_err(OutboundError::TransportHeader)?;
-            }
-            (Box::new(tls), TlsLabel::Yes)
-        }
-    };
     let conn_metrics = TcpConn::open(
         &vm.vm,
         Direction::Outbound,

@@ -338,6 +338,7 @@ async fn http1_through_a_and_b_carries_a_identity_big_bodies_and_reuses_connecti
         "tcp_open_total{direction=\"inbound\",tls=\"true\",client_id=\"a.default",
         "tcp_open_total{direction=\"outbound\",tls=\"true\",client_id=\"\",server_id=\"b.default",
         "request_total{direction=\"inbound\"",
+        "request_total{direction=\"outbound\",tls=\"true\",client_id=\"\",server_id=\"b.default",
         "status_code=\"200\",classification=\"success\"",
         "response_latency_ms_bucket{",
     ] {
