@@ -823,3 +823,31 @@ async fn the_tap_shows_inbound_mesh_requests_with_the_client_identity() {
     assert_eq!(ev["status"], 200, "{found}");
     assert_eq!(ev["peer_identity"], A, "{found}");
 }
+
+#[tokio::test]
+async fn a_connection_over_the_listener_limit_is_closed_and_counted() {
+    let m = Mesh::start(&["--mesh-max-connections-per-listener", "1"]).await;
+    // The first connection is served (its echo comes back) and held open.
+    let mut first = TcpStream::connect(&m.a_echo).await.expect("connect");
+    let mut back = [0u8; 4];
+    tokio::time::timeout(T, async {
+        first.write_all(b"held").await?;
+        first.read_exact(&mut back).await
+    })
+    .await
+    .expect("in time")
+    .expect("echo");
+    // The second is closed at once, without a byte.
+    let mut second = TcpStream::connect(&m.a_echo).await.expect("connect");
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(T, second.read_to_end(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?} {buf:?}");
+    let metrics = m.env.metrics().await;
+    assert!(
+        metrics.contains(
+            "cc_proxy_mesh_refused_total{vm=\"a\",direction=\"outbound\",reason=\"listener_limit\"} 1"
+        ),
+        "{metrics}"
+    );
+    drop(first);
+}
