@@ -127,12 +127,20 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                     print_json(&vms);
                 } else {
                     println!(
-                        "{:<24} {:<10} {:<11} {:>5} {:>9} {:>8} {:>7} {:>8}",
-                        "ID", "STATE", "DIALECT", "API", "UPTIME", "COMMANDS", "ERRORS", "STREAMS"
+                        "{:<24} {:<10} {:<11} {:>5} {:>9} {:>8} {:>7} {:>8} {:>6}",
+                        "ID",
+                        "STATE",
+                        "DIALECT",
+                        "API",
+                        "UPTIME",
+                        "COMMANDS",
+                        "ERRORS",
+                        "STREAMS",
+                        "OWNER"
                     );
                     for vm in vms {
                         println!(
-                            "{:<24} {:<10} {:<11} {:>5} {:>8}s {:>8} {:>7} {:>8}",
+                            "{:<24} {:<10} {:<11} {:>5} {:>8}s {:>8} {:>7} {:>8} {:>6}",
                             vm.id,
                             vm.state,
                             vm.dialect,
@@ -140,7 +148,8 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                             vm.uptime_secs,
                             vm.commands,
                             vm.errors,
-                            vm.streams
+                            vm.streams,
+                            vm.owner
                         );
                     }
                 }

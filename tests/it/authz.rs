@@ -288,6 +288,22 @@ async fn owners_see_only_their_own_vms_events_and_taps_and_no_token() {
     assert_eq!(r["result"][0]["owner"], u.uid, "{r}");
     let all = env.client.vm_list().await.expect("root vm.list");
     assert_eq!(all.len(), 2, "a privileged client lists every VM");
+    // The CLI's table names each VM's owner.
+    let out = env.cli(&["vm", "list"], b"");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table.lines().next().is_some_and(|h| h.ends_with("OWNER")),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("mine "))
+        .unwrap_or_default();
+    assert_eq!(
+        row.split_whitespace().last(),
+        Some(u.uid.to_string().as_str()),
+        "{table}"
+    );
 
     // A process in each; the owner runs its own through the daemon.
     let r = call(
