@@ -455,6 +455,55 @@ async fn identity_files_reload_on_a_symlink_swap_and_invalid_ones_keep_the_old_c
         "{}",
         env.logs()
     );
+
+    // The anchors file is reloaded too: a bundle with a second CA is exported at once ...
+    let (_, second_ca) = self_signed_ca(tmp.path(), "second");
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(&ca.1).expect("ca"),
+        std::fs::read_to_string(&second_ca).expect("second ca")
+    );
+    std::fs::write(dir.join("ca.crt.new"), &bundle).expect("write");
+    std::fs::rename(dir.join("ca.crt.new"), dir.join("ca.crt")).expect("rename");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env
+        .client
+        .mesh_trust_anchors()
+        .await
+        .expect("anchors")
+        .count
+        != 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "ca.crt not reloaded\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... and one that is not PEM is refused and counted, the two anchors kept.
+    std::fs::write(dir.join("ca.crt"), "garbage").expect("write");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !env
+        .metrics()
+        .await
+        .contains("cc_proxy_mesh_trust_anchor_reload_failures_total 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "bad ca.crt not counted\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        env.client
+            .mesh_trust_anchors()
+            .await
+            .expect("anchors")
+            .count,
+        2
+    );
     let _ = env.stop_daemon().await;
 }
 
