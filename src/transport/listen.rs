@@ -10,10 +10,6 @@
 //! Each accepted connection is a [`Connection`] (one `AsyncRead + AsyncWrite` object) with its peer's
 //! address. A unix socket created here is the caller's to remove ([`Listener::unix_path`]).
 
-// Binding by URI, and the vsock and hybrid-vsock listeners, have no caller outside the tests until the mesh
-// listeners land on them; the client socket and the admin server wrap listeners they bind themselves.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -159,7 +155,8 @@ impl Listener {
         }
     }
 
-    /// The bound TCP address (port 0 picks one).
+    /// The bound TCP address (port 0 picks one); tests bind port 0 and read it back.
+    #[cfg(test)]
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr().ok(),

@@ -20,8 +20,7 @@ use std::time::Duration;
 
 pub use connect::{BoxRead, BoxWrite, Connection, Rewind};
 pub use creds::Credentials;
-#[allow(unused_imports)] // `Accepted` is for the mesh listeners
-pub use listen::{hybrid_listen_path, Accepted, Listener, PeerAddr};
+pub use listen::{hybrid_listen_path, Listener, PeerAddr};
 
 /// A parsed endpoint URI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
