@@ -180,9 +180,14 @@ impl Config {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let source = match &cli.mesh_identity_dir {
-            Some(dir) => SourceConfig::Files { dir: dir.clone() },
-            None => SourceConfig::Ca {
+        let source = match (&cli.mesh_identity_dir, &cli.identity_svc) {
+            (_, Some(addr)) => SourceConfig::IdentitySvc(crate::mesh::identity_svc::SvcConfig {
+                addr: addr.clone(),
+                token_file: cli.identity_token_file.clone().unwrap_or_default(),
+                max_token_bytes: cli.identity_max_token_bytes.max(1),
+            }),
+            (Some(dir), None) => SourceConfig::Files { dir: dir.clone() },
+            (None, None) => SourceConfig::Ca {
                 state_dir: cli.state_dir.clone(),
                 lifetime,
             },

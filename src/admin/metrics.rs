@@ -267,6 +267,7 @@ pub struct Metrics {
     pub mesh_cert_issuances: Family<IssuanceLabels, Counter>,
     /// Identity file reloads refused (the previous certificate kept).
     pub mesh_identity_reload_failures: Family<IdentityLabel, Counter>,
+    pub mesh_identity_svc_failures: Family<IdentityLabel, Counter>,
     /// Trust anchor reloads refused (the previous anchors kept).
     pub mesh_anchor_reload_failures: Counter,
 }
@@ -297,6 +298,7 @@ impl Metrics {
             mesh_cert_expiry: Family::default(),
             mesh_cert_issuances: Family::default(),
             mesh_identity_reload_failures: Family::default(),
+            mesh_identity_svc_failures: Family::default(),
             mesh_anchor_reload_failures: Counter::default(),
         }
     }
@@ -418,6 +420,11 @@ impl Metrics {
             self.mesh_cert_issuances.clone(),
         );
         r.register(
+            "mesh_identity_service_failures",
+            "Certify requests to the identity service that failed or were answered with an unusable certificate, by identity",
+            self.mesh_identity_svc_failures.clone(),
+        );
+        r.register(
             "mesh_identity_reload_failures",
             "Identity file reloads refused as invalid (the previous certificate is kept), by identity",
             self.mesh_identity_reload_failures.clone(),
@@ -448,6 +455,15 @@ impl Metrics {
     /// An identity's files were refused on reload.
     pub fn mesh_reload_failure(&self, identity: &str) {
         self.mesh_identity_reload_failures
+            .get_or_create(&IdentityLabel {
+                identity: identity.to_string(),
+            })
+            .inc();
+    }
+
+    /// A request to the identity service failed.
+    pub fn mesh_identity_svc_failure(&self, identity: &str) {
+        self.mesh_identity_svc_failures
             .get_or_create(&IdentityLabel {
                 identity: identity.to_string(),
             })

@@ -201,6 +201,21 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub mesh_trust_anchors: Option<PathBuf>,
 
+    /// Take mesh certificates from Linkerd's identity service at HOST:PORT (plaintext HTTP/2, e.g. a
+    /// port-forward of linkerd-identity:8080) instead of the embedded CA; needs --mesh-trust-anchors and
+    /// --identity-token-file (docs/mesh.md, "Running under Linkerd's control plane").
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "mesh_identity_dir", requires_all = ["identity_token_file", "mesh_trust_anchors"])]
+    pub identity_svc: Option<String>,
+
+    /// The token sent with every certificate request to --identity-svc (a Kubernetes service-account token),
+    /// reread for each request.
+    #[arg(long, value_name = "FILE")]
+    pub identity_token_file: Option<PathBuf>,
+
+    /// Largest --identity-token-file read.
+    #[arg(long, default_value_t = crate::mesh::identity_svc::DEFAULT_MAX_TOKEN_BYTES, value_name = "BYTES")]
+    pub identity_max_token_bytes: u64,
+
     /// Worker threads of the data plane (0 = one per CPU core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,

@@ -60,6 +60,8 @@ pub enum SourceConfig {
     },
     /// Certificate, key and anchor files in this directory (layout in [`super::files`]).
     Files { dir: PathBuf },
+    /// Linkerd's identity service ([`super::identity_svc`]); the anchors are `--mesh-trust-anchors` alone.
+    IdentitySvc(super::identity_svc::SvcConfig),
 }
 
 /// The identity store's settings.
@@ -92,6 +94,10 @@ pub enum IdentityError {
     CredentialInvalid { identity: String, reason: String },
     #[error("cannot watch {}: {reason}", path.display())]
     Watch { path: PathBuf, reason: String },
+    #[error("--identity-svc needs --mesh-trust-anchors (the control plane's trust anchors)")]
+    SvcWithoutAnchors,
+    #[error("{0}")]
+    Svc(#[from] super::identity_svc::SvcError),
 }
 
 /// One identity's certificate chain and key, as served by the listeners of every VM with that identity.
@@ -117,6 +123,8 @@ pub enum CredentialSource {
     Ca,
     /// Certificate and key files.
     Files,
+    /// Linkerd's identity service.
+    IdentityService,
 }
 
 impl CredentialSource {
@@ -124,6 +132,7 @@ impl CredentialSource {
         match self {
             CredentialSource::Ca => "ca",
             CredentialSource::Files => "files",
+            CredentialSource::IdentityService => "identity-service",
         }
     }
 }
@@ -335,6 +344,7 @@ pub fn renew_delay(lifetime: Duration) -> Duration {
 enum Source {
     Ca { ca: Box<Ca>, lifetime: Duration },
     Files(FilesSource),
+    Svc(super::identity_svc::IdentitySvc),
 }
 
 /// One identity in use.
@@ -410,6 +420,13 @@ impl IdentityStore {
                 let files = FilesSource::open(dir)?;
                 let base = files.read_anchors()?;
                 (Source::Files(files), base)
+            }
+            SourceConfig::IdentitySvc(svc) => {
+                if extra.is_empty() {
+                    return Err(IdentityError::SvcWithoutAnchors);
+                }
+                let svc = super::identity_svc::IdentitySvc::new(svc.clone())?;
+                (Source::Svc(svc), Vec::new())
             }
         };
         let anchors = Arc::new(Anchors {
@@ -531,6 +548,7 @@ async fn publish(
                 _ = stop.cancelled() => return,
             }
         },
+        Source::Svc(svc) => svc.publish(&identity, store.anchors(), &tx, &stop).await,
         Source::Files(files) => {
             let mut changes = files.changes();
             loop {

@@ -25,6 +25,7 @@ pub mod ca;
 pub mod config;
 pub mod files;
 pub mod identity;
+pub mod identity_svc;
 
 // The data plane (issue 14's meshdata side).
 pub mod copy;
