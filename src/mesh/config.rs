@@ -59,10 +59,11 @@ pub fn validate(cfg: &MeshConfig) -> Result<(), ConfigError> {
         ));
     }
     // Listen addresses seen so far (at most 2 x MAX_LISTENERS: a linear search is enough).
+    // Compared by what is bound: `127.0.0.1:4143` and `transparent:127.0.0.1:4143` are one address.
     let mut seen: Vec<ListenAddr> = Vec::new();
     let mut unique = |field: &str, value: &str, inbound: bool| -> Result<(), ConfigError> {
         let addr = listen_addr(field, value, inbound)?;
-        if seen.contains(&addr) {
+        if seen.iter().any(|s| s.endpoint() == addr.endpoint()) {
             return Err(err(
                 field,
                 format!("{value:?} is used by another listener of this VM"),
@@ -189,6 +190,11 @@ mod tests {
             (
                 json!({"identity": B, "inbound": [{"listen": "127.0.0.1:4143", "target": "tcp://127.0.0.1:1"}],
                 "outbound": [{"listen": "127.0.0.1:4143"}]}),
+                "mesh.outbound[0].listen",
+            ),
+            (
+                json!({"identity": B, "inbound": [{"listen": "127.0.0.1:4143", "target": "tcp://127.0.0.1:1"}],
+                "outbound": [{"listen": "transparent:127.0.0.1:4143"}]}),
                 "mesh.outbound[0].listen",
             ),
             (

@@ -206,10 +206,10 @@ impl Credential {
             .ok_or_else(|| invalid("the chain holds no certificate".into()))?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| invalid(format!("the leaf does not parse: {e}")))?;
-        let names = dns_sans(&cert);
+        let names = sans(&cert);
         if !names.iter().any(|n| n == identity) {
             return Err(invalid(format!(
-                "the leaf's DNS names {names:?} do not include the identity"
+                "the leaf's names {names:?} do not include the identity"
             )));
         }
         if !is_p256(cert.public_key()) {
@@ -271,8 +271,9 @@ impl Credential {
     }
 }
 
-/// The DNS SANs of a certificate.
-fn dns_sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+/// A certificate's DNS and URI SANs, in order: the names a peer identity is taken from (`tls::peer_identity`)
+/// and checked against.
+pub fn sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
     use x509_parser::extensions::GeneralName;
     match cert.subject_alternative_name() {
         Ok(Some(san)) => san
@@ -281,6 +282,7 @@ fn dns_sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String>
             .iter()
             .filter_map(|n| match n {
                 GeneralName::DNSName(s) => Some(s.to_string()),
+                GeneralName::URI(u) => Some(u.to_string()),
                 _ => None,
             })
             .collect(),

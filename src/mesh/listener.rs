@@ -158,7 +158,7 @@ impl ListenAddr {
         Ok(ListenAddr::Tcp(tcp(listen)?))
     }
 
-    fn endpoint(&self) -> &Endpoint {
+    pub(crate) fn endpoint(&self) -> &Endpoint {
         match self {
             ListenAddr::Tcp(e) | ListenAddr::Transparent(e) | ListenAddr::Vsock(e) => e,
         }
@@ -213,9 +213,12 @@ async fn bind(ep: &Endpoint, listen: &str) -> Result<Listener, MeshError> {
     };
     if let Endpoint::HybridVsock { path, port } = ep {
         let file = crate::transport::hybrid_listen_path(path, *port);
-        if std::fs::symlink_metadata(&file).is_ok()
-            && std::os::unix::net::UnixStream::connect(&file)
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        // Only a socket is replaced: connecting to a regular file is refused too, and it is not ours.
+        if std::fs::symlink_metadata(&file).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) && std::os::unix::net::UnixStream::connect(&file)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
         {
             let _ = std::fs::remove_file(&file);
         }
@@ -575,6 +578,32 @@ mod tests {
             Err(e) => panic!("{e}"),
         }
     }
+
+    #[tokio::test]
+    async fn a_regular_file_in_the_hybrid_vsock_path_is_not_replaced() {
+        let d = match tempfile::Builder::new().prefix("ccp-mesh-").tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let file = d.path().join("vm.sock_4140");
+        if let Err(e) = std::fs::write(&file, b"not a socket") {
+            panic!("{e}");
+        }
+        let cfg = MeshConfig {
+            identity: "a.ns.serviceaccount.identity.linkerd.cluster.local".into(),
+            inbound: vec![],
+            outbound: vec![OutboundConfig {
+                listen: format!("hvsock://{}/vm.sock:4140", d.path().display()),
+                destination: None,
+                protocol: Default::default(),
+            }],
+        };
+        assert!(matches!(bind_vm(&cfg).await, Err(MeshError::Bind { .. })));
+        assert_eq!(
+            std::fs::read(&file).ok().as_deref(),
+            Some(&b"not a socket"[..])
+        );
+    }
 }
 
 /// The data plane end to end over loopback: two VMs' listeners with a test CA, real sockets both sides.
@@ -887,13 +916,7 @@ mod e2e {
         let ca = TestCa::new();
         let echo = echo_server().await;
         // b's inbound target points at a closed port; the transport header names the echo server's port.
-        let Ok(closed) = TcpListener::bind("127.0.0.1:0").await else {
-            panic!("bind")
-        };
-        let Ok(closed_addr) = closed.local_addr() else {
-            panic!("addr")
-        };
-        drop(closed);
+        let closed_addr = closed_port().await;
         let only_c = Authz {
             identities: vec![C.into()],
             unauthenticated: false,

@@ -176,24 +176,11 @@ impl ServerCertVerifier for IdentityVerifier {
     }
 }
 
-/// A leaf's DNS and URI SANs, in order.
+/// A leaf's DNS and URI SANs, in order; none when it does not parse.
 fn sans(leaf: &CertificateDer<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::DNSName(d) => Some(d.to_string()),
-            GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-        .collect()
+    x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map(|(_, cert)| super::identity::sans(&cert))
+        .unwrap_or_default()
 }
 
 /// The peer's identity: its leaf's first DNS or URI SAN.

@@ -7,9 +7,6 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use crate::transport::Rewind;
 
-/// How long a new connection may take to send its first bytes.
-pub const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// JSON-RPC over HTTP/1.1, HTTP/2 or WebSocket, and stdio stream attach.
@@ -27,10 +24,14 @@ impl Protocol {
     }
 }
 
-/// Read the first two bytes and classify. The bytes are given back through [`Rewind`].
-pub async fn detect<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<(Protocol, Rewind<S>)> {
+/// Read the first two bytes, waiting at most `timeout` (`--client-header-timeout`), and classify. The bytes
+/// are given back through [`Rewind`].
+pub async fn detect<S: AsyncRead + Unpin>(
+    mut stream: S,
+    timeout: Duration,
+) -> io::Result<(Protocol, Rewind<S>)> {
     let mut first = [0u8; 2];
-    let read = tokio::time::timeout(DETECT_TIMEOUT, stream.read_exact(&mut first))
+    let read = tokio::time::timeout(timeout, stream.read_exact(&mut first))
         .await
         .map_err(|_| {
             io::Error::new(
@@ -54,15 +55,17 @@ pub type ClientConn = super::guard::Guarded<Rewind<crate::transport::Connection>
 mod tests {
     use super::*;
 
+    const T: Duration = Duration::from_secs(1);
+
     #[tokio::test]
     async fn classifies_and_rewinds() {
-        let (proto, mut s) = detect(&b"POST / HTTP/1.1\r\n"[..]).await.unwrap();
+        let (proto, mut s) = detect(&b"POST / HTTP/1.1\r\n"[..], T).await.unwrap();
         assert_eq!(proto, Protocol::Http);
         let mut all = String::new();
         s.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "POST / HTTP/1.1\r\n");
-        let (proto, _) = detect(&[0u8, 2, 3, 0][..]).await.unwrap();
+        let (proto, _) = detect(&[0u8, 2, 3, 0][..], T).await.unwrap();
         assert_eq!(proto, Protocol::Legacy);
-        assert!(detect(&[0u8][..]).await.is_err());
+        assert!(detect(&[0u8][..], T).await.is_err());
     }
 }

@@ -7,7 +7,7 @@
 //!   requests and never reads the answers cannot make the daemon queue answers without end (what is queued
 //!   is bounded by what was read before the block: the socket buffers and the requests then in flight);
 //! - a write stays blocked for `--client-write-timeout`: the client is a slow consumer; the connection is
-//!   closed (reads end, writes fail), logged and counted (`cc_proxy_limit_refusals{limit="slow_consumer"}`);
+//!   closed (reads end, writes fail), logged and counted (`cc_proxy_limit_refusals_total{limit="slow_consumer"}`);
 //! - a write proceeds: the state is `Flowing` again and a paused read is woken;
 //! - no byte moves either way for `--client-idle-timeout` while the connection is idle ([`Activity::idle`]:
 //!   no request in flight, no subscription): the connection is closed as idle (`limit="idle"`);

@@ -383,9 +383,12 @@ async fn serve_connection(
     stream: Connection,
     peer: Peer,
 ) {
-    let (protocol, conn) = match detect::detect(stream).await {
+    let (protocol, conn) = match detect::detect(stream, proxy.limits.header_timeout).await {
         Ok(x) => x,
         Err(e) => {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                METRICS.limit_refused(crate::admin::metrics::LimitKind::HeaderTimeout);
+            }
             tracing::debug!(error = %e, "connection closed before its protocol was known");
             return;
         }
@@ -447,6 +450,8 @@ async fn refuse_connection(incoming: Incoming, refusal: accept::Refusal) {
             _ => Vec::new(),
         }
     } else if got >= 2 && head[..2] != [0, 2] {
+        // Answered with a JSON-RPC error, so counted as one, as every other error the API answers.
+        METRICS.api_error(cc_proxy_api::error::TOO_MANY_CONNECTIONS);
         let body = serde_json::json!({
             "jsonrpc": "2.0",
             "id": null,

@@ -16,7 +16,7 @@
 //! - a subscription that starts marks its connection as subscribed, so it is never closed as idle
 //!   ([`crate::server::guard`]).
 //!
-//! Every refusal is counted in `cc_proxy_limit_refusals{limit}` (and, as an error, by the counter above).
+//! Every refusal is counted in `cc_proxy_limit_refusals_total{limit}` (and, as an error, by the counter above).
 
 use std::sync::Arc;
 
