@@ -263,6 +263,15 @@ impl Client {
         self.call(methods::MESH_IDENTITY, json!({ "id": id })).await
     }
 
+    /// A meshed VM's outbound destinations, their endpoints, state and load.
+    pub async fn mesh_endpoints(
+        &self,
+        id: &str,
+    ) -> Result<crate::mesh::MeshEndpoints, ClientError> {
+        self.call(methods::MESH_ENDPOINTS, json!({ "id": id }))
+            .await
+    }
+
     pub async fn agent_call(
         &self,
         params: &AgentCallParams,

@@ -5,6 +5,8 @@
 //! front of a guest port, and outbound listeners through which the guest reaches other meshed workloads.
 //! `docs/mesh.md` is the reference; every field here is a wire name.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// `vm.register`'s optional `mesh` object.
@@ -52,14 +54,20 @@ pub struct OutboundConfig {
     pub protocol: MeshProtocol,
 }
 
-/// A fixed outbound destination.
+/// An outbound destination: fixed `endpoints`, or a `name` resolved by the destination service or DNS.
+/// Exactly one of the two is given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
+    /// `host:port` (e.g. `web.default.svc.cluster.local:80`), resolved with `Destination.Get` when the
+    /// daemon runs with `--destination-svc`, else with DNS (re-resolved after the answer's TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// `IP:PORT` endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
-    /// The identity every endpoint must present; absent: plaintext (`tls="no_identity"`).
+    /// The identity every endpoint must present; absent: plaintext (`tls="no_identity"`). For a named
+    /// destination, the identity of the endpoints the resolver gives none (DNS answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     /// The endpoints are another proxy's inbound port and take opaque traffic behind the transport header
@@ -135,4 +143,119 @@ pub struct MeshIdentity {
     /// The served chain (leaf first) as PEM; certificates only, never the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_pem: Option<String>,
+}
+
+/// `mesh.endpoints {id}` result: each outbound destination of a meshed VM and its endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshEndpoints {
+    pub vm: String,
+    /// One entry per outbound listener that has a `destination` (listeners taking the original
+    /// destination or a PROXY header have no endpoint set and are not listed), in configuration order.
+    pub destinations: Vec<DestinationStatus>,
+}
+
+/// One outbound listener's destination and where its endpoints stand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestinationStatus {
+    /// The listener's `listen` address, as configured.
+    pub listener: String,
+    /// The destination's `name`; absent for fixed endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where the destination's resolution stands.
+    pub state: DestinationState,
+    /// The endpoints known now (the last known ones while `reconnecting`).
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// Where a destination's endpoint set stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestinationState {
+    /// Fixed endpoints from the configuration.
+    Fixed,
+    /// A name not resolved yet.
+    Pending,
+    /// A name resolved; its endpoints are current.
+    Resolved,
+    /// The destination service says the name has no endpoints.
+    NoEndpoints,
+    /// The destination service stream or the DNS lookup failed; the last endpoints are kept meanwhile.
+    Reconnecting,
+}
+
+/// One endpoint of an outbound destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// `IP:PORT`.
+    pub addr: String,
+    /// The identity the endpoint must present (mTLS); absent: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The SNI sent, when it differs from `identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// How the endpoint wants to be spoken to.
+    pub hint: EndpointHint,
+    /// Whether the balancer may pick it.
+    pub state: EndpointState,
+    /// Its current load.
+    pub load: EndpointLoad,
+    /// Metric labels attached to the endpoint's metrics (from the destination service).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An endpoint's protocol hint (the destination service's, or `opaque_transport_port` of a fixed
+/// destination).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "protocol", rename_all = "snake_case")]
+pub enum EndpointHint {
+    /// None: the connection's protocol is kept.
+    #[default]
+    Unknown,
+    /// The endpoint's proxy takes HTTP/2: HTTP/1 requests travel upgraded (`l5d-orig-proto`).
+    H2,
+    /// Opaque TCP; with `transport_port`, behind the transport header naming that port.
+    Opaque {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport_port: Option<u16>,
+    },
+}
+
+impl std::fmt::Display for EndpointHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointHint::Unknown => f.write_str("-"),
+            EndpointHint::H2 => f.write_str("h2"),
+            EndpointHint::Opaque {
+                transport_port: Some(p),
+            } => write!(f, "opaque:{p}"),
+            EndpointHint::Opaque {
+                transport_port: None,
+            } => f.write_str("opaque"),
+        }
+    }
+}
+
+/// Whether the balancer may pick an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    /// Connectable: the balancer may pick it.
+    Ready,
+    /// It failed to connect or to handshake and waits out its backoff before being tried again.
+    Ejected,
+    /// Not tried yet.
+    Pending,
+}
+
+/// An endpoint's load as the balancer sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointLoad {
+    /// Connections (opaque TCP) or requests (HTTP) open to it now.
+    pub open: u64,
+    /// The peak-EWMA latency estimate in milliseconds (HTTP), once measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ewma_ms: Option<f64>,
 }

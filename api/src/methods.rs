@@ -50,3 +50,6 @@ pub const TAP_UNOBSERVE: &str = "tap.unobserve";
 pub const MESH_TRUST_ANCHORS: &str = "mesh.trust_anchors";
 /// `mesh.identity {id}` → [`crate::mesh::MeshIdentity`]: a meshed VM's identity and served certificate.
 pub const MESH_IDENTITY: &str = "mesh.identity";
+/// `mesh.endpoints {id}` → [`crate::mesh::MeshEndpoints`]: each outbound destination's endpoints, their state
+/// and load.
+pub const MESH_ENDPOINTS: &str = "mesh.endpoints";

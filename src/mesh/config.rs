@@ -2,7 +2,7 @@
 //! answered with the field at fault rather than found by a listener later.
 //!
 //! What is checked here is syntax and consistency within one VM's configuration: the identity and every
-//! identity it names, each listen address and target URI, the destination endpoints, the bounds below, and
+//! identity it names, each listen address and target URI, the destination (endpoints, or a name), the bounds below, and
 //! that no two listeners of the VM share an address. Whether an address can actually be bound is found by
 //! binding it (`listener::bind_vm`), which fails the registration too.
 
@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use cc_proxy_api::mesh::{MeshConfig, OutboundConfig};
 
+use super::discover::split_name;
 use super::identity::validate_identity;
 use super::listener::{ListenAddr, MeshError};
 use crate::transport::Endpoint;
@@ -20,6 +21,8 @@ pub const MAX_LISTENERS: usize = 32;
 pub const MAX_AUTHZ_IDENTITIES: usize = 256;
 /// Most endpoints of one fixed outbound destination.
 pub const MAX_ENDPOINTS: usize = 64;
+/// Longest destination name `host:port` (a DNS name's 253 bytes, `:` and a port).
+pub const MAX_NAME_LEN: usize = 259;
 /// One mistake in a mesh configuration: the field (`mesh.inbound[0].target`) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -103,10 +106,18 @@ fn validate_destination(field: &str, outbound: &OutboundConfig) -> Result<(), Co
         return Ok(());
     };
     let field = format!("{field}.destination");
-    if dst.endpoints.is_empty() {
+    if let Some(name) = &dst.name {
+        if !dst.endpoints.is_empty() {
+            return Err(err(
+                format!("{field}.name"),
+                "give either `name` or `endpoints`, not both",
+            ));
+        }
+        validate_name(name).map_err(|r| err(format!("{field}.name"), r))?;
+    } else if dst.endpoints.is_empty() {
         return Err(err(
             format!("{field}.endpoints"),
-            "a fixed destination needs at least one IP:PORT endpoint (omit `destination` to take it from the connection)",
+            "a destination needs a `name` or at least one IP:PORT endpoint (omit `destination` to take it from the connection)",
         ));
     }
     if dst.endpoints.len() > MAX_ENDPOINTS {
@@ -131,11 +142,40 @@ fn validate_destination(field: &str, outbound: &OutboundConfig) -> Result<(), Co
     }
     match dst.opaque_transport_port {
         Some(0) => Err(err(format!("{field}.opaque_transport_port"), "port 0")),
+        Some(_) if dst.name.is_some() => Err(err(
+            format!("{field}.opaque_transport_port"),
+            "a named destination's endpoints carry their own protocol hint: for fixed endpoints only",
+        )),
         Some(_) if dst.identity.is_none() => Err(err(
             format!("{field}.opaque_transport_port"),
             "the transport header travels inside mTLS only: set `identity` too",
         )),
         _ => Ok(()),
+    }
+}
+
+/// Check a destination name: `host:port`, the host a DNS name (letters, digits, `-`, `_`, dots) or an IP
+/// address, at most [`MAX_NAME_LEN`] bytes.
+fn validate_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("longer than {MAX_NAME_LEN} bytes"));
+    }
+    let (host, _) = split_name(name).map_err(|e| e.to_string())?;
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.trim_end_matches('.').split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?}: the host is neither a DNS name nor an IP address"
+        ))
     }
 }
 
@@ -164,6 +204,23 @@ mod tests {
                           "destination": {"endpoints": ["127.0.0.1:4143"], "identity": B}}]
         }));
         assert_eq!(validate(&cfg), Ok(()));
+    }
+
+    #[test]
+    fn named_destinations_are_valid() {
+        for name in [
+            "web.default.svc.cluster.local:80",
+            "web.default.svc.cluster.local.:8080",
+            "10.0.0.7:4143",
+            "[::1]:4143",
+            "my_svc:1",
+        ] {
+            let cfg = config(
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": name, "identity": A}}]}),
+            );
+            assert_eq!(validate(&cfg), Ok(()), "{name}");
+        }
     }
 
     #[test]
@@ -218,6 +275,45 @@ mod tests {
                 json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
                 "destination": {"endpoints": ["10.0.0.1:4143"], "opaque_transport_port": 80}}]}),
                 "mesh.outbound[0].destination.opaque_transport_port",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140", "destination": {}}]}),
+                "mesh.outbound[0].destination.endpoints",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": "web.default.svc.cluster.local:80", "endpoints": ["10.0.0.1:80"]}}]}),
+                "mesh.outbound[0].destination.name",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": "web.default.svc.cluster.local"}}]}),
+                "mesh.outbound[0].destination.name",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": "web.default:0"}}]}),
+                "mesh.outbound[0].destination.name",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": "web/default:80"}}]}),
+                "mesh.outbound[0].destination.name",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": format!("{}:80", "a.".repeat(130))}}]}),
+                "mesh.outbound[0].destination.name",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": "web.default:80", "identity": B, "opaque_transport_port": 80}}]}),
+                "mesh.outbound[0].destination.opaque_transport_port",
+            ),
+            (
+                json!({"identity": B, "outbound": [{"listen": "127.0.0.1:4140",
+                "destination": {"name": "web.default:80", "identity": "B"}}]}),
+                "mesh.outbound[0].destination.identity",
             ),
         ];
         for (cfg, field) in cases {

@@ -683,6 +683,7 @@ mod e2e {
         OutboundConfig {
             listen: "127.0.0.1:0".into(),
             destination: Some(DestinationConfig {
+                name: None,
                 endpoints: vec![ep.to_string()],
                 identity: identity.map(str::to_string),
                 opaque_transport_port: opaque_port,

@@ -131,6 +131,19 @@ impl Mesh {
     /// Check `cfg` and bind its listeners. Nothing stays bound on failure; dropping the result unbinds.
     pub async fn bind(&self, cfg: &MeshConfig) -> Result<Bound, MeshSetupError> {
         config::validate(cfg)?;
+        // Until named destinations are wired to discovery, refuse them rather than serve them as
+        // destination-less listeners.
+        if let Some(i) = cfg
+            .outbound
+            .iter()
+            .position(|o| o.destination.as_ref().is_some_and(|d| d.name.is_some()))
+        {
+            return Err(config::ConfigError {
+                field: format!("mesh.outbound[{i}].destination.name"),
+                reason: "named destinations are not served by this build yet".into(),
+            }
+            .into());
+        }
         let inner = listener::bind_vm(cfg).await?;
         Ok(Bound { inner })
     }
