@@ -241,6 +241,14 @@ impl Config {
                     .max(MIN_MESH_TIMEOUT),
                 idle_timeout: Duration::from_secs(cli.mesh_idle_timeout.max(1)),
                 max_header_bytes: cli.mesh_max_header_bytes.max(1024),
+                eject_backoff_min: Duration::from_millis(cli.mesh_eject_backoff_min_ms.max(1)),
+                eject_backoff_max: Duration::from_millis(
+                    cli.mesh_eject_backoff_max_ms
+                        .max(cli.mesh_eject_backoff_min_ms)
+                        .max(1),
+                ),
+                failfast_timeout: Duration::from_millis(cli.mesh_failfast_timeout_ms)
+                    .max(MIN_MESH_TIMEOUT),
             },
             mesh_identity: IdentityConfig {
                 source,

@@ -187,6 +187,20 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_MAX_HEADER_BYTES, value_name = "BYTES")]
     pub mesh_max_header_bytes: usize,
 
+    /// Mesh: milliseconds an outbound endpoint that failed to connect or to handshake is first ejected for
+    /// (not picked, kept in the set); doubled per consecutive failure up to `--mesh-eject-backoff-max-ms`.
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_EJECT_BACKOFF_MIN.as_millis() as u64, value_name = "MS")]
+    pub mesh_eject_backoff_min_ms: u64,
+
+    /// Mesh: longest ejection of an outbound endpoint, in milliseconds (at least the minimum).
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_EJECT_BACKOFF_MAX.as_millis() as u64, value_name = "MS")]
+    pub mesh_eject_backoff_max_ms: u64,
+
+    /// Mesh: milliseconds an outbound request or connection waits for a ready endpoint; then HTTP gets 503
+    /// with `l5d-proxy-error` and opaque connections are closed (`reason="unavailable"`).
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_FAILFAST_TIMEOUT.as_millis() as u64, value_name = "MS")]
+    pub mesh_failfast_timeout_ms: u64,
+
     /// Lifetime of the certificates the embedded mesh CA issues (renewed at 70%): a number with a unit,
     /// `s`, `m`, `h` or `d` (2s to 365d).
     #[arg(long, default_value = crate::mesh::identity::DEFAULT_CERT_LIFETIME, value_name = "DURATION")]

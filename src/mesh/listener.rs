@@ -50,6 +50,14 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Bytes of HTTP request or response headers (`--mesh-max-header-bytes`).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// First ejection of an outbound endpoint that failed to connect or handshake (`--mesh-eject-backoff-min-ms`);
+/// doubled per consecutive failure.
+pub const DEFAULT_EJECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest ejection (`--mesh-eject-backoff-max-ms`).
+pub const DEFAULT_EJECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest wait of an outbound request or connection for a ready endpoint before it fails (503 with
+/// `l5d-proxy-error`, or the connection closed) (`--mesh-failfast-timeout-ms`); Linkerd's outbound waits 3 s.
+pub const DEFAULT_FAILFAST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The data plane's limits, daemon-wide.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +69,9 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    pub eject_backoff_min: Duration,
+    pub eject_backoff_max: Duration,
+    pub failfast_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -73,6 +84,9 @@ impl Default for Limits {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            eject_backoff_min: DEFAULT_EJECT_BACKOFF_MIN,
+            eject_backoff_max: DEFAULT_EJECT_BACKOFF_MAX,
+            failfast_timeout: DEFAULT_FAILFAST_TIMEOUT,
         }
     }
 }
@@ -241,7 +255,7 @@ pub async fn bind_vm(cfg: &MeshConfig) -> Result<BoundListeners, MeshError> {
     }
     for ob in &cfg.outbound {
         let addr = ListenAddr::parse(&ob.listen, false)?;
-        let role = Role::Outbound(Arc::new(super::outbound::OutboundListener::new(ob)?));
+        let role = Role::Outbound(Arc::new(super::outbound::OutboundListener::new(ob, None)?));
         plan.push((ob.listen.clone(), addr, role));
     }
     for (listen, addr, role) in plan {

@@ -82,6 +82,8 @@ pub enum Refusal {
     Connect,
     /// A transport header on a target without ports (`unix://`), or no destination known.
     NoDestination,
+    /// No endpoint of the destination was ready within `--mesh-failfast-timeout-ms`.
+    Unavailable,
 }
 
 impl Refusal {
@@ -95,6 +97,7 @@ impl Refusal {
             Refusal::Header => "header",
             Refusal::Connect => "connect",
             Refusal::NoDestination => "no_destination",
+            Refusal::Unavailable => "unavailable",
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod identity_svc;
 
 // The data plane (issue 14's meshdata side).
+pub mod balance;
 pub mod copy;
 pub mod detect;
 // Discovery by name is built but not yet read by the outbound side (issue 15 item 2 wiring): allowed unused until then.

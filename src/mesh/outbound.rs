@@ -1,36 +1,43 @@
 //! Outbound: the guest's connection to another workload, through one of its VM's outbound listeners.
 //!
 //! States of a connection:
-//! 1. `Destination`: where it goes: the listener's fixed endpoints (one chosen by the power of two choices
-//!    over the connections open to each), else the original destination of a `transparent:` listener
-//!    (`SO_ORIGINAL_DST`), else a PROXY protocol v2 header the guest sends first (read with the `ppp` crate,
-//!    at most [`MAX_PROXY_HEADER`] bytes within the handshake timeout; `LOCAL` or non-IP headers refused).
-//! 2. `Protocol`: unless the listener is `opaque` or sends the transport header, the guest's first bytes are
-//!    examined (bounded like inbound detection): HTTP/1 or HTTP/2 requests are served with hyper and sent over
-//!    pooled connections (`http`), a new pooled connection going to the endpoint the two-choices rule picks;
-//!    anything else is opaque.
-//! 3. `Connect`: TCP to the chosen address within the connect timeout.
-//! 4. `Handshake`: the destination has an identity: TLS 1.3 with the VM's certificate, SNI = that identity,
-//!    the server's SAN must equal it (`tls="true"`, `server_id`); no identity: plaintext
-//!    (`tls="no_identity"`). With `opaque_transport_port` the client offers ALPN `transport.l5d.io/v1` and
-//!    sends the transport header naming that port first.
-//! 5. `Forward`: opaque bytes copied both ways with half-close (`copy`); HTTP request by request (an
+//! 1. `Destination`: where it goes: the listener's endpoint set ([`Destination`]: fixed endpoints, or a
+//!    discovered name's), else the original destination of a `transparent:` listener (`SO_ORIGINAL_DST`),
+//!    else a PROXY protocol v2 header the guest sends first (read with the `ppp` crate, at most
+//!    [`MAX_PROXY_HEADER`] bytes within the handshake timeout; `LOCAL` or non-IP headers refused).
+//! 2. `Protocol`: unless the listener is `opaque` or its fixed endpoints take the transport header, the
+//!    guest's first bytes are examined (bounded like inbound detection): HTTP/1 or HTTP/2 requests are served
+//!    with hyper and sent over pooled connections (`http`); anything else is opaque.
+//! 3. `Choose`: an endpoint of the set that is not ejected, by the power of two choices over the connections
+//!    open to each; when none is ready the connection waits at most `--mesh-failfast-timeout-ms`, then is
+//!    refused (`reason="unavailable"`).
+//! 4. `Connect`: TCP to the chosen address within the connect timeout.
+//! 5. `Handshake`: the endpoint has an identity (its own, or the listener's `destination.identity`): TLS 1.3
+//!    with the VM's certificate, SNI = that identity, the server's SAN must equal it (`tls="true"`,
+//!    `server_id`); no identity: plaintext (`tls="no_identity"`). An endpoint with an opaque-transport hint
+//!    (`opaque_transport_port` of fixed endpoints) gets ALPN `transport.l5d.io/v1` and the transport header
+//!    naming that port first. A failed connect or handshake ejects the endpoint (`balance`).
+//! 6. `Forward`: opaque bytes copied both ways with half-close (`copy`); HTTP request by request (an
 //!    unreachable destination answers 502 with `l5d-proxy-error`).
 //!
-//! Refusals (no destination, a bad header, an unreachable endpoint, a failed handshake) close the guest's
-//! connection and are counted in `cc_proxy_mesh_refused_total{direction="outbound"}`.
+//! Refusals (no destination, a bad header, no ready endpoint, an unreachable endpoint, a failed handshake)
+//! close the guest's connection and are counted in `cc_proxy_mesh_refused_total{direction="outbound"}`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use cc_proxy_api::mesh::{MeshProtocol, OutboundConfig};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
+use super::balance::api::EndpointStatus;
+use super::balance::{Destination, Member};
 use super::copy::{self, Transferred};
 use super::detect::{self, Detected};
+use super::discover::{EndpointSet, Hint};
 use super::http::{self, Upstream};
 use super::inbound::BoxIo;
 use super::listener::{limits, Accepted, MeshError, VmShared};
@@ -41,16 +48,10 @@ use crate::transport::Rewind;
 /// Most bytes of a PROXY v2 header (16 fixed bytes and the addresses; TLVs beyond this are refused).
 pub const MAX_PROXY_HEADER: usize = 536;
 
-/// One endpoint of a fixed destination and the connections open to it.
-pub struct EndpointState {
-    pub addr: SocketAddr,
-    open: AtomicUsize,
-}
-
 /// Where a listener's connections go.
 pub enum Dest {
-    /// Fixed endpoints (`destination.endpoints`).
-    Fixed(Vec<Arc<EndpointState>>),
+    /// An endpoint set: fixed endpoints (`destination.endpoints`) or a discovered name.
+    Set(Arc<Destination>),
     /// The original destination, else a PROXY v2 header.
     Dynamic,
 }
@@ -59,42 +60,40 @@ pub enum Dest {
 pub struct OutboundListener {
     pub cfg: OutboundConfig,
     pub dest: Dest,
-    /// The identity every endpoint must present; `None`: plaintext.
+    /// The listener's `destination.identity`: every fixed endpoint's, and a discovered endpoint's that has
+    /// none; `None`: plaintext.
     pub identity: Option<String>,
+    /// Fixed endpoints behind the transport header: the guest's bytes are not examined.
     pub opaque_transport_port: Option<u16>,
-    /// Pooled HTTP connections to a fixed destination, made at the first HTTP connection.
+    /// Pooled HTTP connections to the endpoint set, made at the first HTTP connection.
     pool: std::sync::OnceLock<Arc<Upstream>>,
 }
 
 impl OutboundListener {
-    pub fn new(cfg: &OutboundConfig) -> Result<OutboundListener, MeshError> {
-        let (dest, identity, opaque) = match &cfg.destination {
-            None => (Dest::Dynamic, None, None),
-            Some(d) => {
-                let mut eps = Vec::new();
-                for e in &d.endpoints {
-                    let addr: SocketAddr = e.parse().map_err(|_| MeshError::InvalidEndpoint {
-                        endpoint: e.clone(),
-                    })?;
-                    eps.push(Arc::new(EndpointState {
-                        addr,
-                        open: AtomicUsize::new(0),
-                    }));
-                }
-                if let Some(id) = &d.identity {
-                    if ServerName::try_from(id.as_str()).is_err() {
-                        return Err(MeshError::InvalidIdentity {
-                            identity: id.clone(),
-                        });
-                    }
-                }
-                let dest = if eps.is_empty() {
-                    Dest::Dynamic
-                } else {
-                    Dest::Fixed(eps)
-                };
-                (dest, d.identity.clone(), d.opaque_transport_port)
+    /// `discovered`: the endpoint set of a named destination (its lease held by the caller as long as the
+    /// listener); `None`: the configuration's fixed endpoints, or no destination.
+    pub fn new(
+        cfg: &OutboundConfig,
+        discovered: Option<watch::Receiver<Arc<EndpointSet>>>,
+    ) -> Result<OutboundListener, MeshError> {
+        let identity = cfg.destination.as_ref().and_then(|d| d.identity.clone());
+        if let Some(id) = &identity {
+            if ServerName::try_from(id.as_str()).is_err() {
+                return Err(MeshError::InvalidIdentity {
+                    identity: id.clone(),
+                });
             }
+        }
+        let (dest, opaque) = match (discovered, &cfg.destination) {
+            (Some(rx), _) => (
+                Dest::Set(Arc::new(Destination::discovered(rx, identity.clone()))),
+                None,
+            ),
+            (None, Some(d)) if !d.endpoints.is_empty() => (
+                Dest::Set(Arc::new(Destination::fixed(d)?)),
+                d.opaque_transport_port,
+            ),
+            (None, _) => (Dest::Dynamic, None),
         };
         Ok(OutboundListener {
             cfg: cfg.clone(),
@@ -104,39 +103,74 @@ impl OutboundListener {
             pool: std::sync::OnceLock::new(),
         })
     }
-}
 
-/// Power of two choices over open connections: of two endpoints picked at random, the less loaded.
-fn choose(eps: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
-    match eps.len() {
-        0 => None,
-        1 => Some(eps[0].clone()),
-        n => {
-            let a = rand::random_range(0..n);
-            let mut b = rand::random_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
-            let (ea, eb) = (&eps[a], &eps[b]);
-            Some(
-                if eb.open.load(Ordering::Relaxed) < ea.open.load(Ordering::Relaxed) {
-                    eb.clone()
-                } else {
-                    ea.clone()
-                },
-            )
+    /// Each endpoint of the listener's destination, its state and load (empty without an endpoint set).
+    #[allow(dead_code)] // read by `mesh.endpoints` once disco wires it
+    pub fn status(&self) -> Vec<EndpointStatus> {
+        match &self.dest {
+            Dest::Set(d) => d.status(),
+            Dest::Dynamic => Vec::new(),
         }
     }
 }
 
-/// Holds an endpoint's open-connection count up while the connection lives.
-struct OpenGuard(Option<Arc<EndpointState>>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        if let Some(e) = &self.0 {
-            e.open.fetch_sub(1, Ordering::Relaxed);
+/// Wait (at most `--mesh-failfast-timeout-ms`) until a member of `dest` may be picked, and pick one by the
+/// power of two choices over open connections.
+async fn ready_member(dest: &Destination) -> Result<Arc<Member>, OutboundError> {
+    let deadline = tokio::time::Instant::now() + limits().failfast_timeout;
+    let mut changes = dest.subscribe();
+    loop {
+        if let Some(m) = dest.choose() {
+            return Ok(m);
         }
+        // Nothing ready: wake when the first ejection ends or the set changes.
+        let now = Instant::now();
+        let wake = dest
+            .members()
+            .iter()
+            .filter_map(|m| m.ejected_until(now))
+            .min()
+            .map(|t| tokio::time::Instant::from_std(t).min(deadline))
+            .unwrap_or(deadline);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            r = changes.changed() => if r.is_err() {
+                // A fixed set never changes: only the ejections' ends matter.
+                tokio::time::sleep_until(wake).await;
+            },
+        }
+        if tokio::time::Instant::now() >= deadline && dest.choose().is_none() {
+            return Err(OutboundError::Unavailable);
+        }
+    }
+}
+
+/// Connect to `member` (its identity, transport hint); a failed connect or handshake ejects it.
+async fn connect_member(
+    vm: &VmShared,
+    member: &Member,
+    transport_port: Option<u16>,
+) -> Result<BoxIo, OutboundError> {
+    let e = &member.endpoint;
+    match open_upstream(vm, e.addr, e.identity.as_deref(), transport_port).await {
+        Ok(io) => {
+            member.succeeded();
+            Ok(io)
+        }
+        Err(err) => {
+            if err.ejects() && member.failed() {
+                tracing::info!(vm = %vm.vm, endpoint = %e.addr, error = %err, "mesh outbound: endpoint ejected");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// The transport port a member's hint asks for.
+fn transport_port(member: &Member) -> Option<u16> {
+    match member.endpoint.hint {
+        Hint::Opaque { transport_port } if member.endpoint.identity.is_some() => transport_port,
+        _ => None,
     }
 }
 
@@ -145,6 +179,8 @@ impl Drop for OpenGuard {
 pub enum OutboundError {
     #[error("no destination: no fixed endpoint, original destination or PROXY header")]
     NoDestination,
+    #[error("no endpoint of the destination is ready")]
+    Unavailable,
     #[error("PROXY v2 header: {0}")]
     ProxyHeader(String),
     #[error("PROXY v2 header did not arrive in time")]
@@ -179,9 +215,22 @@ pub enum OutboundError {
 }
 
 impl OutboundError {
+    /// Whether the endpoint is at fault (it cannot be reached, or fails the handshake): it is ejected.
+    fn ejects(&self) -> bool {
+        matches!(
+            self,
+            OutboundError::Connect { .. }
+                | OutboundError::ConnectTimeout(_)
+                | OutboundError::Handshake { .. }
+                | OutboundError::HandshakeTimeout(_)
+                | OutboundError::TransportHeader(_)
+        )
+    }
+
     fn refusal(&self) -> Option<Refusal> {
         match self {
             OutboundError::NoDestination => Some(Refusal::NoDestination),
+            OutboundError::Unavailable => Some(Refusal::Unavailable),
             OutboundError::ProxyHeader(_)
             | OutboundError::ProxyHeaderTimeout
             | OutboundError::ProxyIo(_) => Some(Refusal::Header),
@@ -314,8 +363,8 @@ pub async fn open_upstream(
 /// Where pooled HTTP connections go.
 #[derive(Clone)]
 enum PoolDest {
-    /// One of the fixed endpoints, chosen per connection.
-    Fixed(Vec<Arc<EndpointState>>),
+    /// A member of the endpoint set, chosen per connection.
+    Set(Arc<Destination>),
     /// One address (an original destination or a PROXY header's).
     Addr(SocketAddr),
 }
@@ -323,9 +372,10 @@ enum PoolDest {
 /// Pooled HTTP connections to a destination, opened over mTLS (or plaintext without an identity).
 fn upstream(vm: Arc<VmShared>, dest: PoolDest, identity: Option<String>) -> Arc<Upstream> {
     let name = match &dest {
-        PoolDest::Fixed(eps) => eps
+        PoolDest::Set(d) => d
+            .members()
             .iter()
-            .map(|e| e.addr.to_string())
+            .map(|m| m.addr().to_string())
             .collect::<Vec<_>>()
             .join(","),
         PoolDest::Addr(a) => a.to_string(),
@@ -333,21 +383,24 @@ fn upstream(vm: Arc<VmShared>, dest: PoolDest, identity: Option<String>) -> Arc<
     let connect: http::ConnectFn = Arc::new(move || {
         let (vm, dest, identity) = (vm.clone(), dest.clone(), identity.clone());
         Box::pin(async move {
-            let (addr, endpoint) = match &dest {
-                PoolDest::Fixed(eps) => {
-                    let e = choose(eps).ok_or(OutboundError::NoDestination)?;
-                    (e.addr, Some(e))
-                }
-                PoolDest::Addr(a) => (*a, None),
+            let opened = match &dest {
+                PoolDest::Set(d) => match ready_member(d).await {
+                    Ok(m) => {
+                        let guard = m.open_guard();
+                        connect_member(&vm, &m, transport_port(&m))
+                            .await
+                            .map(|io| (io, Some(guard)))
+                    }
+                    Err(e) => Err(e),
+                },
+                PoolDest::Addr(a) => open_upstream(&vm, *a, identity.as_deref(), None)
+                    .await
+                    .map(|io| (io, None)),
             };
-            if let Some(e) = &endpoint {
-                e.open.fetch_add(1, Ordering::Relaxed);
-            }
-            let guard = OpenGuard(endpoint);
-            match open_upstream(&vm, addr, identity.as_deref(), None).await {
-                Ok(io) => Ok(http::UpstreamIo {
+            match opened {
+                Ok((io, guard)) => Ok(http::UpstreamIo {
                     io,
-                    _hold: Some(Box::new(guard)),
+                    _hold: guard.map(|g| Box::new(g) as Box<dyn Send + Sync>),
                 }),
                 Err(e) => {
                     if let Some(r) = e.refusal() {
@@ -364,25 +417,24 @@ fn upstream(vm: Arc<VmShared>, dest: PoolDest, identity: Option<String>) -> Arc<
 async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<(), OutboundError> {
     let lim = limits();
     let mut guest = acc.conn;
-    let (addr, endpoint) = match &l.dest {
-        Dest::Fixed(eps) => {
-            let e = choose(eps).ok_or(OutboundError::NoDestination)?;
-            (e.addr, Some(e))
-        }
+    let addr = match &l.dest {
+        Dest::Set(_) => None,
         Dest::Dynamic => match acc.original_dst {
-            Some(a) => (a, None),
+            Some(a) => Some(a),
             None => {
                 let a = tokio::time::timeout(lim.handshake_timeout, read_proxy_header(&mut guest))
                     .await
                     .map_err(|_| OutboundError::ProxyHeaderTimeout)??;
-                (a, None)
+                Some(a)
             }
         },
     };
-    let tls_label = if l.identity.is_some() {
-        TlsLabel::Yes
-    } else {
-        TlsLabel::NoIdentity
+    let tls_label = |identity: Option<&str>| {
+        if identity.is_some() {
+            TlsLabel::Yes
+        } else {
+            TlsLabel::NoIdentity
+        }
     };
     // HTTP from the guest (not for the transport header, which carries opaque bytes): requests go over
     // pooled connections.
@@ -398,22 +450,22 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
             (_, d) => d,
         };
         if d != Detected::Opaque {
-            let pool = match &l.dest {
-                Dest::Fixed(eps) => l
+            let pool = match (&l.dest, addr) {
+                (Dest::Set(set), _) => l
                     .pool
                     .get_or_init(|| {
-                        upstream(vm.clone(), PoolDest::Fixed(eps.clone()), l.identity.clone())
+                        upstream(vm.clone(), PoolDest::Set(set.clone()), l.identity.clone())
                     })
                     .clone(),
-                Dest::Dynamic => upstream(vm.clone(), PoolDest::Addr(addr), l.identity.clone()),
+                (Dest::Dynamic, Some(a)) => {
+                    upstream(vm.clone(), PoolDest::Addr(a), l.identity.clone())
+                }
+                (Dest::Dynamic, None) => return Err(OutboundError::NoDestination),
             };
+            let tls = tls_label(l.identity.as_deref());
             let counts = Arc::new(Transferred::default());
-            let conn_metrics = TcpConn::open(
-                &vm.vm,
-                Direction::Outbound,
-                tls_label,
-                l.identity.as_deref(),
-            );
+            let conn_metrics =
+                TcpConn::open(&vm.vm, Direction::Outbound, tls, l.identity.as_deref());
             let io = metrics::Counted::new(guest, counts.clone());
             let r = http::serve_inbound(
                 Box::new(io),
@@ -422,7 +474,7 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
                     direction: Direction::Outbound,
                     vm: vm.vm.clone(),
                     peer: l.identity.clone(),
-                    tls: tls_label,
+                    tls,
                     denied: None,
                     upstream: pool,
                     guest: match l.cfg.protocol {
@@ -440,17 +492,26 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
             return r.map_err(OutboundError::Http);
         }
     }
-    if let Some(e) = &endpoint {
-        e.open.fetch_add(1, Ordering::Relaxed);
-    }
-    let _open = OpenGuard(endpoint);
-    let server = open_upstream(vm, addr, l.identity.as_deref(), l.opaque_transport_port).await?;
+    // Opaque: one connection to one endpoint.
+    let (server, identity, _open) = match (&l.dest, addr) {
+        (Dest::Set(set), _) => {
+            let m = ready_member(set).await?;
+            let open = m.open_guard();
+            let io = connect_member(vm, &m, transport_port(&m)).await?;
+            (io, m.endpoint.identity.clone(), Some(open))
+        }
+        (Dest::Dynamic, Some(a)) => {
+            let io = open_upstream(vm, a, l.identity.as_deref(), None).await?;
+            (io, l.identity.clone(), None)
+        }
+        (Dest::Dynamic, None) => return Err(OutboundError::NoDestination),
+    };
     let counts = Transferred::default();
     let conn_metrics = TcpConn::open(
         &vm.vm,
         Direction::Outbound,
-        tls_label,
-        l.identity.as_deref(),
+        tls_label(identity.as_deref()),
+        identity.as_deref(),
     );
     let r = copy::bidirectional(guest, server, &counts).await;
     conn_metrics.close(&counts, r.as_ref().err().and_then(copy::CopyError::errno));
@@ -460,23 +521,6 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn two_choices_prefer_the_less_loaded() {
-        let eps: Vec<Arc<EndpointState>> = (0..2)
-            .map(|i| {
-                Arc::new(EndpointState {
-                    addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-                    open: AtomicUsize::new(0),
-                })
-            })
-            .collect();
-        eps[0].open.store(5, Ordering::Relaxed);
-        for _ in 0..20 {
-            assert_eq!(choose(&eps).map(|e| e.addr.port()), Some(1001));
-        }
-        assert!(choose(&[]).is_none());
-    }
 
     #[tokio::test]
     async fn proxy_v2_headers_name_the_destination_and_bad_ones_are_refused() {
