@@ -20,58 +20,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cc_proxy_api::mesh::DestinationConfig;
+use cc_proxy_api::mesh::{
+    DestinationConfig, EndpointHint, EndpointLoad, EndpointState, EndpointStatus,
+};
 use tokio::sync::watch;
 
 use super::discover::{Endpoint, EndpointSet, Hint, SetState};
 use super::listener::{limits, MeshError};
-
-/// Stand-in for `cc_proxy_api::mesh`'s endpoint status types (disco's `mesh.endpoints`), until they land.
-pub mod api {
-    // Read by `mesh.endpoints` once disco wires it.
-    #![allow(dead_code)]
-    use std::collections::BTreeMap;
-
-    /// One endpoint of an outbound destination.
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct EndpointStatus {
-        pub addr: String,
-        pub identity: Option<String>,
-        pub server_name: Option<String>,
-        pub hint: EndpointHint,
-        pub state: EndpointState,
-        pub load: EndpointLoad,
-        pub labels: BTreeMap<String, String>,
-    }
-
-    /// An endpoint's protocol hint.
-    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-    pub enum EndpointHint {
-        #[default]
-        Unknown,
-        H2,
-        Opaque {
-            transport_port: Option<u16>,
-        },
-    }
-
-    /// Whether the balancer may pick an endpoint.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum EndpointState {
-        Ready,
-        Ejected,
-        Pending,
-    }
-
-    /// An endpoint's load as the balancer sees it.
-    #[derive(Debug, Clone, Copy, Default, PartialEq)]
-    pub struct EndpointLoad {
-        pub open: u64,
-        pub ewma_ms: Option<f64>,
-    }
-}
-
-use api::{EndpointHint, EndpointLoad, EndpointState, EndpointStatus};
 
 /// Where an endpoint stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,6 +424,7 @@ mod tests {
     fn fixed_endpoints_carry_the_configured_identity_and_transport_hint() {
         let d = Destination::fixed(&DestinationConfig {
             endpoints: vec!["127.0.0.1:4143".into(), "127.0.0.2:4143".into()],
+            name: None,
             identity: Some("web.id".into()),
             opaque_transport_port: Some(8080),
         })
@@ -482,6 +438,7 @@ mod tests {
                 }));
         assert!(Destination::fixed(&DestinationConfig {
             endpoints: vec!["nope".into()],
+            name: None,
             identity: None,
             opaque_transport_port: None,
         })

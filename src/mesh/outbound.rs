@@ -27,13 +27,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cc_proxy_api::mesh::{MeshProtocol, OutboundConfig};
+use cc_proxy_api::mesh::{EndpointStatus, MeshProtocol, OutboundConfig};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::balance::api::EndpointStatus;
 use super::balance::{Destination, Member};
 use super::copy::{self, Transferred};
 use super::detect::{self, Detected};
