@@ -116,6 +116,9 @@ pub struct CertificateInfo {
     pub identity: String,
     /// Hex serial number.
     pub serial: String,
+    /// RFC 3339 start of validity (empty from a daemon that does not report it).
+    #[serde(default)]
+    pub not_before: String,
     /// RFC 3339 expiry.
     pub not_after: String,
     /// `"ca"` (the embedded CA), `"files"` or `"identity-service"`.
@@ -137,6 +140,9 @@ pub struct TrustAnchors {
 pub struct MeshIdentity {
     pub vm: String,
     pub identity: String,
+    /// Whether the identity's listeners have a certificate to serve, and whether it is still valid.
+    #[serde(default)]
+    pub state: IdentityState,
     /// Absent until a certificate was issued (or while the identity files are missing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateInfo>,
@@ -258,4 +264,29 @@ pub struct EndpointLoad {
     /// The peak-EWMA latency estimate in milliseconds (HTTP), once measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ewma_ms: Option<f64>,
+}
+
+/// `mesh.identity`'s `state`: where a meshed identity's certificate stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityState {
+    /// No certificate yet (being issued, the identity files missing, the identity service not answered):
+    /// the VM's listeners do not serve.
+    #[default]
+    Pending,
+    /// A certificate within its validity is served.
+    Valid,
+    /// The served certificate has expired and its source has not renewed it (the identity service
+    /// unreachable): peers refuse it until a new one arrives.
+    Expired,
+}
+
+impl IdentityState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityState::Pending => "pending",
+            IdentityState::Valid => "valid",
+            IdentityState::Expired => "expired",
+        }
+    }
 }

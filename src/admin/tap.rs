@@ -78,6 +78,9 @@ pub struct MeshRequest {
     pub latency_us: u64,
     /// The peer's identity (inbound: the client's; outbound: the server's), when authenticated.
     pub peer_identity: Option<String>,
+    /// What answered: inbound, the guest target (`tcp://127.0.0.1:8080`); outbound, the endpoint the
+    /// request's connection went to (`10.0.0.7:4143`). `None` when the proxy answered itself (403, 502).
+    pub endpoint: Option<String>,
 }
 
 /// The states a `vm_state` event reports.

@@ -280,10 +280,12 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                 } else {
                     println!("vm:          {}", id.vm);
                     println!("identity:    {}", id.identity);
+                    println!("state:       {}", id.state.as_str());
                     match (&id.certificate, &id.chain_pem) {
                         (Some(c), Some(pem)) => {
-                            println!("source:      {}", c.source);
+                            println!("source:      {}", source_name(&c.source));
                             println!("serial:      {}", c.serial);
+                            println!("not before:  {}", c.not_before);
                             println!("not after:   {}", c.not_after);
                             print!("{pem}");
                         }
@@ -338,6 +340,7 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
             }
             Command::Tap {
                 vm,
+                mesh,
                 limit,
                 filter,
                 rate,
@@ -348,6 +351,7 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                     limit,
                     filter,
                     rate,
+                    mesh,
                 },
                 json,
             )
@@ -387,6 +391,18 @@ fn print_help(path: &[String]) -> u8 {
     match current.print_help() {
         Ok(()) => 0,
         Err(_) => 1,
+    }
+}
+
+/// A certificate's `source` (`vm.info`, `mesh.identity`) in words.
+fn source_name(source: &str) -> String {
+    match source {
+        "ca" => "ca (the embedded CA)".to_string(),
+        "files" => "files (--mesh-identity-dir)".to_string(),
+        "identity-service" => {
+            "identity-service (Linkerd's identity service, --identity-svc)".to_string()
+        }
+        other => other.to_string(),
     }
 }
 

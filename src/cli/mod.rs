@@ -349,10 +349,16 @@ pub enum Command {
         #[arg(value_name = "COMMAND")]
         command: Vec<String>,
     },
-    /// Watch live events (agent commands, process starts and exits, attaches, VM state), one line each.
+    /// Watch live events (agent commands, process starts and exits, attaches, VM state, mesh requests), one
+    /// line each; with --mesh only the mesh's HTTP requests, as direction, method, authority, path, status,
+    /// latency, peer identity and endpoint.
     Tap {
         /// Only this VM's events.
         vm: Option<String>,
+        /// Only mesh HTTP requests (inbound and outbound), one line each: direction, method, authority, path,
+        /// status, latency, peer identity, endpoint.
+        #[arg(long, conflicts_with = "filter")]
+        mesh: bool,
         /// Stop after this many events.
         #[arg(long)]
         limit: Option<u64>,

@@ -67,7 +67,14 @@ type RespBody = BoxBody<Bytes, hyper::Error>;
 pub struct UpstreamIo {
     pub io: BoxIo,
     pub _hold: Option<Box<dyn Send + Sync>>,
+    /// What the connection reached (the guest target, the chosen endpoint's address): every response that
+    /// comes over it carries it (an [`UpstreamEndpoint`] extension), for the tap.
+    pub endpoint: Option<String>,
 }
+
+/// The response extension naming the upstream a pooled connection reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamEndpoint(pub String);
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(
@@ -97,7 +104,10 @@ impl AsyncWrite for UpstreamIo {
 
 impl HyperConnection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        match &self.endpoint {
+            Some(e) => Connected::new().extra(UpstreamEndpoint(e.clone())),
+            None => Connected::new(),
+        }
     }
 }
 
@@ -145,6 +155,7 @@ impl Upstream {
         let connect: ConnectFn = Arc::new(move || {
             let target = target.clone();
             Box::pin(async move {
+                let endpoint = Some(target.to_string());
                 let c = target
                     .connect(limits().connect_timeout)
                     .await
@@ -152,6 +163,7 @@ impl Upstream {
                 Ok(UpstreamIo {
                     io: Box::new(c),
                     _hold: None,
+                    endpoint,
                 })
             })
         });
@@ -258,7 +270,7 @@ async fn handle(
         .path_and_query()
         .map(|p| p.to_string())
         .unwrap_or_default();
-    let resp = match s.denied {
+    let (resp, endpoint) = match s.denied {
         Some(reason) => {
             let msg = match reason {
                 Refusal::Unauthenticated => {
@@ -269,7 +281,7 @@ async fn handle(
                     s.peer.as_deref().unwrap_or("an unauthenticated client")
                 ),
             };
-            proxy_response(StatusCode::FORBIDDEN, &msg)
+            (proxy_response(StatusCode::FORBIDDEN, &msg), None)
         }
         None => forward(&s, req, &auth).await,
     };
@@ -289,6 +301,7 @@ async fn handle(
             status,
             latency_us: latency.as_micros() as u64,
             peer_identity: peer,
+            endpoint,
         };
         match direction {
             Direction::Inbound => TapEvent::MeshInboundRequest(r),
@@ -298,8 +311,13 @@ async fn handle(
     Ok(resp)
 }
 
-/// Send the request upstream (the guest, or the mesh destination) and bring back its response.
-async fn forward(s: &HttpSession, mut req: Request<Incoming>, auth: &str) -> Response<RespBody> {
+/// Send the request upstream (the guest, or the mesh destination) and bring back its response, with the
+/// upstream that answered (`None` when nothing did).
+async fn forward(
+    s: &HttpSession,
+    mut req: Request<Incoming>,
+    auth: &str,
+) -> (Response<RespBody>, Option<String>) {
     let inbound = s.direction == Direction::Inbound;
     if inbound {
         let headers = req.headers_mut();
@@ -366,12 +384,19 @@ async fn forward(s: &HttpSession, mut req: Request<Incoming>, auth: &str) -> Res
         Ok(r) => r,
         Err(e) => {
             tracing::info!(vm = %s.vm, direction = s.direction.as_str(), upstream = %s.upstream.name, error = %e, "mesh: the upstream did not answer");
-            return proxy_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("cannot reach {}", s.upstream.name),
+            return (
+                proxy_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("cannot reach {}", s.upstream.name),
+                ),
+                None,
             );
         }
     };
+    let endpoint = resp
+        .extensions()
+        .get::<UpstreamEndpoint>()
+        .map(|e| e.0.clone());
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || (resp.status().is_success() && upgrade.is_some() && resp.version() != Version::HTTP_2);
     if let (Some(client_side), true) = (upgrade, switched) {
@@ -419,7 +444,7 @@ async fn forward(s: &HttpSession, mut req: Request<Incoming>, auth: &str) -> Res
     if peer_version != Version::HTTP_2 && to_h2 {
         *resp.version_mut() = peer_version;
     }
-    resp.map(|b| b.boxed())
+    (resp.map(|b| b.boxed()), endpoint)
 }
 
 /// Serve one inbound connection's HTTP (`http2`: prior knowledge, else HTTP/1) until it ends, or until

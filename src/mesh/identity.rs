@@ -111,6 +111,7 @@ pub struct Credential {
     pub key: PrivateKeyDer<'static>,
     /// The leaf's serial number, hex.
     pub serial: String,
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
     /// Where it came from.
     pub source: CredentialSource,
@@ -215,6 +216,7 @@ impl Credential {
         if !is_p256(cert.public_key()) {
             return Err(invalid("the leaf's key is not ECDSA P-256".into()));
         }
+        let not_before = cert.validity().not_before.timestamp();
         let not_after = cert.validity().not_after.timestamp();
         if not_after <= ca::unix_now() {
             return Err(invalid("the leaf has expired".into()));
@@ -232,6 +234,7 @@ impl Credential {
         Ok(Credential {
             identity: identity.to_string(),
             serial,
+            not_before: SystemTime::UNIX_EPOCH + Duration::from_secs(not_before.max(0) as u64),
             not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64),
             chain,
             key,
@@ -252,6 +255,7 @@ impl Credential {
         CertificateInfo {
             identity: self.identity.clone(),
             serial: self.serial.clone(),
+            not_before: rfc3339(self.not_before),
             not_after: rfc3339(self.not_after),
             source: self.source.name().to_string(),
         }

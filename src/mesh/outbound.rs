@@ -386,20 +386,22 @@ fn upstream(vm: Arc<VmShared>, dest: PoolDest, identity: Option<String>) -> Arc<
                 PoolDest::Set(d) => match ready_member(d).await {
                     Ok(m) => {
                         let guard = m.open_guard();
+                        let addr = m.addr().to_string();
                         connect_member(&vm, &m, transport_port(&m))
                             .await
-                            .map(|io| (io, Some(guard)))
+                            .map(|io| (io, Some(guard), addr))
                     }
                     Err(e) => Err(e),
                 },
                 PoolDest::Addr(a) => open_upstream(&vm, *a, identity.as_deref(), None)
                     .await
-                    .map(|io| (io, None)),
+                    .map(|io| (io, None, a.to_string())),
             };
             match opened {
-                Ok((io, guard)) => Ok(http::UpstreamIo {
+                Ok((io, guard, addr)) => Ok(http::UpstreamIo {
                     io,
                     _hold: guard.map(|g| Box::new(g) as Box<dyn Send + Sync>),
+                    endpoint: Some(addr),
                 }),
                 Err(e) => {
                     if let Some(r) = e.refusal() {

@@ -302,6 +302,7 @@ pub mod testing {
                 chain: vec![cert.der().clone()],
                 key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
                 serial: "01".into(),
+                not_before: SystemTime::now(),
                 not_after: SystemTime::now() + std::time::Duration::from_secs(3600),
                 source: CredentialSource::Ca,
             })

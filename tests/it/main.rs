@@ -12,6 +12,7 @@ mod hostile;
 mod legacy;
 mod lifecycle;
 mod limits;
+mod mesh_cli;
 mod mesh_control;
 mod mesh_data;
 mod mesh_identity;

@@ -1,11 +1,12 @@
 //! `mesh.trust_anchors` and `mesh.identity`: the mesh front's control surface.
 //!
 //! The trust anchors are public (every peer must be given them): any client may read them. A VM's identity
-//! and certificate are served to the VM's owner and privileged clients, like `vm.info`.
+//! and certificate are served to the VM's owner and privileged clients, like `vm.info`, with the identity's
+//! state: `pending` (no certificate yet), `valid`, or `expired` (the source did not renew it in time).
 
 use std::sync::Arc;
 
-use cc_proxy_api::mesh::{MeshIdentity, TrustAnchors};
+use cc_proxy_api::mesh::{IdentityState, MeshIdentity, TrustAnchors};
 use cc_proxy_api::methods;
 use cc_proxy_api::types::VmId;
 use jsonrpsee::types::ErrorObjectOwned;
@@ -37,13 +38,30 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         })?;
         let mesh = proxy.registry.mesh().ok_or_else(no_mesh)?;
         let credential = mesh.credential(&vm.id);
+        let state = identity_state(
+            credential.as_ref().map(|c| c.not_after),
+            std::time::SystemTime::now(),
+        );
         Ok::<_, ErrorObjectOwned>(MeshIdentity {
             vm: vm.id.clone(),
             identity: config.identity.clone(),
+            state,
             certificate: credential.as_ref().map(|c| c.info()),
             chain_pem: credential.as_ref().map(|c| c.chain_pem()),
         })
     });
+}
+
+/// An identity's state from its served certificate's expiry (`None`: no certificate yet) at `now`.
+fn identity_state(
+    not_after: Option<std::time::SystemTime>,
+    now: std::time::SystemTime,
+) -> IdentityState {
+    match not_after {
+        None => IdentityState::Pending,
+        Some(t) if t <= now => IdentityState::Expired,
+        Some(_) => IdentityState::Valid,
+    }
 }
 
 fn no_mesh() -> ErrorObjectOwned {
@@ -52,4 +70,23 @@ fn no_mesh() -> ErrorObjectOwned {
         reason: "this daemon runs without the mesh front".into(),
     }
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn an_identity_is_pending_without_a_certificate_and_expired_past_its_end() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(identity_state(None, now), IdentityState::Pending);
+        assert_eq!(identity_state(Some(now + hour), now), IdentityState::Valid);
+        assert_eq!(identity_state(Some(now), now), IdentityState::Expired);
+        assert_eq!(
+            identity_state(Some(now - hour), now),
+            IdentityState::Expired
+        );
+    }
 }
