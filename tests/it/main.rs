@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod common;
 mod cshim;
+mod demo;
 mod foundation;
 mod hostile;
 mod legacy;
