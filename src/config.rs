@@ -100,6 +100,8 @@ pub struct Config {
     pub mesh_limits: crate::mesh::listener::Limits,
     /// Where mesh certificates and trust anchors come from.
     pub mesh_identity: IdentityConfig,
+    /// Where named outbound destinations are resolved.
+    pub mesh_discovery: crate::mesh::discover::SourceConfig,
 }
 
 /// Bounds on client connections and their requests (section Limits of docs/operations.md).
@@ -254,6 +256,14 @@ impl Config {
                 source,
                 extra_anchors: cli.mesh_trust_anchors.clone(),
             },
+            mesh_discovery: match &cli.destination_svc {
+                Some(addr) => {
+                    crate::mesh::discover::SourceConfig::Destination { addr: addr.clone() }
+                }
+                None => crate::mesh::discover::SourceConfig::Dns {
+                    server: cli.dns_server,
+                },
+            },
         })
     }
 }
@@ -391,6 +401,44 @@ mod tests {
                 extra_anchors: Some("/etc/l5d.pem".into()),
             })
         );
+    }
+
+    #[test]
+    fn discovery_flags() {
+        use crate::mesh::discover::SourceConfig as Disco;
+        let c = parse(&[], &[]).ok();
+        assert_eq!(
+            c.map(|c| c.mesh_discovery),
+            Some(Disco::Dns { server: None })
+        );
+        let c = parse(&["--dns-server", "127.0.0.1:5353"], &[]).ok();
+        assert_eq!(
+            c.map(|c| c.mesh_discovery),
+            Some(Disco::Dns {
+                server: Some(SocketAddr::from(([127, 0, 0, 1], 5353)))
+            })
+        );
+        let c = parse(&["--destination-svc", "127.0.0.1:8086"], &[]).ok();
+        assert_eq!(
+            c.map(|c| c.mesh_discovery),
+            Some(Disco::Destination {
+                addr: "127.0.0.1:8086".into()
+            })
+        );
+        for bad in [
+            &["--dns-server", "localhost"][..],
+            &["--dns-server", "127.0.0.1"][..],
+            &[
+                "--destination-svc",
+                "127.0.0.1:8086",
+                "--dns-server",
+                "127.0.0.1:53",
+            ][..],
+        ] {
+            let mut args = vec!["cc-proxy"];
+            args.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

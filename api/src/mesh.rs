@@ -108,6 +108,9 @@ pub struct MeshInfo {
     /// The certificate currently served, once issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateInfo>,
+    /// Where the certificate stands; the listeners serve TLS only while it is `valid`.
+    #[serde(default)]
+    pub identity_state: IdentityState,
 }
 
 /// A served certificate.

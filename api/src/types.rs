@@ -28,6 +28,9 @@ pub struct Health {
     /// VMs from the state directory still being reconnected after a restart.
     #[serde(default)]
     pub vms_recovering: usize,
+    /// What the admin `/ready` answers: recovery is over and every meshed VM has a valid certificate.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 /// `proxy.set_log_level` parameters and result: a level (`error` .. `trace`) or a filter directive list such

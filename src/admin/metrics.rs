@@ -214,7 +214,7 @@ impl EncodeLabelValue for DetachKind {
 }
 
 /// The daemon-wide facts of one scrape: `cc_proxy_build_info` (always 1; the labels are the facts) and
-/// `cc_proxy_ready`, 1 exactly when `/ready` answers 200 (every recorded VM recovered or marked lost), read
+/// `cc_proxy_ready`, 1 exactly when `/ready` answers 200 (every recorded VM recovered or marked lost, every meshed VM with a valid certificate), read
 /// from the registry at scrape time, so the dashboard's "Ready" is the readiness check itself.
 pub fn register_daemon(registry: &mut Registry, ready: bool) {
     let r = registry.sub_registry_with_prefix("cc_proxy");
@@ -268,6 +268,8 @@ pub struct Metrics {
     /// Identity file reloads refused (the previous certificate kept).
     pub mesh_identity_reload_failures: Family<IdentityLabel, Counter>,
     pub mesh_identity_svc_failures: Family<IdentityLabel, Counter>,
+    /// Certificates withdrawn because they expired before being renewed.
+    pub mesh_cert_expirations: Family<IdentityLabel, Counter>,
     /// Trust anchor reloads refused (the previous anchors kept).
     pub mesh_anchor_reload_failures: Counter,
 }
@@ -299,6 +301,7 @@ impl Metrics {
             mesh_cert_issuances: Family::default(),
             mesh_identity_reload_failures: Family::default(),
             mesh_identity_svc_failures: Family::default(),
+            mesh_cert_expirations: Family::default(),
             mesh_anchor_reload_failures: Counter::default(),
         }
     }
@@ -425,6 +428,11 @@ impl Metrics {
             self.mesh_identity_svc_failures.clone(),
         );
         r.register(
+            "mesh_certificate_expirations",
+            "Mesh certificates withdrawn because they expired before their source renewed them (the listeners stop serving TLS until a new one comes), by identity",
+            self.mesh_cert_expirations.clone(),
+        );
+        r.register(
             "mesh_identity_reload_failures",
             "Identity file reloads refused as invalid (the previous certificate is kept), by identity",
             self.mesh_identity_reload_failures.clone(),
@@ -476,6 +484,15 @@ impl Metrics {
     }
 
     /// No VM uses `identity` any more: its expiry series goes (the counters stay, as counters do).
+    /// An identity's certificate expired before its source renewed it and was withdrawn.
+    pub fn mesh_certificate_expired(&self, identity: &str) {
+        self.mesh_cert_expirations
+            .get_or_create(&IdentityLabel {
+                identity: identity.to_string(),
+            })
+            .inc();
+    }
+
     pub fn mesh_identity_gone(&self, identity: &str) {
         self.mesh_cert_expiry.remove(&IdentityLabel {
             identity: identity.to_string(),

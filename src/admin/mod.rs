@@ -245,7 +245,8 @@ async fn route(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let openmetrics = wants_openmetrics(&req);
-            let Ok(om) = encode_openmetrics(proxy.registry.is_recovered()) else {
+            let ready = proxy.registry.readiness() == crate::vm::registry::Readiness::Ready;
+            let Ok(om) = encode_openmetrics(ready) else {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
             };
             let (body, kind) = if openmetrics {
@@ -261,13 +262,17 @@ async fn route(
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
             // Recovery starts only once the socket is listening, so "recovered" implies "serving".
-            if proxy.registry.is_recovered() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(
+            use crate::vm::registry::Readiness;
+            match proxy.registry.readiness() {
+                Readiness::Ready => text(StatusCode::OK, "ready\n"),
+                Readiness::Recovering => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "recovering registered VMs\n",
-                )
+                ),
+                Readiness::MeshUncertified(n) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{n} meshed VM(s) without a valid certificate\n"),
+                ),
             }
         }
         (&Method::GET, "/proxy-log-level") => {

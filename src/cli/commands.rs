@@ -254,6 +254,11 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                                 "certificate: serial {} until {} (from {})",
                                 c.serial, c.not_after, c.source
                             ),
+                            None if mesh.identity_state
+                                == cc_proxy_api::mesh::IdentityState::Expired =>
+                            {
+                                println!("certificate: expired, not renewed yet (the listeners do not serve TLS)")
+                            }
                             None => println!("certificate: none yet (the listeners do not serve)"),
                         }
                     }
@@ -291,6 +296,17 @@ pub fn run(socket: PathBuf, json: bool, command: Command) -> u8 {
                         }
                         _ => println!("certificate: none yet (the listeners do not serve)"),
                     }
+                }
+                Ok(0)
+            }
+            Command::Mesh {
+                command: MeshCommand::Endpoints { vm },
+            } => {
+                let eps = client.mesh_endpoints(&vm).await?;
+                if json {
+                    print_json(&eps);
+                } else {
+                    print!("{}", endpoints_table(&eps));
                 }
                 Ok(0)
             }
@@ -404,6 +420,80 @@ fn source_name(source: &str) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// `cc-proxy mesh endpoints VM` as a table: one row per endpoint (one per destination without endpoints).
+fn endpoints_table(eps: &cc_proxy_api::mesh::MeshEndpoints) -> String {
+    use std::fmt::Write;
+    let mut rows = vec![[
+        "LISTENER".to_string(),
+        "DESTINATION".to_string(),
+        "ENDPOINT".to_string(),
+        "IDENTITY".to_string(),
+        "HINT".to_string(),
+        "STATE".to_string(),
+        "LOAD".to_string(),
+    ]];
+    for d in &eps.destinations {
+        let state = serde_json::to_value(d.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let dest = match &d.name {
+            Some(n) => format!("{n} ({state})"),
+            None => state,
+        };
+        if d.endpoints.is_empty() {
+            rows.push([
+                d.listener.clone(),
+                dest.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for e in &d.endpoints {
+            let state = serde_json::to_value(e.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let load = match e.load.ewma_ms {
+                Some(ms) => format!("{} open, {ms:.1} ms", e.load.open),
+                None => format!("{} open", e.load.open),
+            };
+            rows.push([
+                d.listener.clone(),
+                dest.clone(),
+                e.addr.clone(),
+                e.identity.clone().unwrap_or_else(|| "-".into()),
+                e.hint.to_string(),
+                state,
+                load,
+            ]);
+        }
+    }
+    let mut widths = [0usize; 7];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                let _ = write!(line, "{c:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -565,5 +655,93 @@ mod tests {
             Ok(vec![("A".into(), "1".into()), ("B".into(), "x=y".into())])
         );
         assert!(parse_env(&["=1".into()]).is_err());
+    }
+
+    #[test]
+    fn the_endpoints_table_has_a_row_per_endpoint() {
+        use cc_proxy_api::mesh::{
+            DestinationState, DestinationStatus, EndpointHint, EndpointLoad, EndpointState,
+            EndpointStatus, MeshEndpoints,
+        };
+        let ep = |addr: &str, state, open, ewma_ms| EndpointStatus {
+            addr: addr.into(),
+            identity: Some("web.ns.serviceaccount.identity.linkerd.cluster.local".into()),
+            server_name: None,
+            hint: EndpointHint::Opaque {
+                transport_port: Some(4143),
+            },
+            state,
+            load: EndpointLoad { open, ewma_ms },
+            labels: Default::default(),
+        };
+        let eps = MeshEndpoints {
+            vm: "a".into(),
+            destinations: vec![
+                DestinationStatus {
+                    listener: "127.0.0.1:4140".into(),
+                    name: Some("web.ns.svc.cluster.local:80".into()),
+                    state: DestinationState::Resolved,
+                    endpoints: vec![
+                        ep("10.0.0.1:80", EndpointState::Ready, 2, Some(12.25)),
+                        ep("10.0.0.2:80", EndpointState::Ejected, 0, None),
+                    ],
+                },
+                DestinationStatus {
+                    listener: "127.0.0.1:4141".into(),
+                    name: Some("db.ns.svc.cluster.local:5432".into()),
+                    state: DestinationState::NoEndpoints,
+                    endpoints: vec![],
+                },
+            ],
+        };
+        let table = endpoints_table(&eps);
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| {
+                l.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert_eq!(
+            lines[0],
+            [
+                "LISTENER",
+                "DESTINATION",
+                "ENDPOINT",
+                "IDENTITY",
+                "HINT",
+                "STATE",
+                "LOAD"
+            ]
+        );
+        assert_eq!(
+            lines[1],
+            [
+                "127.0.0.1:4140",
+                "web.ns.svc.cluster.local:80 (resolved)",
+                "10.0.0.1:80",
+                "web.ns.serviceaccount.identity.linkerd.cluster.local",
+                "opaque:4143",
+                "ready",
+                "2 open, 12.2 ms"
+            ]
+        );
+        assert_eq!(lines[2][5], "ejected");
+        assert_eq!(lines[2][6], "0 open");
+        assert_eq!(
+            lines[3],
+            [
+                "127.0.0.1:4141",
+                "db.ns.svc.cluster.local:5432 (no_endpoints)",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-"
+            ]
+        );
     }
 }

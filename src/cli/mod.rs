@@ -230,6 +230,16 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::mesh::identity_svc::DEFAULT_MAX_TOKEN_BYTES, value_name = "BYTES")]
     pub identity_max_token_bytes: u64,
 
+    /// Resolve named outbound destinations with Linkerd's destination service at HOST:PORT (plaintext
+    /// HTTP/2, e.g. a port-forward of linkerd-dst:8086) instead of DNS (docs/mesh.md).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "dns_server")]
+    pub destination_svc: Option<String>,
+
+    /// Resolve named outbound destinations with the DNS server at IP:PORT (UDP, then TCP) instead of the
+    /// servers of /etc/resolv.conf.
+    #[arg(long, value_name = "IP:PORT")]
+    pub dns_server: Option<std::net::SocketAddr>,
+
     /// Worker threads of the data plane (0 = one per CPU core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
@@ -417,6 +427,12 @@ pub enum MeshCommand {
     TrustAnchors,
     /// Show a meshed VM's identity and the certificate its listeners serve (with the chain as PEM).
     Identity {
+        /// The VM id.
+        vm: String,
+    },
+    /// Show each outbound destination of a meshed VM: its endpoints, their identity, protocol hint, state
+    /// (ready, ejected, pending) and load.
+    Endpoints {
         /// The VM id.
         vm: String,
     },

@@ -195,6 +195,15 @@ pub fn split_name(name: &str) -> Result<(String, u16), DiscoverError> {
     Ok((host.to_string(), port))
 }
 
+/// Where names are resolved, as configured (`--destination-svc`, `--dns-server`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// Linkerd's destination service at `addr` (`HOST:PORT`).
+    Destination { addr: String },
+    /// DNS through `server`, or the system's configuration (`/etc/resolv.conf`) when None.
+    Dns { server: Option<SocketAddr> },
+}
+
 /// Where names are resolved.
 pub enum Source {
     Destination(tonic::transport::Channel),
@@ -202,6 +211,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// The source `cfg` names.
+    pub fn open(cfg: &SourceConfig) -> Result<Source, DiscoverError> {
+        match cfg {
+            SourceConfig::Destination { addr } => Source::destination(addr),
+            SourceConfig::Dns { server } => Source::dns(*server),
+        }
+    }
+
     /// The destination service at `addr` (plaintext HTTP/2, connected lazily).
     pub fn destination(addr: &str) -> Result<Source, DiscoverError> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

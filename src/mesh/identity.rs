@@ -50,6 +50,9 @@ pub const MAX_IDENTITY_LEN: usize = 253;
 /// Longest label (dot-separated part) of an identity.
 pub const MAX_LABEL_LEN: usize = 63;
 
+/// Where an identity's certificate stands (`vm.info`'s `mesh.identity_state`, `mesh.identity`'s `state`).
+pub use cc_proxy_api::mesh::IdentityState;
+
 /// Where certificates come from (from the flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceConfig {
@@ -357,6 +360,8 @@ enum Source {
 struct Published {
     /// The identity's credential channel; every VM with the identity holds a receiver.
     credential: watch::Sender<Option<Arc<Credential>>>,
+    /// The certificate last withdrawn because it expired before a new one came (cleared by the next one).
+    expired: Option<CertificateInfo>,
     /// Leases held (VMs with this identity).
     leases: usize,
     /// Stops the identity's publisher task.
@@ -390,6 +395,20 @@ impl IdentityLease {
     /// The certificate served now, if any.
     pub fn current(&self) -> Option<Arc<Credential>> {
         self.credential.borrow().clone()
+    }
+
+    /// Where the identity's certificate stands.
+    pub fn state(&self) -> IdentityState {
+        if self.credential.borrow().is_some() {
+            return IdentityState::Valid;
+        }
+        match lock(&self.store.identities)
+            .get(&self.identity)
+            .and_then(|p| p.expired.clone())
+        {
+            Some(_) => IdentityState::Expired,
+            None => IdentityState::Pending,
+        }
     }
 }
 
@@ -484,11 +503,18 @@ impl IdentityStore {
             identity.to_string(),
             Published {
                 credential: tx.clone(),
+                expired: None,
                 leases: 1,
                 stop: stop.clone(),
             },
         );
         drop(identities);
+        tokio::spawn(withdraw_expired(
+            self.clone(),
+            identity.to_string(),
+            tx.clone(),
+            stop.clone(),
+        ));
         tokio::spawn(publish(self.clone(), identity.to_string(), tx, stop));
         IdentityLease {
             store: self.clone(),
@@ -524,6 +550,54 @@ impl IdentityStore {
 impl Drop for IdentityStore {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Withdraw one identity's certificate when it expires before a new one replaces it (the source failing to
+/// renew: the identity service down, stale files), so that an expired certificate is never served: the
+/// channel goes back to `None`, the listeners stop serving TLS and readiness is false until a new one comes.
+async fn withdraw_expired(
+    store: Arc<IdentityStore>,
+    identity: String,
+    tx: watch::Sender<Option<Arc<Credential>>>,
+    stop: CancellationToken,
+) {
+    let mut rx = tx.subscribe();
+    loop {
+        let current = rx.borrow_and_update().clone();
+        if current.is_some() {
+            if let Some(p) = lock(&store.identities).get_mut(&identity) {
+                p.expired = None;
+            }
+        }
+        let left = current.as_ref().map(|c| {
+            c.not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(left.unwrap_or_default()), if left.is_some() => {
+                let Some(old) = current else { continue };
+                let withdrawn = tx.send_if_modified(|cur| match cur {
+                    Some(c) if Arc::ptr_eq(c, &old) => {
+                        *cur = None;
+                        true
+                    }
+                    _ => false,
+                });
+                if withdrawn {
+                    tracing::error!(identity = %identity, serial = %old.serial,
+                        not_after = %rfc3339(old.not_after),
+                        "mesh certificate expired before a new one came; its listeners stop serving TLS");
+                    METRICS.mesh_certificate_expired(&identity);
+                    if let Some(p) = lock(&store.identities).get_mut(&identity) {
+                        p.expired = Some(old.info());
+                    }
+                }
+            }
+        }
     }
 }
 

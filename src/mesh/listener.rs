@@ -240,8 +240,12 @@ async fn bind(ep: &Endpoint, listen: &str) -> Result<Listener, MeshError> {
     ep.bind().await.map_err(bind_err)
 }
 
-/// Check `cfg` and bind every listener; on any failure nothing stays bound.
-pub async fn bind_vm(cfg: &MeshConfig) -> Result<BoundListeners, MeshError> {
+/// Check `cfg` and bind every listener; on any failure nothing stays bound. `discovered` holds, per outbound
+/// listener (configuration order), its named destination's endpoint set (the caller holds the lease).
+pub async fn bind_vm(
+    cfg: &MeshConfig,
+    discovered: &[Option<watch::Receiver<Arc<super::discover::EndpointSet>>>],
+) -> Result<BoundListeners, MeshError> {
     let mut bound = BoundListeners {
         listeners: Vec::new(),
         unix_paths: Vec::new(),
@@ -253,9 +257,10 @@ pub async fn bind_vm(cfg: &MeshConfig) -> Result<BoundListeners, MeshError> {
         let role = Role::Inbound(Arc::new(super::inbound::InboundListener::new(ib)?));
         plan.push((ib.listen.clone(), addr, role));
     }
-    for ob in &cfg.outbound {
+    for (i, ob) in cfg.outbound.iter().enumerate() {
         let addr = ListenAddr::parse(&ob.listen, false)?;
-        let role = Role::Outbound(Arc::new(super::outbound::OutboundListener::new(ob, None)?));
+        let rx = discovered.get(i).cloned().flatten();
+        let role = Role::Outbound(Arc::new(super::outbound::OutboundListener::new(ob, rx)?));
         plan.push((ob.listen.clone(), addr, role));
     }
     for (listen, addr, role) in plan {
@@ -569,7 +574,7 @@ mod tests {
                 protocol: Default::default(),
             }],
         };
-        match bind_vm(&cfg).await {
+        match bind_vm(&cfg, &[]).await {
             Err(e @ MeshError::Bind { .. }) => assert!(e.to_string().contains(&port.to_string())),
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("bound a used port"),
@@ -577,13 +582,13 @@ mod tests {
         let mut cfg2 = cfg.clone();
         cfg2.inbound = vec![inbound("127.0.0.1:0", "ftp://x")];
         assert!(matches!(
-            bind_vm(&cfg2).await,
+            bind_vm(&cfg2, &[]).await,
             Err(MeshError::InvalidTarget { .. })
         ));
         // With the inbound fixed the hybrid-vsock socket is bound, and removed with the listeners.
         cfg2.inbound = vec![inbound("127.0.0.1:0", "tcp://127.0.0.1:1")];
         let sock = d.path().join("vm.sock_4140");
-        match bind_vm(&cfg2).await {
+        match bind_vm(&cfg2, &[]).await {
             Ok(b) => {
                 assert!(sock.exists());
                 drop(b);
@@ -612,7 +617,10 @@ mod tests {
                 protocol: Default::default(),
             }],
         };
-        assert!(matches!(bind_vm(&cfg).await, Err(MeshError::Bind { .. })));
+        assert!(matches!(
+            bind_vm(&cfg, &[]).await,
+            Err(MeshError::Bind { .. })
+        ));
         assert_eq!(
             std::fs::read(&file).ok().as_deref(),
             Some(&b"not a socket"[..])
@@ -666,7 +674,7 @@ mod e2e {
     }
 
     async fn start(ca: &TestCa, vm: &str, identity: &str, cfg: MeshConfig) -> Running {
-        let bound = match bind_vm(&cfg).await {
+        let bound = match bind_vm(&cfg, &[]).await {
             Ok(b) => b,
             Err(e) => panic!("{e}"),
         };

@@ -31,8 +31,6 @@ pub mod identity_svc;
 pub mod balance;
 pub mod copy;
 pub mod detect;
-// Discovery by name is built but not yet read by the outbound side (issue 15 item 2 wiring): allowed unused until then.
-#[allow(dead_code)]
 pub mod discover;
 pub mod http;
 pub mod inbound;
@@ -46,11 +44,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cc_proxy_api::mesh::MeshConfig;
+use cc_proxy_api::mesh::{DestinationState, DestinationStatus, MeshConfig, MeshEndpoints};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use discover::{Discovery, NameLease, SetState};
 use identity::{Anchors, Credential, IdentityLease, IdentityStore};
 
 /// What one meshed VM's listeners need from the rest of the daemon.
@@ -84,9 +83,24 @@ pub enum MeshSetupError {
     Listen(#[from] listener::MeshError),
 }
 
-/// A VM's listeners, bound and not yet serving; dropping it unbinds them.
+/// A VM's listeners, bound and not yet serving; dropping it unbinds them and releases its names.
 pub struct Bound {
     inner: listener::BoundListeners,
+    /// Per outbound listener (configuration order), the lease on its named destination's endpoints.
+    names: Vec<Option<NameLease>>,
+}
+
+/// One outbound listener of a serving VM, kept for `mesh.endpoints`.
+struct OutboundEntry {
+    /// The listener's `listen`, as configured.
+    listen: String,
+    /// The destination's name, when it has one.
+    name: Option<String>,
+    /// Whether the destination has fixed endpoints or a name (else it has no endpoint set).
+    has_destination: bool,
+    listener: Arc<outbound::OutboundListener>,
+    /// The named destination's endpoints, held as long as the listener lives.
+    lease: Option<NameLease>,
 }
 
 /// One meshed VM's running listeners.
@@ -98,11 +112,16 @@ struct MeshVm {
     shutdown: CancellationToken,
     /// Fired once the listeners have drained.
     done: CancellationToken,
+    /// The outbound listeners, configuration order.
+    outbound: Vec<OutboundEntry>,
 }
 
 /// Every meshed VM's listeners, and the identity store they take certificates from.
 pub struct Mesh {
     identities: Arc<IdentityStore>,
+    /// Resolves named outbound destinations; the error says why names cannot be resolved (no DNS
+    /// configuration), answered to registrations that use one.
+    discovery: Result<Arc<Discovery>, String>,
     vms: Mutex<HashMap<String, Arc<MeshVm>>>,
     /// Fired when the daemon stops: every VM's listeners stop accepting and drain.
     stopping: CancellationToken,
@@ -115,9 +134,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Mesh {
-    pub fn new(identities: Arc<IdentityStore>) -> Arc<Mesh> {
+    pub fn new(
+        identities: Arc<IdentityStore>,
+        discovery: Result<Arc<Discovery>, String>,
+    ) -> Arc<Mesh> {
         Arc::new(Mesh {
             identities,
+            discovery,
             vms: Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -129,24 +152,33 @@ impl Mesh {
         &self.identities
     }
 
-    /// Check `cfg` and bind its listeners. Nothing stays bound on failure; dropping the result unbinds.
+    /// Check `cfg`, watch its named destinations and bind its listeners. Nothing stays bound (nor watched)
+    /// on failure; dropping the result unbinds.
     pub async fn bind(&self, cfg: &MeshConfig) -> Result<Bound, MeshSetupError> {
         config::validate(cfg)?;
-        // Until named destinations are wired to discovery, refuse them rather than serve them as
-        // destination-less listeners.
-        if let Some(i) = cfg
-            .outbound
-            .iter()
-            .position(|o| o.destination.as_ref().is_some_and(|d| d.name.is_some()))
-        {
-            return Err(config::ConfigError {
+        let mut names = Vec::with_capacity(cfg.outbound.len());
+        for (i, ob) in cfg.outbound.iter().enumerate() {
+            let Some(name) = ob.destination.as_ref().and_then(|d| d.name.as_deref()) else {
+                names.push(None);
+                continue;
+            };
+            let refused = |reason: String| config::ConfigError {
                 field: format!("mesh.outbound[{i}].destination.name"),
-                reason: "named destinations are not served by this build yet".into(),
-            }
-            .into());
+                reason,
+            };
+            let discovery = self
+                .discovery
+                .as_ref()
+                .map_err(|e| refused(format!("names cannot be resolved: {e}")))?;
+            let lease = discovery.watch(name).map_err(|e| refused(e.to_string()))?;
+            names.push(Some(lease));
         }
-        let inner = listener::bind_vm(cfg).await?;
-        Ok(Bound { inner })
+        let discovered: Vec<_> = names
+            .iter()
+            .map(|l| l.as_ref().map(|l| l.endpoints.clone()))
+            .collect();
+        let inner = listener::bind_vm(cfg, &discovered).await?;
+        Ok(Bound { inner, names })
     }
 
     /// Serve VM `vm`'s bound listeners until `ended` fires (the VM left `Ready`) or the mesh stops. Returns
@@ -168,11 +200,29 @@ impl Mesh {
             anchors: self.identities.anchors(),
             shutdown: shutdown.clone(),
         };
+        let Bound { inner, names } = bound;
+        let outbound = inner
+            .listeners
+            .iter()
+            .filter_map(|b| match &b.role {
+                listener::Role::Outbound(l) => Some((b.listen.clone(), l.clone())),
+                listener::Role::Inbound(_) => None,
+            })
+            .zip(cfg.outbound.iter().zip(names))
+            .map(|((listen, listener), (ob, lease))| OutboundEntry {
+                listen,
+                name: ob.destination.as_ref().and_then(|d| d.name.clone()),
+                has_destination: ob.destination.is_some(),
+                listener,
+                lease,
+            })
+            .collect();
         let entry = Arc::new(MeshVm {
             config: Arc::new(cfg),
             lease,
             shutdown: shutdown.clone(),
             done: CancellationToken::new(),
+            outbound,
         });
         // An entry of the same id still draining (a lost VM just replaced) is superseded; its end removes
         // nothing.
@@ -188,7 +238,7 @@ impl Mesh {
         let id = vm.to_string();
         let cfg = entry.config.clone();
         self.tasks.spawn(async move {
-            listener::serve_vm(bound.inner, cfg, ctx).await;
+            listener::serve_vm(inner, cfg, ctx).await;
             mesh.finished(&id, &entry);
         });
         let _ = tokio::time::timeout(FIRST_CREDENTIAL_WAIT, first.wait_for(Option::is_some)).await;
@@ -208,6 +258,51 @@ impl Mesh {
     /// The certificate VM `vm`'s listeners serve now, if it is meshed and one was issued.
     pub fn credential(&self, vm: &str) -> Option<Arc<Credential>> {
         lock(&self.vms).get(vm).and_then(|e| e.lease.current())
+    }
+
+    /// Where VM `vm`'s certificate stands (pending while the VM's listeners are not started).
+    pub fn identity_state(&self, vm: &str) -> identity::IdentityState {
+        lock(&self.vms)
+            .get(vm)
+            .map(|e| e.lease.state())
+            .unwrap_or_default()
+    }
+
+    /// How many meshed VMs serve without a valid certificate (none yet, or it expired): the daemon is not
+    /// ready while any does.
+    pub fn uncertified(&self) -> usize {
+        lock(&self.vms)
+            .values()
+            .filter(|e| !e.shutdown.is_cancelled() && e.lease.current().is_none())
+            .count()
+    }
+
+    /// VM `vm`'s outbound destinations and their endpoints, if it is meshed and serving.
+    pub fn endpoints(&self, vm: &str) -> Option<MeshEndpoints> {
+        let entry = lock(&self.vms).get(vm).cloned()?;
+        let destinations = entry
+            .outbound
+            .iter()
+            .filter(|o| o.has_destination)
+            .map(|o| DestinationStatus {
+                listener: o.listen.clone(),
+                name: o.name.clone(),
+                state: match &o.lease {
+                    None => DestinationState::Fixed,
+                    Some(l) => match l.endpoints.borrow().state {
+                        SetState::Pending => DestinationState::Pending,
+                        SetState::Resolved => DestinationState::Resolved,
+                        SetState::NoEndpoints { .. } => DestinationState::NoEndpoints,
+                        SetState::Reconnecting => DestinationState::Reconnecting,
+                    },
+                },
+                endpoints: o.listener.status(),
+            })
+            .collect();
+        Some(MeshEndpoints {
+            vm: vm.to_string(),
+            destinations,
+        })
     }
 
     /// Wait (at most `within`) until VM `vm`'s listeners have drained, so that their addresses are free again.

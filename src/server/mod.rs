@@ -200,7 +200,23 @@ pub async fn run(
     };
 
     let (events, _) = tokio::sync::broadcast::channel::<crate::vm::VmEvent>(1024);
-    let mesh = crate::mesh::Mesh::new(identities);
+    // Named outbound destinations: the destination service (an invalid address is fatal), or DNS; without a
+    // DNS configuration the daemon runs and registrations naming a destination are refused.
+    let discovery = match crate::mesh::discover::Source::open(&config.mesh_discovery) {
+        Ok(source) => Ok(crate::mesh::discover::Discovery::new(source)),
+        Err(e) => {
+            if matches!(
+                config.mesh_discovery,
+                crate::mesh::discover::SourceConfig::Destination { .. }
+            ) {
+                log.startup_error(&format_args!("mesh discovery: {e}"));
+                return 1;
+            }
+            tracing::warn!(error = %e, "mesh: named destinations cannot be resolved");
+            Err(e.to_string())
+        }
+    };
+    let mesh = crate::mesh::Mesh::new(identities, discovery);
     let registry = Registry::new(Some(state), config.vm.clone(), events, Some(mesh.clone()));
     registry.spawn_state_writer();
     registry.spawn_token_reaper();

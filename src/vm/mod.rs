@@ -327,6 +327,7 @@ impl Vm {
                 .map(|config| cc_proxy_api::mesh::MeshInfo {
                     config: config.clone(),
                     certificate: None,
+                    identity_state: Default::default(),
                 }),
         }
     }

@@ -54,6 +54,17 @@ struct Recovery {
     done: CancellationToken,
 }
 
+/// Whether the daemon is ready (`/ready` answers 200, `proxy.health`'s `ready`), and if not why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// VMs from the state directory are still being reconnected after a restart.
+    Recovering,
+    /// This many meshed VMs have no valid certificate (none issued yet, or it expired): their listeners do
+    /// not serve TLS.
+    MeshUncertified(usize),
+}
+
 pub struct Registry {
     vms: RwLock<HashMap<String, Arc<Vm>>>,
     /// Recorded VMs still being reconnected after a restart; an id leaves it under the `vms` write lock when
@@ -191,6 +202,7 @@ impl Registry {
     fn with_certificate(&self, mut info: VmInfo) -> VmInfo {
         if let (Some(mesh), Some(m)) = (&self.mesh, info.mesh.as_mut()) {
             m.certificate = mesh.credential(&info.id).map(|c| c.info());
+            m.identity_state = mesh.identity_state(&info.id);
         }
         info
     }
@@ -201,6 +213,17 @@ impl Registry {
 
     pub fn is_recovered(&self) -> bool {
         self.recovered.load(Ordering::Acquire)
+    }
+
+    /// What `/ready` and `proxy.health` answer now.
+    pub fn readiness(&self) -> Readiness {
+        if !self.is_recovered() {
+            return Readiness::Recovering;
+        }
+        match self.mesh.as_ref().map_or(0, |m| m.uncertified()) {
+            0 => Readiness::Ready,
+            n => Readiness::MeshUncertified(n),
+        }
     }
 
     /// Recovery is over (or there was nothing to recover): `/ready` answers 200 from now on.
@@ -754,6 +777,7 @@ fn recovering_info(record: &VmRecord) -> VmInfo {
             .map(|config| cc_proxy_api::mesh::MeshInfo {
                 config,
                 certificate: None,
+                identity_state: Default::default(),
             }),
     }
 }

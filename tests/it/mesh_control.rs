@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use cc_proxy_api::mesh::IdentityState;
 use cc_proxy_api::types::VmInfo;
 use linkerd2_proxy_api::identity::identity_server::{Identity, IdentityServer};
 use linkerd2_proxy_api::identity::{CertifyRequest, CertifyResponse};
@@ -264,6 +265,22 @@ fn served_serial(addr: &str, sni: &str) -> Option<String> {
     Some(hex)
 }
 
+/// Where `vm.info` says VM `id`'s certificate stands.
+async fn cert_state(env: &Env, id: &str) -> IdentityState {
+    info(env, id)
+        .await
+        .mesh
+        .map(|m| m.identity_state)
+        .expect("a meshed VM")
+}
+
+/// The admin `/ready` status and `proxy.health`'s `ready`.
+async fn readiness(env: &Env) -> (u16, bool) {
+    let (status, _) = crate::common::http_get(&env.admin, "/ready").await;
+    let health = env.client.health().await.expect("proxy.health");
+    (status, health.ready)
+}
+
 /// The value of an (unlabelled or single-series) metric line starting with `prefix`.
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
@@ -331,6 +348,9 @@ async fn certificates_come_from_the_identity_service_are_verified_renewed_and_ke
         None,
         "served without a certificate"
     );
+    // Not ready while a meshed VM waits for its first certificate.
+    assert_eq!(cert_state(&env, "vm1").await, IdentityState::Pending);
+    assert_eq!(readiness(&env).await, (503, false), "{}", env.logs());
     let failures = metric(
         &env.metrics().await,
         "cc_proxy_mesh_identity_service_failures_total",
@@ -341,6 +361,8 @@ async fn certificates_come_from_the_identity_service_are_verified_renewed_and_ke
     fake.foreign.store(false, Ordering::SeqCst);
     let first = wait_certificate(&env, "vm1", None, Duration::from_secs(6)).await;
     assert_eq!(served_serial(&listen, B).as_deref(), Some(first.as_str()));
+    assert_eq!(cert_state(&env, "vm1").await, IdentityState::Valid);
+    assert_eq!(readiness(&env).await, (200, true));
     // Renewed at 70% of its 5 s lifetime.
     let t0 = Instant::now();
     let second = wait_certificate(&env, "vm1", Some(&first), Duration::from_secs(6)).await;
@@ -390,6 +412,97 @@ async fn certificates_come_from_the_identity_service_are_verified_renewed_and_ke
         .clone();
     assert!(problems.is_empty(), "bad requests: {problems:?}");
     let _ = server.send(());
+    let _ = env.stop_daemon().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_withdrawn_until_the_identity_service_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root_ca = root("test root");
+    let lifetime = Duration::from_secs(4);
+    let fake = Arc::new(FakeIdentity {
+        intermediate: intermediate("test intermediate", &root_ca),
+        other: intermediate("foreign intermediate", &root("foreign root")),
+        foreign: AtomicBool::new(false),
+        lifetime,
+        requests: AtomicUsize::new(0),
+        issued: AtomicUsize::new(0),
+        problems: Mutex::new(Vec::new()),
+    });
+    let anchors = dir.path().join("anchors.pem");
+    std::fs::write(&anchors, &root_ca.pem).expect("anchors");
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).expect("token");
+    let svc: SocketAddr = free_addr().parse().expect("addr");
+    let server = serve_identity(fake.clone(), svc).await;
+    let svc_s = svc.to_string();
+    let mut env = Env::start_with(&[
+        "--identity-svc",
+        &svc_s,
+        "--identity-token-file",
+        token.to_str().expect("path"),
+        "--mesh-trust-anchors",
+        anchors.to_str().expect("path"),
+    ])
+    .await;
+    let agent = env.agent(&[]);
+    let listen = free_addr();
+    let (control, io) = agent.uris(None);
+    let mesh = json!({
+        "identity": B,
+        "inbound": [{"listen": listen, "target": "tcp://127.0.0.1:9", "protocol": "opaque"}],
+    });
+    let r: Value = env
+        .rpc(
+            "vm.register",
+            json!({"id": "vm1", "control": control, "io": io, "timeout_ms": 5000, "mesh": mesh}),
+        )
+        .await;
+    assert!(r.get("result").is_some(), "{r}\n{}", env.logs());
+    let first = wait_certificate(&env, "vm1", None, Duration::from_secs(5)).await;
+    assert_eq!(served_serial(&listen, B).as_deref(), Some(first.as_str()));
+    assert_eq!(readiness(&env).await, (200, true));
+
+    // The service goes away for longer than the certificate lives: once it expires it is withdrawn, not
+    // served; vm.info, /ready and proxy.health say so.
+    drop(server);
+    let t0 = Instant::now();
+    while cert_state(&env, "vm1").await != IdentityState::Expired {
+        assert!(
+            t0.elapsed() < lifetime + Duration::from_secs(3),
+            "not withdrawn\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(certificate(&env, "vm1").await, None);
+    assert_eq!(
+        served_serial(&listen, B),
+        None,
+        "an expired certificate served"
+    );
+    let id = env
+        .client
+        .mesh_identity("vm1")
+        .await
+        .expect("mesh.identity");
+    assert_eq!((id.state, id.certificate), (IdentityState::Expired, None));
+    assert_eq!(readiness(&env).await, (503, false));
+    let text = env.metrics().await;
+    assert_eq!(
+        metric(&text, "cc_proxy_mesh_certificate_expirations_total{"),
+        1.0,
+        "{text}"
+    );
+    assert!(text.contains("cc_proxy_ready 0"), "{text}");
+
+    // Back: the next retry brings a new certificate; serving and readiness resume.
+    let server = serve_identity(fake.clone(), svc).await;
+    let next = wait_certificate(&env, "vm1", Some(&first), Duration::from_secs(20)).await;
+    assert_eq!(cert_state(&env, "vm1").await, IdentityState::Valid);
+    assert_eq!(served_serial(&listen, B).as_deref(), Some(next.as_str()));
+    assert_eq!(readiness(&env).await, (200, true));
+    drop(server);
     let _ = env.stop_daemon().await;
 }
 
@@ -458,4 +571,418 @@ fn identity_service_flags_are_checked() {
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("invalid identity service address"), "{err}");
+}
+
+// ---- Named destinations: a fake Destination service, and DNS -------------------------------------------
+
+use linkerd2_proxy_api::destination::destination_server::{Destination, DestinationServer};
+use linkerd2_proxy_api::destination::{self as dst, update::Update as DstUpdate, GetDestination};
+
+const NAME: &str = "web.test.svc.cluster.local:80";
+
+type UpdateTx = tokio::sync::mpsc::UnboundedSender<Result<dst::Update, tonic::Status>>;
+
+/// A fake destination service for one name: it answers every `Get` with the current endpoints (or
+/// `no_endpoints`), then streams the changes the test makes.
+#[derive(Default)]
+struct FakeDst {
+    /// `Get` calls, and the paths asked for.
+    gets: AtomicUsize,
+    paths: Mutex<Vec<String>>,
+    state: Mutex<DstState>,
+}
+
+#[derive(Default)]
+struct DstState {
+    endpoints: Vec<SocketAddr>,
+    no_endpoints: bool,
+    streams: Vec<UpdateTx>,
+}
+
+fn add_update(addrs: &[SocketAddr]) -> dst::Update {
+    dst::Update {
+        update: Some(DstUpdate::Add(dst::WeightedAddrSet {
+            addrs: addrs
+                .iter()
+                .map(|a| dst::WeightedAddr {
+                    addr: Some((*a).into()),
+                    weight: 10,
+                    metric_labels: [("pod".to_string(), format!("web-{}", a.port()))].into(),
+                    ..Default::default()
+                })
+                .collect(),
+            metric_labels: [("service".to_string(), "web".to_string())].into(),
+        })),
+    }
+}
+
+impl FakeDst {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DstState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Send `update` to every open stream.
+    fn broadcast(state: &mut DstState, update: dst::Update) {
+        state.streams.retain(|s| s.send(Ok(update.clone())).is_ok());
+    }
+
+    /// The endpoints become `eps`: removals and additions are streamed.
+    fn set(&self, eps: &[SocketAddr]) {
+        let mut st = self.lock();
+        let gone: Vec<SocketAddr> = st
+            .endpoints
+            .iter()
+            .filter(|e| !eps.contains(e))
+            .copied()
+            .collect();
+        let new: Vec<SocketAddr> = eps
+            .iter()
+            .filter(|e| st.no_endpoints || !st.endpoints.contains(e))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            let remove = dst::Update {
+                update: Some(DstUpdate::Remove(dst::AddrSet {
+                    addrs: gone.into_iter().map(Into::into).collect(),
+                })),
+            };
+            Self::broadcast(&mut st, remove);
+        }
+        if !new.is_empty() {
+            Self::broadcast(&mut st, add_update(&new));
+        }
+        st.endpoints = eps.to_vec();
+        st.no_endpoints = false;
+    }
+
+    /// The service says the name has no endpoints.
+    fn no_endpoints(&self) {
+        let mut st = self.lock();
+        st.endpoints.clear();
+        st.no_endpoints = true;
+        let update = dst::Update {
+            update: Some(DstUpdate::NoEndpoints(dst::NoEndpoints { exists: true })),
+        };
+        Self::broadcast(&mut st, update);
+    }
+
+    /// End every open stream (the server going away).
+    fn end_streams(&self) {
+        for s in self.lock().streams.drain(..) {
+            let _ = s.send(Err(tonic::Status::unavailable("going away")));
+        }
+    }
+}
+
+struct DstSvc(Arc<FakeDst>);
+
+struct UpdateStream(tokio::sync::mpsc::UnboundedReceiver<Result<dst::Update, tonic::Status>>);
+
+impl futures::Stream for UpdateStream {
+    type Item = Result<dst::Update, tonic::Status>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+#[tonic::async_trait]
+impl Destination for DstSvc {
+    type GetStream = UpdateStream;
+    async fn get(
+        &self,
+        req: tonic::Request<GetDestination>,
+    ) -> Result<tonic::Response<UpdateStream>, tonic::Status> {
+        self.0.gets.fetch_add(1, Ordering::SeqCst);
+        self.0
+            .paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(req.into_inner().path);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut st = self.0.lock();
+        if st.no_endpoints {
+            let _ = tx.send(Ok(dst::Update {
+                update: Some(DstUpdate::NoEndpoints(dst::NoEndpoints { exists: true })),
+            }));
+        } else if !st.endpoints.is_empty() {
+            let _ = tx.send(Ok(add_update(&st.endpoints)));
+        }
+        st.streams.push(tx);
+        Ok(tonic::Response::new(UpdateStream(rx)))
+    }
+    type GetProfileStream = futures::stream::Empty<Result<dst::DestinationProfile, tonic::Status>>;
+    async fn get_profile(
+        &self,
+        _: tonic::Request<GetDestination>,
+    ) -> Result<tonic::Response<Self::GetProfileStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("profiles"))
+    }
+}
+
+/// Serve `fake` on `addr` until the returned sender is dropped or fired.
+async fn serve_destination(
+    fake: Arc<FakeDst>,
+    addr: SocketAddr,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
+    };
+    let incoming = tokio_stream_of(listener);
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(DestinationServer::new(DstSvc(fake)))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    stop
+}
+
+/// An HTTP/1 server on `addr` answering every request with 200 and its own address (one request per
+/// connection: `connection: close`, so each request is balanced afresh); counts the requests.
+async fn counting_server(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let local = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = local.to_string();
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (local, hits)
+}
+
+/// One HTTP/1 GET through the outbound listener at `listen`: (status, the `l5d-proxy-error` header, body).
+async fn get_through(listen: &str) -> (u16, Option<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect to the outbound listener");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: web.test.svc.cluster.local\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let error = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("l5d-proxy-error")
+            .then(|| v.trim().to_string())
+    });
+    (status, error, body.to_string())
+}
+
+/// Register a VM with one HTTP outbound listener on `listen` to destination `name`.
+async fn register_named(env: &mut Env, id: &str, listen: &str, name: &str) {
+    let agent = env.agent(&[]);
+    let (control, io) = agent.uris(None);
+    let mesh = json!({
+        "identity": A,
+        "outbound": [{"listen": listen, "destination": {"name": name}, "protocol": "http1"}],
+    });
+    let r: Value = env
+        .rpc(
+            "vm.register",
+            json!({"id": id, "control": control, "io": io, "timeout_ms": 5000, "mesh": mesh}),
+        )
+        .await;
+    assert!(r.get("result").is_some(), "{r}\n{}", env.logs());
+}
+
+/// Wait until `mesh.endpoints` of `id` satisfies `f` (its only destination).
+async fn wait_endpoints(
+    env: &Env,
+    id: &str,
+    what: &str,
+    f: impl Fn(&cc_proxy_api::mesh::DestinationStatus) -> bool,
+) -> cc_proxy_api::mesh::DestinationStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let eps = env.client.mesh_endpoints(id).await.expect("mesh.endpoints");
+        assert_eq!(eps.destinations.len(), 1, "{eps:?}");
+        let d = eps.destinations[0].clone();
+        if f(&d) {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: {what}: {d:?}\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn addrs_of(d: &cc_proxy_api::mesh::DestinationStatus) -> Vec<String> {
+    let mut v: Vec<String> = d.endpoints.iter().map(|e| e.addr.clone()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_destination_follows_the_destination_service() {
+    use cc_proxy_api::mesh::DestinationState;
+    let fake = Arc::new(FakeDst::default());
+    let svc: SocketAddr = free_addr().parse().expect("addr");
+    let server = serve_destination(fake.clone(), svc).await;
+    let (e1, hits1) = counting_server("127.0.0.1:0").await;
+    let (e2, hits2) = counting_server("127.0.0.1:0").await;
+    let svc_s = svc.to_string();
+    let mut env = Env::start_with(&[
+        "--destination-svc",
+        &svc_s,
+        "--mesh-failfast-timeout-ms",
+        "1000",
+    ])
+    .await;
+    let (la, lb) = (free_addr(), free_addr());
+    register_named(&mut env, "a", &la, NAME).await;
+    register_named(&mut env, "b", &lb, NAME).await;
+    // Nothing streamed yet: pending.
+    let d = wait_endpoints(&env, "a", "pending", |d| {
+        d.state == DestinationState::Pending
+    })
+    .await;
+    assert_eq!(d.name.as_deref(), Some(NAME));
+    assert_eq!(d.listener, la);
+    assert!(d.endpoints.is_empty());
+
+    // Two endpoints: both VMs see them, and traffic reaches both.
+    fake.set(&[e1, e2]);
+    let mut both = vec![e1.to_string(), e2.to_string()];
+    both.sort();
+    let d = wait_endpoints(&env, "a", "two endpoints", |d| addrs_of(d) == both).await;
+    assert_eq!(d.state, DestinationState::Resolved);
+    assert_eq!(
+        d.endpoints[0].labels.get("service").map(String::as_str),
+        Some("web")
+    );
+    wait_endpoints(&env, "b", "two endpoints", |d| addrs_of(d) == both).await;
+    // One stream for the name, shared by both VMs.
+    assert_eq!(fake.gets.load(Ordering::SeqCst), 1, "one Get per name");
+    assert_eq!(
+        fake.paths.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        vec![NAME.to_string()]
+    );
+    for _ in 0..20 {
+        let (status, _, _) = get_through(&la).await;
+        assert_eq!(status, 200, "{}", env.logs());
+    }
+    let (h1, h2) = (hits1.load(Ordering::SeqCst), hits2.load(Ordering::SeqCst));
+    assert_eq!(h1 + h2, 20);
+    assert!(h1 > 0 && h2 > 0, "both endpoints get traffic: {h1} / {h2}");
+    // The CLI shows the same as a table.
+    let out = env.cli(&["mesh", "endpoints", "a"], b"");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{table}");
+    assert!(table.starts_with("LISTENER"), "{table}");
+    for e in [e1, e2] {
+        let row = table
+            .lines()
+            .find(|l| l.contains(&e.to_string()))
+            .unwrap_or_else(|| panic!("no row for {e}: {table}"));
+        assert!(row.contains(&format!("{NAME} (resolved)")), "{row}");
+        assert!(row.contains(&la), "{row}");
+    }
+
+    // One endpoint removed: traffic moves to the other.
+    fake.set(&[e2]);
+    wait_endpoints(&env, "a", "e1 removed", |d| addrs_of(d) == [e2.to_string()]).await;
+    let before = (hits1.load(Ordering::SeqCst), hits2.load(Ordering::SeqCst));
+    for _ in 0..10 {
+        let (status, _, body) = get_through(&la).await;
+        assert_eq!((status, body.as_str()), (200, e2.to_string().as_str()));
+    }
+    assert_eq!(
+        hits1.load(Ordering::SeqCst),
+        before.0,
+        "a removed endpoint got traffic"
+    );
+    assert_eq!(hits2.load(Ordering::SeqCst), before.1 + 10);
+
+    // The service goes away: the last endpoints keep serving while the stream is reopened.
+    fake.end_streams();
+    drop(server);
+    let d = wait_endpoints(&env, "a", "reconnecting", |d| {
+        d.state == DestinationState::Reconnecting
+    })
+    .await;
+    assert_eq!(addrs_of(&d), [e2.to_string()]);
+    for _ in 0..3 {
+        let (status, _, body) = get_through(&la).await;
+        assert_eq!((status, body.as_str()), (200, e2.to_string().as_str()));
+    }
+    // Back: one new stream for the name, resolved again.
+    let server = serve_destination(fake.clone(), svc).await;
+    wait_endpoints(&env, "a", "resolved again", |d| {
+        d.state == DestinationState::Resolved && addrs_of(d) == [e2.to_string()]
+    })
+    .await;
+    assert_eq!(
+        fake.gets.load(Ordering::SeqCst),
+        2,
+        "one Get per name on reconnect"
+    );
+
+    // No endpoints: requests fail fast (the fail-fast bound, 1 s here) with the proxy's error header.
+    fake.no_endpoints();
+    let d = wait_endpoints(&env, "a", "no endpoints", |d| {
+        d.state == DestinationState::NoEndpoints
+    })
+    .await;
+    assert!(d.endpoints.is_empty());
+    let t0 = Instant::now();
+    let (status, error, _) = get_through(&la).await;
+    let took = t0.elapsed();
+    assert!(
+        status == 503 || status == 502,
+        "status {status}\n{}",
+        env.logs()
+    );
+    assert!(error.is_some(), "no l5d-proxy-error");
+    assert!(took < Duration::from_secs(3), "failed after {took:?}");
+    drop(server);
+    let _ = env.stop_daemon().await;
 }

@@ -538,6 +538,23 @@ async fn bad_mesh_configurations_are_refused_with_the_field_at_fault() {
             1030,
             "mesh.outbound[0].destination.endpoints[0]",
         ),
+        (
+            json!({"identity": B, "outbound": [{"listen": free_addr(),
+                   "destination": {"name": "web.default.svc.cluster.local:80", "endpoints": ["10.0.0.1:80"]}}]}),
+            1030,
+            "mesh.outbound[0].destination.name",
+        ),
+        (
+            json!({"identity": B, "outbound": [{"listen": free_addr(),
+                   "destination": {"name": "web.default.svc.cluster.local"}}]}),
+            1030,
+            "mesh.outbound[0].destination.name",
+        ),
+        (
+            json!({"identity": B, "outbound": [{"listen": free_addr(), "destination": {}}]}),
+            1030,
+            "mesh.outbound[0].destination.endpoints",
+        ),
     ];
     for (i, (cfg, code, field)) in cases.into_iter().enumerate() {
         let agent = env.agent(&[]);
@@ -573,6 +590,8 @@ async fn bad_mesh_configurations_are_refused_with_the_field_at_fault() {
     env.register("plain", &plain, None).await;
     assert!(info(&env, "plain").await.mesh.is_none());
     let r = env.rpc("mesh.identity", json!({"id": "plain"})).await;
+    assert_eq!(r["error"]["code"], 1011, "{r}");
+    let r = env.rpc("mesh.endpoints", json!({"id": "plain"})).await;
     assert_eq!(r["error"]["code"], 1011, "{r}");
     let out = env.cli(
         &[

@@ -1,12 +1,13 @@
-//! `mesh.trust_anchors` and `mesh.identity`: the mesh front's control surface.
+//! `mesh.trust_anchors`, `mesh.identity` and `mesh.endpoints`: the mesh front's control surface.
 //!
 //! The trust anchors are public (every peer must be given them): any client may read them. A VM's identity
-//! and certificate are served to the VM's owner and privileged clients, like `vm.info`, with the identity's
-//! state: `pending` (no certificate yet), `valid`, or `expired` (the source did not renew it in time).
+//! and certificate (with the identity's state: `pending`, `valid`, or `expired` when the source did not renew
+//! it in time and it was withdrawn), and its outbound destinations' endpoints, are served to the VM's owner
+//! and privileged clients, like `vm.info`.
 
 use std::sync::Arc;
 
-use cc_proxy_api::mesh::{IdentityState, MeshIdentity, TrustAnchors};
+use cc_proxy_api::mesh::{IdentityState, MeshEndpoints, MeshIdentity, TrustAnchors};
 use cc_proxy_api::methods;
 use cc_proxy_api::types::VmId;
 use jsonrpsee::types::ErrorObjectOwned;
@@ -25,6 +26,7 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
             count: anchors.roots.len(),
         })
     });
+    mesh_endpoints(m);
     let _ = m.register_async_method(methods::MESH_IDENTITY, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
         // A VM's certificate is shown to its owner and privileged clients only, like the rest of the VM.
@@ -38,10 +40,15 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
         })?;
         let mesh = proxy.registry.mesh().ok_or_else(no_mesh)?;
         let credential = mesh.credential(&vm.id);
-        let state = identity_state(
-            credential.as_ref().map(|c| c.not_after),
-            std::time::SystemTime::now(),
-        );
+        // An expired certificate is withdrawn (the identity store); between its expiry and the withdrawal
+        // the served one's end says it too.
+        let state = match mesh.identity_state(&vm.id) {
+            IdentityState::Expired => IdentityState::Expired,
+            _ => identity_state(
+                credential.as_ref().map(|c| c.not_after),
+                std::time::SystemTime::now(),
+            ),
+        };
         Ok::<_, ErrorObjectOwned>(MeshIdentity {
             vm: vm.id.clone(),
             identity: config.identity.clone(),
@@ -62,6 +69,28 @@ fn identity_state(
         Some(t) if t <= now => IdentityState::Expired,
         Some(_) => IdentityState::Valid,
     }
+}
+
+fn mesh_endpoints(m: &mut RpcModule<Arc<Proxy>>) {
+    let _ = m.register_async_method(methods::MESH_ENDPOINTS, |params, proxy, ext| async move {
+        let p: VmId = parse(&params)?;
+        // Endpoints reveal where the VM's traffic goes: its owner and privileged clients only.
+        check_vm(&proxy, &peer(&ext), &p.id)?;
+        let vm = proxy.registry.get_settled(&p.id).await?;
+        if vm.mesh.is_none() {
+            return Err(ProxyError::invalid(
+                "id",
+                format!("VM {:?} was registered without a mesh", vm.id),
+            )
+            .into());
+        }
+        let mesh = proxy.registry.mesh().ok_or_else(no_mesh)?;
+        // A meshed VM whose listeners are not serving (yet, or any more) has no endpoint sets.
+        Ok::<_, ErrorObjectOwned>(mesh.endpoints(&vm.id).unwrap_or(MeshEndpoints {
+            vm: vm.id.clone(),
+            destinations: Vec::new(),
+        }))
+    });
 }
 
 fn no_mesh() -> ErrorObjectOwned {

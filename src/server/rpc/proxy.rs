@@ -43,6 +43,7 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
             vms,
             vms_lost,
             vms_recovering,
+            ready: proxy.registry.readiness() == crate::vm::registry::Readiness::Ready,
         })
     });
     let _ = m.register_method(methods::PROXY_SET_LOG_LEVEL, |params, proxy, ext| {
