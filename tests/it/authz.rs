@@ -126,6 +126,7 @@ async fn a_second_uid_is_refused_every_method_on_another_users_vm() {
             json!({"token": token, "rows": 10, "cols": 10}),
         ),
         ("stream.close", json!({"token": token})),
+        ("mesh.endpoints", json!({"id": "victim"})),
     ];
     for (method, p) in &table {
         let r = call(&ws, method, p.clone()).await;

@@ -986,3 +986,131 @@ async fn a_named_destination_follows_the_destination_service() {
     drop(server);
     let _ = env.stop_daemon().await;
 }
+
+/// A local dnsmasq on a loopback port answering from `hosts` (reread on SIGHUP) with a 1 s TTL; None (the
+/// test is skipped, saying why) when dnsmasq is not installed.
+struct Dnsmasq {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Dnsmasq {
+    fn start(dir: &std::path::Path, hosts: &std::path::Path) -> Option<Dnsmasq> {
+        if std::process::Command::new("dnsmasq")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIP: dnsmasq is not installed (Debian package dnsmasq-base)");
+            return None;
+        }
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("a free UDP port")
+            .port();
+        let mut cmd = std::process::Command::new("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--local-ttl=1",
+            "--user=root",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .stderr(std::process::Stdio::null());
+        // Owned (and so killed and reaped) from here on, whatever happens next.
+        let dns = Dnsmasq {
+            child: cmd.spawn().expect("spawn dnsmasq"),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        // Wait until it answers an A query for web.test.
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        probe
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut query = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3];
+        query.extend_from_slice(b"web\x04test\x00\x00\x01\x00\x01");
+        for _ in 0..50 {
+            let _ = probe.send_to(&query, dns.addr);
+            if probe.recv(&mut [0u8; 512]).is_ok() {
+                return Some(dns);
+            }
+        }
+        panic!("dnsmasq does not answer on {}", dns.addr);
+    }
+
+    /// Reread the hosts file.
+    fn reload(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP dnsmasq");
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_destination_follows_dns_after_the_ttl() {
+    use cc_proxy_api::mesh::DestinationState;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 web.test\n").expect("hosts");
+    let Some(dns) = Dnsmasq::start(dir.path(), &hosts) else {
+        return;
+    };
+    // Two endpoint servers on one port, at two loopback addresses.
+    let (e1, hits1) = counting_server("127.0.0.1:0").await;
+    let (e2, hits2) = counting_server(&format!("127.0.0.2:{}", e1.port())).await;
+    let dns_s = dns.addr.to_string();
+    let mut env = Env::start_with(&["--dns-server", &dns_s]).await;
+    let listen = free_addr();
+    let name = format!("web.test:{}", e1.port());
+    register_named(&mut env, "a", &listen, &name).await;
+    let d = wait_endpoints(&env, "a", "resolved", |d| addrs_of(d) == [e1.to_string()]).await;
+    assert_eq!(d.state, DestinationState::Resolved);
+    // DNS endpoints have no identity (the listener names none): plaintext.
+    assert_eq!(d.endpoints[0].identity, None);
+    for _ in 0..3 {
+        let (status, _, body) = get_through(&listen).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, e1.to_string().as_str()),
+            "{}",
+            env.logs()
+        );
+    }
+    assert_eq!(hits1.load(Ordering::SeqCst), 3);
+
+    // The answer changes: after its 1 s TTL the daemon resolves again and traffic goes to the new address.
+    std::fs::write(&hosts, "127.0.0.2 web.test\n").expect("hosts");
+    dns.reload();
+    let t0 = Instant::now();
+    wait_endpoints(&env, "a", "the new address", |d| {
+        addrs_of(d) == [e2.to_string()]
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "followed after {took:?}");
+    for _ in 0..3 {
+        let (status, _, body) = get_through(&listen).await;
+        assert_eq!((status, body.as_str()), (200, e2.to_string().as_str()));
+    }
+    assert_eq!(
+        hits1.load(Ordering::SeqCst),
+        3,
+        "the old address got traffic"
+    );
+    assert_eq!(hits2.load(Ordering::SeqCst), 3);
+    let _ = env.stop_daemon().await;
+}
