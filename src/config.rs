@@ -223,6 +223,10 @@ impl Config {
                     .then(|| Duration::from_secs(cli.agent_keepalive)),
                 keepalive_misses: cli.agent_keepalive_misses.max(1),
                 stall_timeout: Duration::from_secs(cli.stall_timeout).max(MIN_STALL_TIMEOUT),
+                stdin_buffer: cli.stdin_buffer.max(crate::vm::stdin::MIN_STDIN_BUFFER),
+                vm_stdin_buffer: cli.vm_stdin_buffer.max(crate::vm::stdin::MIN_STDIN_BUFFER),
+                stdin_stall_timeout: Duration::from_secs(cli.stdin_stall_timeout)
+                    .max(MIN_STALL_TIMEOUT),
                 vm_buffer: cli.vm_buffer,
                 recovery_timeout: Duration::from_secs(cli.recovery_timeout)
                     .max(MIN_RECOVERY_TIMEOUT),

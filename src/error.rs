@@ -72,6 +72,9 @@ pub enum ProxyError {
     },
     #[error("VM {vm:?}: mesh listener: {reason}")]
     MeshListen { vm: String, reason: String },
+    /// The stream's stdin was failed (`--stdin-stall-timeout`); never answered to a request, only logged.
+    #[error(transparent)]
+    Stdin(#[from] crate::vm::stdin::StdinError),
 }
 
 fn denied_text(vm: Option<&str>, uid: u32) -> String {
@@ -158,7 +161,7 @@ impl ProxyError {
             ProxyError::Unregistered(_) => code::VM_UNREGISTERED,
             ProxyError::Limit(Limit::TokensPerVm { .. }) => code::TOO_MANY_TOKENS_VM,
             ProxyError::Limit(Limit::TokensPerClient { .. }) => code::TOO_MANY_TOKENS_CLIENT,
-            ProxyError::Limit(_) => code::LIMIT_EXCEEDED,
+            ProxyError::Limit(_) | ProxyError::Stdin(_) => code::LIMIT_EXCEEDED,
             ProxyError::Recovering(_) => code::VM_RECOVERING,
             ProxyError::PermissionDenied { .. } => code::PERMISSION_DENIED,
             ProxyError::MeshConfig { .. } | ProxyError::MeshListen { .. } => code::MESH_CONFIG,
@@ -201,6 +204,7 @@ impl ProxyError {
                 json!({"uid": uid, "max": max})
             }
             ProxyError::ShuttingDown | ProxyError::Limit(_) => Value::Null,
+            ProxyError::Stdin(_) => json!({"field": "stdin"}),
             ProxyError::MeshConfig { vm, field, .. } => json!({"vm": vm, "field": field}),
             ProxyError::MeshListen { vm, .. } => json!({"vm": vm, "field": "mesh"}),
         }

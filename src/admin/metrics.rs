@@ -78,6 +78,30 @@ impl CommandOutcome {
     }
 }
 
+/// Why the daemon failed a stream: the `reason` label of `cc_proxy_stream_failures` and of the tap's
+/// `stream_failed` events.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamFailure {
+    /// Its output buffer stayed full while its shim read nothing for `--stall-timeout`.
+    OutputStall,
+    /// The VM's I/O channel took no stdin for `--stdin-stall-timeout` and this stream's process was the
+    /// likely reason (it did not read its stdin).
+    StdinStall,
+}
+
+impl StreamFailure {
+    /// The label value, as the tap serializes it too.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamFailure::OutputStall => "output_stall",
+            StreamFailure::StdinStall => "stdin_stall",
+        }
+    }
+
+    pub const ALL: [StreamFailure; 2] = [StreamFailure::OutputStall, StreamFailure::StdinStall];
+}
+
 /// How a shim left a stream: the `kind` label of `cc_proxy_shim_detaches` and of the tap's
 /// `stream_detached` events.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize)]
@@ -196,6 +220,18 @@ pub struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub vm: String,
+    pub reason: StreamFailure,
+}
+
+impl EncodeLabelValue for StreamFailure {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetachLabels {
     pub vm: String,
     pub kind: DetachKind,
@@ -250,7 +286,7 @@ pub struct Metrics {
     pub streams_open: Family<VmLabel, Gauge>,
     pub stream_buffered_bytes: Family<VmLabel, Gauge>,
     pub stream_backpressure: Family<VmLabel, Counter>,
-    pub stream_failures: Family<VmLabel, Counter>,
+    pub stream_failures: Family<FailureLabels, Counter>,
     pub stream_dropped_bytes: Family<VmLabel, Counter>,
     pub shim_attaches: Family<VmLabel, Counter>,
     pub shim_detaches: Family<DetachLabels, Counter>,
@@ -368,7 +404,8 @@ impl Metrics {
         );
         r.register(
             "stream_failures",
-            "Streams failed because their buffer stayed full",
+            "Streams failed by the daemon, by reason (output_stall: the output buffer stayed full; \
+             stdin_stall: the process left its stdin unread and stalled its VM's stdin)",
             self.stream_failures.clone(),
         );
         r.register_with_unit(
@@ -543,7 +580,8 @@ pub struct VmMetrics {
     pub streams_open: Gauge,
     pub buffered: Gauge,
     pub backpressure: Counter,
-    pub stream_failures: Counter,
+    /// Streams failed, by [`StreamFailure`] (indexed by its position in [`StreamFailure::ALL`]).
+    stream_failures: [Counter; 2],
     pub dropped: Counter,
     pub attaches: Counter,
 }
@@ -576,7 +614,15 @@ impl VmMetrics {
         let streams_open = gauge(&m.streams_open, &vl);
         let buffered = gauge(&m.stream_buffered_bytes, &vl);
         let backpressure = counter(&m.stream_backpressure, &vl);
-        let stream_failures = counter(&m.stream_failures, &vl);
+        let stream_failures = StreamFailure::ALL.map(|reason| {
+            counter(
+                &m.stream_failures,
+                &FailureLabels {
+                    vm: vm.to_string(),
+                    reason,
+                },
+            )
+        });
         let dropped = counter(&m.stream_dropped_bytes, &vl);
         let attaches = counter(&m.shim_attaches, &vl);
         VmMetrics {
@@ -631,6 +677,11 @@ impl VmMetrics {
                 command: command.into(),
             })
             .observe(seconds);
+    }
+
+    /// Count a stream the daemon failed.
+    pub fn stream_failed(&self, reason: StreamFailure) {
+        self.stream_failures[reason as usize].inc();
     }
 
     pub fn detach(&self, kind: DetachKind) {
@@ -689,7 +740,12 @@ impl VmMetrics {
         m.streams_open.remove(&vl);
         m.stream_buffered_bytes.remove(&vl);
         m.stream_backpressure.remove(&vl);
-        m.stream_failures.remove(&vl);
+        for reason in StreamFailure::ALL {
+            m.stream_failures.remove(&FailureLabels {
+                vm: self.vm.clone(),
+                reason,
+            });
+        }
         m.stream_dropped_bytes.remove(&vl);
         m.shim_attaches.remove(&vl);
         m.agent_connects.remove(&vl);

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-pub use crate::admin::metrics::{CommandOutcome, DetachKind};
+pub use crate::admin::metrics::{CommandOutcome, DetachKind, StreamFailure};
 
 /// Events buffered for taps before the slowest one starts losing events. A tap task drains the ring as
 /// fast as it can filter; 4096 events (about 1 MiB) absorb a burst of a few milliseconds of busy host.
@@ -47,6 +47,12 @@ pub enum TapEvent {
     },
     /// A shim attached to a stream.
     StreamAttached { vm: String, token: String },
+    /// The daemon failed a stream (an error frame went to its shim).
+    StreamFailed {
+        vm: String,
+        token: String,
+        reason: StreamFailure,
+    },
     /// A shim left a stream.
     StreamDetached {
         vm: String,
@@ -100,18 +106,20 @@ impl TapEvent {
             | TapEvent::ProcessExited { vm, .. }
             | TapEvent::StreamAttached { vm, .. }
             | TapEvent::StreamDetached { vm, .. }
+            | TapEvent::StreamFailed { vm, .. }
             | TapEvent::VmState { vm, .. } => vm,
             TapEvent::MeshInboundRequest(r) | TapEvent::MeshOutboundRequest(r) => &r.vm,
         }
     }
 
     /// Every event name, as serialized and as `cc-proxy tap --filter` takes them.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "agent_command",
         "process_started",
         "process_exited",
         "stream_attached",
         "stream_detached",
+        "stream_failed",
         "vm_state",
         "mesh_inbound_request",
         "mesh_outbound_request",
@@ -125,6 +133,7 @@ impl TapEvent {
             TapEvent::ProcessExited { .. } => "process_exited",
             TapEvent::StreamAttached { .. } => "stream_attached",
             TapEvent::StreamDetached { .. } => "stream_detached",
+            TapEvent::StreamFailed { .. } => "stream_failed",
             TapEvent::VmState { .. } => "vm_state",
             TapEvent::MeshInboundRequest(_) => "mesh_inbound_request",
             TapEvent::MeshOutboundRequest(_) => "mesh_outbound_request",

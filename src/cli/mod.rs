@@ -91,6 +91,21 @@ pub struct Cli {
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub stall_timeout: u64,
 
+    /// Bytes of stdin one stream may have queued in the daemon before its shim waits; streams take turns on
+    /// the VM's I/O channel, so one stream's stdin never queues ahead of another's.
+    #[arg(long, default_value_t = crate::vm::stdin::DEFAULT_STDIN_BUFFER, value_name = "BYTES")]
+    pub stdin_buffer: usize,
+
+    /// Bytes of stdin queued across one VM's streams before every shim of the VM waits.
+    #[arg(long, default_value_t = crate::vm::stdin::DEFAULT_VM_STDIN_BUFFER, value_name = "BYTES")]
+    pub vm_stdin_buffer: usize,
+
+    /// Seconds a VM's I/O channel may take no stdin while stdin is waiting before the stream most likely
+    /// blocking it (a process that does not read its stdin) is failed and its process killed, so the VM's
+    /// other processes receive stdin again.
+    #[arg(long, default_value_t = crate::vm::stdin::DEFAULT_STDIN_STALL_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub stdin_stall_timeout: u64,
+
     /// Seconds to reconnect one recorded VM after a restart (connect and handshake); requests for a VM being
     /// recovered wait at most this long for the outcome, after which it is listed as lost.
     #[arg(long, default_value_t = crate::vm::registry::DEFAULT_RECOVERY_TIMEOUT.as_secs(), value_name = "SECS")]
@@ -373,7 +388,7 @@ pub enum Command {
         #[arg(long)]
         limit: Option<u64>,
         /// Only these events (comma-separated): agent_command, process_started, process_exited,
-        /// stream_attached, stream_detached, vm_state, mesh_inbound_request, mesh_outbound_request.
+        /// stream_attached, stream_detached, stream_failed, vm_state, mesh_inbound_request, mesh_outbound_request.
         #[arg(long, value_delimiter = ',')]
         filter: Vec<String>,
         /// Most events per second (1 to 1000).

@@ -1,6 +1,16 @@
 //! A VM's I/O channel: one reader task demultiplexing agent output to streams by sequence number, and one
 //! writer task multiplexing every shim's stdin onto the channel.
 //!
+//! The writer takes stdin round-robin from the streams' queues ([`super::stdin`]). It watches its own
+//! progress: when the channel takes no byte for `--stdin-stall-timeout` while stdin is pending, the agent's
+//! reader is blocked on a process that does not read its stdin (see [`super::stdin`] for why, and how the
+//! culprit is chosen). That stream fails (error frame to its shim, its queued and later stdin refused,
+//! `cc_proxy_stream_failures_total{reason="stdin_stall"}`, a warning, a tap `stream_failed` event) and its
+//! process is sent SIGKILL through the control channel, so the agent's blocked write returns and the VM's
+//! other processes receive stdin again. If the channel still takes nothing, the next culprit follows after
+//! another timeout, but only while the kills succeed: a process the dialect cannot signal alone (cc-agent's
+//! `execcmd` processes) is failed and reported, and the channel waits for it.
+//!
 //! Exit reports on this channel (cc-agent dialect): after a process's last output the agent sends an empty
 //! packet on its stdio sequence (EOF) and then a packet whose one data byte is the exit status. In the
 //! hyperstart dialect the EOF comes here and the status comes as a control event (see [`super::actor`]).
@@ -10,27 +20,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use cc_proxy_api::stream::Channel;
 use cc_proxy_protocol::agent::{classify_io, IoPacket, StreamView};
 use cc_proxy_protocol::{encode_io, IoCodec, IoFrame, IO_HEADER_LEN};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use super::lifecycle::{LostReason, VmState};
+use super::stdin::StallWindow;
 use super::Vm;
+use crate::admin::metrics::StreamFailure;
 use crate::logging::escape_bytes;
-use crate::stream::Stream;
+use crate::stream::{Lifecycle, Stream};
 use crate::transport::{BoxRead, BoxWrite};
 
-/// Stdin messages queued per VM before shims wait (backpressure toward the shims).
-pub const IO_QUEUE: usize = 64;
-
-/// Largest stdin message queued at once; bigger writes are queued in pieces, so a VM's stdin queue holds
-/// at most `IO_QUEUE * STDIN_CHUNK` bytes (4 MiB).
-pub const STDIN_CHUNK: usize = 64 * 1024;
+/// The signal sent to the process whose unread stdin stalled its VM's I/O channel.
+const STALL_KILL_SIGNAL: i32 = 9;
 
 /// Bytes the writer gathers from the queue into one write.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -46,16 +53,9 @@ const READ_BUFFER: usize = 128 * 1024;
 /// Longest escaped dump of one packet at `--log debug`.
 const DUMP_BYTES: usize = 256;
 
-/// A packet for the agent: stdin data for `seq`, or (empty) the close of its stdin.
-#[derive(Debug)]
-pub struct IoOut {
-    pub seq: u64,
-    pub data: Bytes,
-}
-
-pub fn spawn(vm: Arc<Vm>, read: BoxRead, write: BoxWrite, rx: mpsc::Receiver<IoOut>) {
+pub fn spawn(vm: Arc<Vm>, read: BoxRead, write: BoxWrite) {
     tokio::spawn(reader(vm.clone(), read));
-    tokio::spawn(writer(vm, write, rx));
+    tokio::spawn(writer(vm, write));
 }
 
 async fn reader(vm: Arc<Vm>, read: BoxRead) {
@@ -130,7 +130,7 @@ async fn route(vm: &Arc<Vm>, frame: IoFrame) {
         vm.metrics.backpressure.inc();
         tracing::debug!(vm = %vm.id, token = %stream.token, "stream buffer full: pausing the I/O channel");
         if !wait_while_shim_reads(&stream, vm.config.stall_timeout).await {
-            vm.metrics.stream_failures.inc();
+            vm.stream_failed(&stream, StreamFailure::OutputStall);
             tracing::warn!(vm = %vm.id, token = %stream.token, buffered = stream.buffered(),
                 "stream failed: its shim read nothing for {:?} while the buffer was full", vm.config.stall_timeout);
             stream.fail(&format!(
@@ -159,29 +159,25 @@ async fn wait_while_shim_reads(stream: &Stream, stall_timeout: Duration) -> bool
     }
 }
 
-async fn writer(vm: Arc<Vm>, mut write: BoxWrite, mut rx: mpsc::Receiver<IoOut>) {
+async fn writer(vm: Arc<Vm>, mut write: BoxWrite) {
     let mut buf = BytesMut::new();
+    let mut watch = Watch::default();
     loop {
-        let first = tokio::select! {
+        let batch = tokio::select! {
             _ = vm.ended.cancelled() => return,
-            msg = rx.recv() => match msg { Some(m) => m, None => return },
+            batch = vm.stdin.next_batch(WRITE_BATCH) => batch,
         };
-        encode(&vm, &first, &mut buf);
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(m) => encode(&vm, &m, &mut buf),
-                Err(_) => break,
-            }
+        for (seq, data) in &batch {
+            encode(&vm, *seq, data, &mut buf);
+            watch.window.wrote(*seq, data.len());
         }
-        // A full I/O channel is backpressure (a process not reading its stdin), not a failure; but the write
-        // must end with the VM.
-        let written = tokio::select! {
-            r = write.write_all(&buf) => r,
-            _ = vm.ended.cancelled() => return,
-        };
-        if let Err(e) = written {
-            vm.transition(VmState::Lost(LostReason::IoWrite(e.to_string())));
-            return;
+        match write_watched(&vm, &mut write, &buf, &mut watch).await {
+            Written::All => {}
+            Written::Ended => return,
+            Written::Failed(e) => {
+                vm.transition(VmState::Lost(LostReason::IoWrite(e.to_string())));
+                return;
+            }
         }
         buf.clear();
         if buf.capacity() > KEPT_WRITE_BUFFER {
@@ -190,26 +186,126 @@ async fn writer(vm: Arc<Vm>, mut write: BoxWrite, mut rx: mpsc::Receiver<IoOut>)
     }
 }
 
+/// What the writer knows about the channel's progress.
+#[derive(Default)]
+struct Watch {
+    window: StallWindow,
+    /// The last culprit's process could not be killed: blame no other stream until the channel moves.
+    waiting_for_unkillable: bool,
+}
+
+/// How a watched write ended.
+enum Written {
+    All,
+    /// The VM ended meanwhile.
+    Ended,
+    Failed(std::io::Error),
+}
+
+/// Write all of `buf`. A full I/O channel is backpressure (a process not reading its stdin), not a failure,
+/// but each time it takes nothing for `--stdin-stall-timeout` the likely culprit is failed and killed; and
+/// the write ends with the VM.
+async fn write_watched(
+    vm: &Arc<Vm>,
+    write: &mut BoxWrite,
+    buf: &[u8],
+    watch: &mut Watch,
+) -> Written {
+    let timeout = vm.config.stdin_stall_timeout;
+    let mut off = 0;
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    while off < buf.len() {
+        tokio::select! {
+            r = write.write(&buf[off..]) => match r {
+                Ok(0) => return Written::Failed(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    off += n;
+                    deadline = tokio::time::Instant::now() + timeout;
+                    watch.waiting_for_unkillable = false;
+                }
+                Err(e) => return Written::Failed(e),
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                if !watch.waiting_for_unkillable {
+                    watch.waiting_for_unkillable = !fail_culprit(vm, &mut watch.window).await;
+                }
+                deadline = tokio::time::Instant::now() + timeout;
+            }
+            _ = vm.ended.cancelled() => return Written::Ended,
+        }
+    }
+    Written::All
+}
+
+/// The channel took no stdin for `--stdin-stall-timeout`: fail the stream most likely blocking the agent's
+/// reader and kill its process. Returns false when the process could not be killed (the channel can only
+/// wait for it).
+async fn fail_culprit(vm: &Arc<Vm>, window: &mut StallWindow) -> bool {
+    let timeout = vm.config.stdin_stall_timeout;
+    let running = |seq: u64| {
+        !vm.stdin.is_failed(seq)
+            && vm
+                .stream_by_seq(seq)
+                .is_some_and(|s| s.stdio == seq && s.lifecycle() == Lifecycle::Running)
+    };
+    let Some(stream) = window
+        .culprit(running)
+        .and_then(|seq| vm.stream_by_seq(seq))
+    else {
+        tracing::warn!(vm = %vm.id, queued = vm.stdin.queued(),
+            "the I/O channel took no stdin for {timeout:?} and no running stream wrote to it recently");
+        return true;
+    };
+    window.forget(stream.stdio);
+    let dropped = vm.stdin.fail(stream.stdio);
+    vm.stream_failed(&stream, StreamFailure::StdinStall);
+    tracing::warn!(vm = %vm.id, token = %stream.token, dropped,
+        "stream failed: the VM's I/O channel took no stdin for {timeout:?} and this stream wrote the most of \
+         what is waiting; its process is killed so the VM's other processes get stdin again");
+    stream.fail(&format!(
+        "stdin stalled: the VM's I/O channel took no stdin for {timeout:?} while this process left its stdin \
+         unread; the stream was failed and its process killed to keep the VM's other processes' stdin moving"
+    ));
+    match tokio::time::timeout(
+        timeout,
+        super::process::signal(vm, &stream, STALL_KILL_SIGNAL),
+    )
+    .await
+    {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(vm = %vm.id, token = %stream.token, error = %e,
+                "cannot kill the process that stalled the I/O channel: the VM's stdin waits until it exits");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(vm = %vm.id, token = %stream.token,
+                "killing the process that stalled the I/O channel took longer than {timeout:?}");
+            false
+        }
+    }
+}
+
 /// Append the packets for one stdin message, split at the dialect's packet size (256 data bytes
 /// for hyperstart, whose per-process stdin buffer discards overflow; 4084 otherwise, so that no
 /// packet exceeds 4096 bytes). Many small packets still leave in one write (the batch).
-fn encode(vm: &Vm, msg: &IoOut, buf: &mut BytesMut) {
+fn encode(vm: &Vm, seq: u64, data: &[u8], buf: &mut BytesMut) {
     if tracing::enabled!(tracing::Level::DEBUG) {
-        tracing::debug!(vm = %vm.id, seq = msg.seq, direction = "to_agent", len = msg.data.len(),
-            data = %escape_bytes(&msg.data, DUMP_BYTES), "io");
+        tracing::debug!(vm = %vm.id, seq, direction = "to_agent", len = data.len(),
+            data = %escape_bytes(data, DUMP_BYTES), "io");
     }
     let mut packets = 0u64;
-    if msg.data.is_empty() {
-        let _ = encode_io(msg.seq, &[], buf);
+    if data.is_empty() {
+        let _ = encode_io(seq, &[], buf);
         packets = 1;
     } else {
-        for chunk in msg.data.chunks(vm.dialect.stdin_packet_data()) {
-            let _ = encode_io(msg.seq, chunk, buf);
+        for chunk in data.chunks(vm.dialect.stdin_packet_data()) {
+            let _ = encode_io(seq, chunk, buf);
             packets += 1;
         }
     }
     vm.metrics.io_out_packets.inc_by(packets);
     vm.metrics
         .io_out_bytes
-        .inc_by(msg.data.len() as u64 + IO_HEADER_LEN as u64 * packets);
+        .inc_by(data.len() as u64 + IO_HEADER_LEN as u64 * packets);
 }

@@ -24,6 +24,7 @@ mod persist;
 pub mod process;
 pub mod registry;
 pub mod state;
+pub mod stdin;
 mod streams;
 
 use std::collections::HashMap;
@@ -55,6 +56,13 @@ pub struct VmConfig {
     pub keepalive_misses: u32,
     /// How long one full stream may pause the VM's I/O channel before it is failed.
     pub stall_timeout: Duration,
+    /// Stdin bytes one stream may have queued before its shim waits (`--stdin-buffer`).
+    pub stdin_buffer: usize,
+    /// Stdin bytes queued across a VM's streams before every shim of the VM waits (`--vm-stdin-buffer`).
+    pub vm_stdin_buffer: usize,
+    /// How long the I/O channel may take no stdin before the stream most likely blocking it is failed and its
+    /// process killed (`--stdin-stall-timeout`).
+    pub stdin_stall_timeout: Duration,
     /// Bytes buffered across a VM's streams before a stream past its own bound pauses the I/O channel.
     pub vm_buffer: usize,
     /// Bound on reconnecting one recorded VM after a restart; requests for it wait at most this long.
@@ -117,7 +125,6 @@ pub type TokenOwners = Mutex<HashMap<u32, usize>>;
 /// The receiving ends of a new VM's queues, for the tasks that will own its channels.
 pub struct VmInbox {
     pub calls: mpsc::Receiver<Box<actor::Call>>,
-    pub io: mpsc::Receiver<io::IoOut>,
 }
 
 /// One registered VM. Shared by the registry, the VM's tasks and the clients using it.
@@ -140,8 +147,8 @@ pub struct Vm {
     pub mesh: Option<Arc<cc_proxy_api::mesh::MeshConfig>>,
     /// Commands to the control actor (boxed: the channel's first block is allocated with the VM).
     calls: mpsc::Sender<Box<actor::Call>>,
-    /// Packets to the I/O writer.
-    io_out: mpsc::Sender<io::IoOut>,
+    /// Every shim's stdin, queued per stream for the I/O writer.
+    stdin: stdin::StdinMux,
     /// Where the VM is in its life; changed only by [`Vm::transition`].
     state: Mutex<VmState>,
     /// Cancelled when the VM leaves `Ready` (lost, unregistered, the daemon stopping): wakes its tasks.
@@ -179,7 +186,6 @@ impl Vm {
     ) -> (Arc<Vm>, VmInbox) {
         let (dialect, api_version) = agent.unwrap_or((Dialect::Hyperstart, 0));
         let (calls_tx, calls) = mpsc::channel(actor::MAX_QUEUED);
-        let (io_tx, io_rx) = mpsc::channel(io::IO_QUEUE);
         let metrics = VmMetrics::new(&record.id);
         let buffered = Arc::new(BufferAccount::new(metrics.buffered.clone()));
         let vm = Arc::new(Vm {
@@ -195,7 +201,7 @@ impl Vm {
             owner_rights: record.owner_rights,
             mesh: record.mesh.clone().map(Arc::new),
             calls: calls_tx,
-            io_out: io_tx,
+            stdin: stdin::StdinMux::new(shared.config.stdin_buffer, shared.config.vm_stdin_buffer),
             state: Mutex::new(VmState::Connecting),
             ended: CancellationToken::new(),
             streams: Mutex::new(StreamTable::new(record.next_seq)),
@@ -209,7 +215,7 @@ impl Vm {
             config: shared.config.clone(),
             events: shared.events.clone(),
         });
-        (vm, VmInbox { calls, io: io_rx })
+        (vm, VmInbox { calls })
     }
 
     /// Send one command and wait for its reply (or deadline, loss, unregistration).
@@ -257,7 +263,8 @@ impl Vm {
         }
     }
 
-    /// Queue stdin for the process on `seq` (empty data closes its stdin). Waits until the process started.
+    /// Queue stdin for the process on `seq` (empty data closes its stdin). Waits until the process started,
+    /// and while the stream or the VM has as much stdin queued as it may (see [`stdin`]).
     pub async fn send_stdin(&self, seq: u64, data: bytes::Bytes) -> Result<(), ProxyError> {
         if let Some(stream) = self.stream_by_seq(seq) {
             tokio::select! {
@@ -268,18 +275,9 @@ impl Vm {
         if self.has_ended() {
             return Err(self.gone_error());
         }
-        // Queued in bounded pieces: the per-VM queue then bounds bytes, not just messages.
-        let mut rest = data;
-        loop {
-            let piece = rest.split_to(rest.len().min(io::STDIN_CHUNK));
-            let last = rest.is_empty();
-            tokio::select! {
-                r = self.io_out.send(io::IoOut { seq, data: piece }) => r.map_err(|_| self.gone_error())?,
-                _ = self.ended.cancelled() => return Err(self.gone_error()),
-            }
-            if last {
-                return Ok(());
-            }
+        tokio::select! {
+            r = self.stdin.push(seq, data) => r.map_err(ProxyError::from),
+            _ = self.ended.cancelled() => Err(self.gone_error()),
         }
     }
 
@@ -381,6 +379,9 @@ pub(crate) mod testing {
                 keepalive,
                 keepalive_misses: 1,
                 stall_timeout: Duration::from_secs(1),
+                stdin_buffer: stdin::DEFAULT_STDIN_BUFFER,
+                vm_stdin_buffer: stdin::DEFAULT_VM_STDIN_BUFFER,
+                stdin_stall_timeout: Duration::from_secs(1),
                 vm_buffer: 1 << 20,
                 recovery_timeout: Duration::from_secs(1),
                 tokens: TokenLimits::default(),

@@ -558,7 +558,7 @@ impl Registry {
         vm.restore_streams(&record.streams);
         let (ir, iw) = iochan.into_split();
         ControlActor::spawn(vm.clone(), inbox.calls, reader, writer, hs.deferred);
-        io::spawn(vm.clone(), ir, iw, inbox.io);
+        io::spawn(vm.clone(), ir, iw);
         if let Some(console) = endpoints.console {
             console::spawn(vm.clone(), console, rights.cloned());
         }

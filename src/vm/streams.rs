@@ -10,7 +10,7 @@ use cc_proxy_api::types::Event;
 
 use super::state::{PendingFrame, StreamRecord, VmRecord};
 use super::{lock, Vm};
-use crate::admin::metrics::{DetachKind, LimitKind, METRICS};
+use crate::admin::metrics::{DetachKind, LimitKind, StreamFailure, METRICS};
 use crate::admin::tap::TapEvent;
 use crate::error::{Limit, ProxyError};
 use crate::stream::{Lifecycle, ProcessRole, Stream, StreamCounters, Token, EXIT_EOF_GRACE};
@@ -267,6 +267,7 @@ impl Vm {
         table.by_seq.remove(&stream.stderr);
         table.unbind(&stream);
         drop(table);
+        self.stdin.forget(stream.stdio);
         self.release_owner(&stream);
         stream.close();
         self.touch();
@@ -298,6 +299,16 @@ impl Vm {
             vm: self.id.clone(),
             token: token.short().to_string(),
             kind,
+        });
+    }
+
+    /// The daemon failed a stream: count it and tell the tap (the caller logs why and ends the stream).
+    pub fn stream_failed(&self, stream: &Stream, reason: StreamFailure) {
+        self.metrics.stream_failed(reason);
+        self.tap(|| TapEvent::StreamFailed {
+            vm: self.id.clone(),
+            token: stream.token.short().to_string(),
+            reason,
         });
     }
 

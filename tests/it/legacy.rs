@@ -90,6 +90,13 @@ impl V2 {
         self.raw(&b).await;
     }
 
+    /// Like [`V2::send`], but a failed write is an answer (false) rather than a panic.
+    async fn try_send(&mut self, ty: u8, op: u8, payload: &[u8]) -> bool {
+        let mut b = header(ty, op, payload.len());
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).await.is_ok()
+    }
+
     /// Read one frame straight from the socket; `None` on EOF.
     async fn read_wire(&mut self) -> Option<Rx> {
         let mut fixed = [0u8; 12];
@@ -841,6 +848,66 @@ async fn stdin_to_a_process_that_does_not_read_is_bounded() {
         .cmd(ATTACH_VM, json!({"containerId": "full", "numIOStreams": 0}))
         .await;
     assert!(!r.error);
+}
+
+/// Issue 16 §2 "Stdin" through legacy shims (the same daemon code as the WebSocket attach): a process that
+/// never reads its stdin, flooded by its shim, stalls the lenient agent's I/O reader; after
+/// `--stdin-stall-timeout` its stream fails alone (ProcessExited 255 to its shim), its process is killed, and
+/// another shim's stdin to another process of the VM arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_not_reading_stdin_fails_alone_for_legacy_shims_too() {
+    let mut env = Env::start_with(&["--stdin-stall-timeout", "1"]).await;
+    let agent = env.agent(&["--lenient", "--pair"]);
+    let mut rt = V2::connect(&env).await;
+    let tokens = register(&mut rt, "lstuck", &agent, 2).await;
+    let mut a = shim(&env, &tokens[0]).await;
+    let mut b = shim(&env, &tokens[1]).await;
+    let marker = crate::limits::unique_sleep(7);
+    let stuck = ["sleep", marker.as_str()];
+    let r = hyper(&mut rt, "execcmd", &[&tokens[0]], exec(&stuck)).await;
+    assert!(!r.error, "{:?}", r.json());
+    let r = hyper(
+        &mut rt,
+        "execcmd",
+        &[&tokens[1]],
+        exec(&["sh", "-c", "read x; echo got:$x"]),
+    )
+    .await;
+    assert!(!r.error, "{:?}", r.json());
+    let flooding = tokio::spawn(async move {
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..64 {
+            let sent = tokio::time::timeout(WAIT, a.try_send(T_STREAM, STDIN, &chunk)).await;
+            if !matches!(sent, Ok(true)) {
+                break;
+            }
+        }
+        a.collect().await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = std::time::Instant::now();
+    b.send(T_STREAM, STDIN, b"hello\n").await;
+    let (out, _, status) = tokio::time::timeout(Duration::from_secs(10), b.collect())
+        .await
+        .unwrap_or_else(|_| panic!("the other shim's stdin is stuck\n{}", env.logs()));
+    assert_eq!((out.as_slice(), status), (&b"got:hello\n"[..], Some(0)));
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+    let (_, _, status) = tokio::time::timeout(Duration::from_secs(60), flooding)
+        .await
+        .expect("the flooded shim is told")
+        .expect("join");
+    assert_eq!(status, Some(255), "the flooded stream ends as failed");
+    assert!(
+        eventually(Duration::from_secs(5), || !crate::limits::process_running(
+            &stuck
+        ))
+        .await,
+        "the process that did not read its stdin was not killed"
+    );
+    assert_eq!(
+        crate::limits::stream_failures(&env, "lstuck", "stdin_stall").await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

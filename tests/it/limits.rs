@@ -1071,3 +1071,252 @@ async fn a_sigkilled_daemon_loses_only_output_queued_for_an_absent_shim() {
         "output queued in the killed daemon cannot come back: {text:?}"
     );
 }
+
+/// Whether a process runs whose command line is exactly `args` (read from /proc).
+pub(crate) fn process_running(args: &[&str]) -> bool {
+    let want: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        })
+        .unwrap_or(false)
+}
+
+/// A `sleep` duration no other test process uses (this test run's pid in it), so [`process_running`] finds
+/// only this test's process; long enough to outlive the test.
+pub(crate) fn unique_sleep(n: usize) -> String {
+    format!("600.{}{n}", std::process::id())
+}
+
+/// `cc_proxy_stream_failures_total` of `vm` for `reason` (0 when the series is absent).
+pub(crate) async fn stream_failures(env: &Env, vm: &str, reason: &str) -> u64 {
+    let prefix = format!("cc_proxy_stream_failures_total{{vm=\"{vm}\",reason=\"{reason}\"}} ");
+    env.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Start `args` as the init of a new container `container` with one stream, and attach a shim to it.
+async fn container_attached(
+    env: &Env,
+    vm: &str,
+    container: &str,
+    args: &[&str],
+) -> (String, cc_proxy_api::client::AttachedStream) {
+    let started = env
+        .client
+        .agent_call(&AgentCallParams {
+            vm: vm.into(),
+            command: "newcontainer".into(),
+            data: Some(json!({"id": container, "process": {"args": args}})),
+            timeout_ms: None,
+            streams: Some(1),
+            token: None,
+            payload_base64: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("newcontainer on {vm}: {e}\n{}", env.logs()));
+    let token = started.token.expect("a token");
+    let stream = env
+        .client
+        .attach(&token)
+        .await
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    (token, stream)
+}
+
+/// Flood a stream's stdin with up to 64 MiB; returns the bytes the shim could send (its writes stop when
+/// backpressure holds them for 30 s or the daemon closes the connection).
+fn flood<S>(mut tx: S) -> tokio::task::JoinHandle<usize>
+where
+    S: futures::Sink<cc_proxy_api::stream::Frame> + Unpin + Send + 'static,
+{
+    use cc_proxy_api::stream::{Channel, Frame};
+    use futures::SinkExt;
+    tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'y'; 256 * 1024]);
+        let mut sent = 0;
+        for _ in 0..256 {
+            let frame = Frame::new(Channel::Stdin, chunk.clone());
+            match tokio::time::timeout(Duration::from_secs(30), tx.send(frame)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                _ => break,
+            }
+        }
+        sent
+    })
+}
+
+/// The frames of a stream up to its end (or `within`), as (channel, payload).
+async fn frames_until_end<S>(
+    rx: &mut S,
+    within: Duration,
+) -> Vec<(cc_proxy_api::stream::Channel, Vec<u8>)>
+where
+    S: futures::Stream<Item = std::io::Result<cc_proxy_api::stream::Frame>> + Unpin,
+{
+    use cc_proxy_api::stream::Channel;
+    use futures::StreamExt;
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(Ok(f))) = tokio::time::timeout_at(deadline, rx.next()).await {
+        let end = matches!(f.channel, Channel::Exit | Channel::Error);
+        frames.push((f.channel, f.payload.to_vec()));
+        if end {
+            break;
+        }
+    }
+    frames
+}
+
+/// Issue 16 §2 "Stdin": with an agent whose one I/O reader blocks writing to a process's full stdin pipe
+/// (the test agent without `--strict`, like cc-agent), a shim flooding stdin to a process that never reads
+/// used to stop every other process of the VM from receiving stdin. Now the VM's I/O channel taking no stdin
+/// for `--stdin-stall-timeout` fails that stream alone: its shim gets an error frame naming the stall, its
+/// process is killed (so the agent's write returns), it is counted under
+/// `cc_proxy_stream_failures_total{reason="stdin_stall"}`, and the other process's stdin arrives. Both
+/// dialects, through the JSON-RPC/WebSocket attach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_not_reading_its_stdin_fails_alone_and_the_vms_other_stdin_flows() {
+    use cc_proxy_api::stream::{Channel, Frame};
+    use futures::{SinkExt, StreamExt};
+    let mut env = Env::start_with(&["--stdin-stall-timeout", "1"]).await;
+    let setups: [(&[&str], &str); 2] = [
+        (&["--dialect", "cc-agent"], "stuck-cc"),
+        (&["--lenient"], "stuck-hs"),
+    ];
+    for (n, (args, vm)) in setups.into_iter().enumerate() {
+        let agent = env.agent(args);
+        env.register(vm, &agent, None).await;
+        let marker = unique_sleep(n);
+        let stuck_args = ["sleep", marker.as_str()];
+        let (_, a) = container_attached(&env, vm, "flooded", &stuck_args).await;
+        let (_, mut b) = exec_attached(&env, vm, &["cat"]).await;
+        let (a_tx, mut a_rx) = a.split();
+        let flooding = flood(a_tx);
+        // Let the flood fill the agent's pipe and the channel: the agent's I/O reader is now blocked.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t0 = Instant::now();
+        b.send(Frame::new(
+            Channel::Stdin,
+            bytes::Bytes::from_static(b"hello\n"),
+        ))
+        .await
+        .expect("stdin to the other process");
+        b.send(Frame::new(Channel::Stdin, bytes::Bytes::new()))
+            .await
+            .expect("its EOF");
+        let other = tokio::time::timeout(
+            Duration::from_secs(10),
+            cc_proxy_api::client::collect(&mut b),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{vm}: the other process's stdin is stuck behind the flooded one\n{}",
+                env.logs()
+            )
+        })
+        .expect("stream I/O");
+        assert_eq!(other.stdout, b"hello\n", "{vm}");
+        assert_eq!(other.status, Some(0), "{vm}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "{vm}: the other stdin took {:?} (stall timeout 1 s)",
+            t0.elapsed()
+        );
+
+        // The flooded stream failed alone, with an error naming the cause, and its process was killed.
+        let frames = frames_until_end(&mut a_rx, Duration::from_secs(10)).await;
+        match frames.last() {
+            Some((Channel::Error, text)) => {
+                let text = String::from_utf8_lossy(text);
+                assert!(text.contains("stdin stalled"), "{vm}: {text}");
+            }
+            other => panic!("{vm}: the flooded stream did not end with an error: {other:?}"),
+        }
+        assert!(
+            crate::common::eventually(Duration::from_secs(5), || !process_running(&stuck_args))
+                .await,
+            "{vm}: the process that did not read its stdin was not killed\n{}",
+            env.logs()
+        );
+        // Its shim's stdin is refused from now on and its connection closes after the error frame.
+        tokio::time::timeout(Duration::from_secs(40), flooding)
+            .await
+            .expect("the flooding shim's writes end")
+            .expect("join");
+        assert_eq!(stream_failures(&env, vm, "stdin_stall").await, 1, "{vm}");
+        assert_eq!(stream_failures(&env, vm, "output_stall").await, 0, "{vm}");
+        assert_eq!(vm_state(&env, vm).await, "ready", "{vm}");
+
+        // The VM's stdin keeps working for new processes.
+        let (_, mut c) = exec_attached(&env, vm, &["cat"]).await;
+        let again = tokio::time::timeout(
+            Duration::from_secs(10),
+            cc_proxy_api::client::run_stream(&mut c, b"again", true),
+        )
+        .await
+        .expect("a new process gets stdin")
+        .expect("stream I/O");
+        assert_eq!(again.stdout, b"again", "{vm}");
+    }
+}
+
+/// The same flood against the test agent in `--strict` mode (real hyperstart's rules): hyperstart discards
+/// what overflows a process's stdin buffer, so the I/O channel never stalls and nothing is failed or killed;
+/// the other process gets its stdin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_discarding_agent_a_process_not_reading_stdin_is_left_alone() {
+    use cc_proxy_api::stream::{Channel, Frame};
+    use futures::{SinkExt, StreamExt};
+    let mut env = Env::start_with(&["--stdin-stall-timeout", "1"]).await;
+    // The harness runs the hyperstart dialect with `--strict` unless told `--lenient`.
+    let agent = env.agent(&[]);
+    let vm = "strict";
+    env.register(vm, &agent, None).await;
+    let marker = unique_sleep(9);
+    let stuck_args = ["sleep", marker.as_str()];
+    let (token, a) = container_attached(&env, vm, "flooded", &stuck_args).await;
+    let (mut a_tx, mut a_rx) = a.split();
+    // 512 KiB: each 256-byte packet past the 512-byte buffer is discarded (and logged by the agent).
+    for _ in 0..8 {
+        a_tx.send(Frame::new(
+            Channel::Stdin,
+            bytes::Bytes::from(vec![b'y'; 64 * 1024]),
+        ))
+        .await
+        .expect("stdin");
+    }
+    let (_, mut b) = exec_attached(&env, vm, &["cat"]).await;
+    let other = tokio::time::timeout(
+        Duration::from_secs(10),
+        cc_proxy_api::client::run_stream(&mut b, b"hello\n", true),
+    )
+    .await
+    .expect("the other process gets its stdin")
+    .expect("stream I/O");
+    assert_eq!(other.stdout, b"hello\n");
+    // Three stall timeouts later the flooded process still runs and its stream is open.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        process_running(&stuck_args),
+        "the strict agent's process was killed"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), a_rx.next())
+            .await
+            .is_err(),
+        "the flooded stream ended"
+    );
+    assert_eq!(stream_failures(&env, vm, "stdin_stall").await, 0);
+    assert_eq!(vm_state(&env, vm).await, "ready");
+    // The agent's processes outlive it: end this one.
+    env.client.signal(&token, 9).await.expect("signal");
+}

@@ -2,7 +2,7 @@
 //!
 //! A tap shows the events of the VMs its client may see: all of them when privileged, its own otherwise
 //! (`server/authz.rs`); naming another owner's VM is refused with `1018`. `vm` keeps one VM's events; `filter` is a list of event names (`agent_command`, `process_started`,
-//! `process_exited`, `stream_attached`, `stream_detached`, `vm_state`, `mesh_inbound_request`, `mesh_outbound_request`); `limit` ends the tap after that many
+//! `process_exited`, `stream_attached`, `stream_detached`, `stream_failed`, `vm_state`, `mesh_inbound_request`, `mesh_outbound_request`); `limit` ends the tap after that many
 //! events; `rate` lowers the per-tap bound on events per second (default and maximum [`DEFAULT_RATE`]).
 //!
 //! Each notification is one JSON object: `seq`, `ts_ms`, `event` and the event's fields. Events this tapper lost
