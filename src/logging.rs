@@ -245,11 +245,7 @@ pub const DEFAULT_CLIENT_LOG_BYTES: usize = 4096;
 /// overrides that could make a line read as two or reorder it; printable text, non-ASCII included, kept. At
 /// most `max` bytes of `text` are used (cut at a character boundary), followed by `...(+N bytes)`.
 pub fn escape_client_text(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let kept = &text[..end];
+    let (kept, left_out) = cut_text(text, max);
     let mut out = String::with_capacity(kept.len() + 16);
     for c in kept.chars() {
         match c {
@@ -262,10 +258,25 @@ pub fn escape_client_text(text: &str, max: usize) -> String {
             c => out.push(c),
         }
     }
-    if text.len() > end {
-        out.push_str(&format!("...(+{} bytes)", text.len() - end));
+    if left_out > 0 {
+        out.push_str(&cut_marker(left_out));
     }
     out
+}
+
+/// The longest start of `text` of at most `max` bytes that ends on a character boundary, and how many bytes
+/// were left out: how client text is cut for a log line or an error answer.
+pub fn cut_text(text: &str, max: usize) -> (&str, usize) {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&text[..end], text.len() - end)
+}
+
+/// What follows text cut by [`cut_text`]: `...(+N bytes)`.
+pub fn cut_marker(left_out: usize) -> String {
+    format!("...(+{left_out} bytes)")
 }
 
 #[cfg(test)]

@@ -62,6 +62,9 @@ pub struct Proxy {
     next_client: AtomicU64,
 }
 
+/// The uid (and gid) of a client whose credentials are unknown: no user has it, so it owns nothing.
+pub const UNKNOWN_UID: u32 = u32::MAX;
+
 /// Who is on the other end of a client connection (from SO_PEERCRED).
 ///
 /// Every log line written while serving the connection carries it as separate fields, through the
@@ -81,6 +84,19 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A client whose credentials are unknown (the socket gave none, or a request carries no connection's
+    /// peer): an unknown uid that owns nothing and is not privileged.
+    pub fn unknown(id: u64) -> Peer {
+        Peer {
+            id,
+            pid: None,
+            uid: UNKNOWN_UID,
+            gid: UNKNOWN_UID,
+            groups: Arc::from([]),
+            access: authz::Access::OwnerOnly,
+        }
+    }
+
     /// Whose rights the daemon uses to open the endpoints this client names: none (the daemon's own) for a
     /// privileged client, the client's own otherwise.
     pub fn endpoint_rights(&self) -> Option<crate::transport::Credentials> {
@@ -363,29 +379,33 @@ async fn handle_connection(proxy: Arc<Proxy>, http: http::HttpServer, incoming: 
             access: authz::Access::Privileged,
         },
         Some(c) => {
-            let groups: Arc<[u32]> = c
-                .pid
-                .and_then(|pid| crate::transport::creds::process_groups(pid, c.uid, c.gid))
-                .unwrap_or_default()
-                .into();
+            // Reading the process's groups and looking the user up (NSS: files, LDAP, ...) may block: not on
+            // a runtime worker.
+            let admin = proxy.admin_group.clone();
+            let classified = tokio::task::spawn_blocking(move || {
+                let groups: Arc<[u32]> = c
+                    .pid
+                    .and_then(|pid| crate::transport::creds::process_groups(pid, c.uid, c.gid))
+                    .unwrap_or_default()
+                    .into();
+                let access = authz::classify(c.uid, c.gid, &groups, admin.as_ref());
+                (groups, access)
+            })
+            .await;
+            // A lookup that panicked leaves the client with no privilege.
+            let (groups, access) =
+                classified.unwrap_or_else(|_| (Arc::from([]), authz::Access::OwnerOnly));
             Peer {
                 id,
                 pid: c.pid,
                 uid: c.uid,
                 gid: c.gid,
-                access: authz::classify(c.uid, c.gid, &groups, proxy.admin_group.as_ref()),
+                access,
                 groups,
             }
         }
         // No credentials: an unknown uid that owns nothing.
-        None => Peer {
-            id,
-            pid: None,
-            uid: u32::MAX,
-            gid: u32::MAX,
-            groups: Arc::from([]),
-            access: authz::Access::OwnerOnly,
-        },
+        None => Peer::unknown(id),
     };
     let span = peer.span();
     serve_connection(proxy, http, incoming.conn, peer)

@@ -47,7 +47,38 @@ pub enum CredsError {
 /// Most supplementary groups taken over from a client (the kernel's own limit is 65536).
 pub const MAX_GROUPS: usize = 65_536;
 
+/// The group of a uid the user database does not know (`nogroup`).
+const OVERFLOW_GID: u32 = 65_534;
+
 impl Credentials {
+    /// The rights of user `uid` as the user database has them (primary gid and groups), for reopening the
+    /// endpoints of a VM it registered. A uid without an entry keeps only its uid, with the overflow group.
+    ///
+    /// Blocking: the lookups go through NSS (files, but also LDAP or sssd); call it with
+    /// `tokio::task::spawn_blocking`, never on a runtime worker.
+    pub fn of_user(uid: u32) -> Credentials {
+        let user = nix::unistd::User::from_uid(Uid::from_raw(uid))
+            .ok()
+            .flatten();
+        let Some(user) = user else {
+            return Credentials {
+                uid,
+                gid: OVERFLOW_GID,
+                groups: Vec::new(),
+            };
+        };
+        let groups = std::ffi::CString::new(user.name.clone())
+            .ok()
+            .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
+            .map(|gs| gs.iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_default();
+        Credentials {
+            uid,
+            gid: user.gid.as_raw(),
+            groups,
+        }
+    }
+
     /// Connect to the unix socket at `path` with these credentials (in a thread of its own), waiting at most
     /// `timeout` for the listener to take the connection.
     pub async fn connect_unix(
@@ -188,6 +219,21 @@ mod tests {
             None
         );
         assert_eq!(parse_status_groups("", 5, 5), None);
+    }
+
+    #[test]
+    fn a_users_rights_come_from_the_user_database() {
+        let root = Credentials::of_user(0);
+        assert_eq!((root.uid, root.gid), (0, 0));
+        // A uid no user database lists keeps only its uid, with the overflow group and no others.
+        assert_eq!(
+            Credentials::of_user(3_999_999_999),
+            Credentials {
+                uid: 3_999_999_999,
+                gid: OVERFLOW_GID,
+                groups: Vec::new(),
+            }
+        );
     }
 
     #[test]

@@ -616,9 +616,16 @@ impl Registry {
             .unwrap_or_else(|| tokio::time::Instant::now() + self.shared.config.recovery_timeout);
         let timeout = self.shared.config.recovery_timeout;
         // Endpoints a non-privileged owner named are opened with the owner's rights again.
-        let rights = record
-            .owner_rights
-            .then(|| owner_rights(record.owner.unwrap_or(0)));
+        let rights = match record.owner_rights {
+            // The user database may be remote (NSS): looked up off the runtime's workers.
+            true => {
+                let uid = record.owner.unwrap_or(0);
+                tokio::task::spawn_blocking(move || Credentials::of_user(uid))
+                    .await
+                    .ok()
+            }
+            false => None,
+        };
         let result = match parsed {
             // The whole reconnection (connect, handshake) is bounded, so requests waiting for it are too.
             Ok(endpoints) => {
@@ -701,10 +708,17 @@ impl Registry {
     }
 
     /// Unregister: stop the VM's tasks, end its streams with an error, free its tokens, forget its state.
-    pub fn unregister(&self, id: &str) -> Result<(), ProxyError> {
-        let vm = write(&self.vms)
+    pub fn unregister(&self, id: &str, owner: u32) -> Result<(), ProxyError> {
+        let mut vms = write(&self.vms);
+        // Checked and removed under one lock: a VM registered again under this id by another uid since the
+        // client was authorized is not the one it asked to remove.
+        if vms.get(id).is_none_or(|vm| vm.owner != owner) {
+            return Err(ProxyError::VmNotFound(id.to_string()));
+        }
+        let vm = vms
             .remove(id)
             .ok_or_else(|| ProxyError::VmNotFound(id.to_string()))?;
+        drop(vms);
         vm.transition(VmState::Unregistered);
         vm.metrics.remove();
         if let Some(writer) = &self.writer {
@@ -724,32 +738,6 @@ impl Registry {
         if let Some(writer) = &self.writer {
             writer.save_final(&vms);
         }
-    }
-}
-
-/// The rights of user `uid` as the user database has them (primary gid and groups), for reconnecting the
-/// endpoints of a VM it registered. A uid without an entry keeps only its uid, with the overflow group.
-fn owner_rights(uid: u32) -> Credentials {
-    const OVERFLOW_GID: u32 = 65_534;
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten();
-    let Some(user) = user else {
-        return Credentials {
-            uid,
-            gid: OVERFLOW_GID,
-            groups: Vec::new(),
-        };
-    };
-    let groups = std::ffi::CString::new(user.name.clone())
-        .ok()
-        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
-        .map(|gs| gs.iter().map(|g| g.as_raw()).collect())
-        .unwrap_or_default();
-    Credentials {
-        uid,
-        gid: user.gid.as_raw(),
-        groups,
     }
 }
 
@@ -779,5 +767,34 @@ fn recovering_info(record: &VmRecord) -> VmInfo {
                 certificate: None,
                 identity_state: Default::default(),
             }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `vm.unregister` and legacy UnregisterVM check the owner, then remove: the removal takes only a VM of the
+    /// owner that was checked, so a VM registered again under the id by another uid in between is left alone.
+    #[tokio::test]
+    async fn unregister_removes_only_a_vm_of_the_checked_owner() {
+        let (vm, _inbox) = crate::vm::testing::vm("reused", Dialect::Hyperstart, None);
+        let registry = Registry::new(None, vm.config.clone(), broadcast::channel(4).0, None);
+        write(&registry.vms).insert(vm.id.clone(), vm.clone());
+        assert!(matches!(
+            registry.unregister("reused", vm.owner + 1000),
+            Err(ProxyError::VmNotFound(_))
+        ));
+        assert!(
+            registry.get("reused").is_ok(),
+            "another owner's VM was removed"
+        );
+        registry
+            .unregister("reused", vm.owner)
+            .expect("the checked owner's VM");
+        assert!(matches!(
+            registry.get("reused"),
+            Err(ProxyError::VmNotFound(_))
+        ));
     }
 }

@@ -322,6 +322,8 @@ async fn huge_ids_and_echoed_values_are_bounded_over_http_and_websocket() {
     let digits = "9".repeat(500_000);
     let long_str = format!("\"{}\"", "s".repeat(500_000));
     let call = |id: &str| format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"proxy.version"}}"#);
+    // Every refused id is counted once, whichever path refuses it.
+    let mut counted = refusals(&env, "id_too_long").await;
     // HTTP: a long string id (the numeric ones are covered in foundation.rs).
     let (status, body) = post_raw(&env, call(&long_str).as_bytes()).await;
     assert_eq!(status, 200);
@@ -329,12 +331,39 @@ async fn huge_ids_and_echoed_values_are_bounded_over_http_and_websocket() {
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v.pointer("/error/code"), Some(&json!(-32600)), "{v}");
     assert!(v["id"].is_null());
+    counted += 1;
+    assert_eq!(
+        refusals(&env, "id_too_long").await,
+        counted,
+        "long string id"
+    );
+    // HTTP: ids jsonrpsee cannot hold, replaced before parsing, alone and in a batch.
+    let (_, body) = post_raw(&env, call(&digits).as_bytes()).await;
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v.pointer("/error/code"), Some(&json!(-32600)), "{v}");
+    counted += 1;
+    assert_eq!(
+        refusals(&env, "id_too_long").await,
+        counted,
+        "huge number id"
+    );
+    let batch = format!("[{},{},{}]", call("-1"), call("1"), call("1.5"));
+    let (_, body) = post_raw(&env, batch.as_bytes()).await;
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v.as_array().map(Vec::len), Some(3), "{v}");
+    counted += 2;
+    assert_eq!(
+        refusals(&env, "id_too_long").await,
+        counted,
+        "a batch's two bad ids"
+    );
     // A long client value in an error's message and data is cut.
     let long_vm = "v".repeat(200_000);
     let v = env.rpc("vm.info", json!({ "id": long_vm })).await;
     let text = v.to_string();
     assert!(v.pointer("/error/code").is_some(), "{text:.300}");
     assert!(text.len() < 2000, "echoed {} bytes", text.len());
+    assert_eq!(refusals(&env, "id_too_long").await, counted, "not an id");
     // WebSocket: each of these is answered -32600 with id null, nothing echoed.
     let mut ws = RawWs::connect(&env).await;
     for id in [digits.as_str(), long_str.as_str(), "-1", "1.5"] {
@@ -346,13 +375,19 @@ async fn huge_ids_and_echoed_values_are_bounded_over_http_and_websocket() {
         assert_eq!(a.pointer("/error/code"), Some(&json!(-32600)), "{a}");
         assert!(a["id"].is_null(), "{a}");
         assert!(a.to_string().len() < 1000);
+        counted += 1;
+        assert_eq!(
+            refusals(&env, "id_too_long").await,
+            counted,
+            "WebSocket id {id:.20}"
+        );
     }
     // A good id still works on the same connection.
     ws.send(call("42").as_bytes()).await;
     let a = ws.recv(Duration::from_secs(10)).await.expect("answer");
     assert_eq!(a["id"], 42);
     assert!(a.pointer("/result/version").is_some(), "{a}");
-    assert!(refusals(&env, "id_too_long").await >= 2);
+    assert_eq!(refusals(&env, "id_too_long").await, counted);
 }
 
 /// POST `body` as JSON-RPC over HTTP/1.1 on the daemon socket; (status, body).

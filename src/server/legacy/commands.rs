@@ -144,6 +144,8 @@ impl Session {
                 ProxyError::VmNotFound(id) => CommandError::UnknownVm(id),
                 e => CommandError::Proxy(e),
             })?;
+        // The owner checked on the VM got: it may have been registered again meanwhile by another uid.
+        authz::check_vm(&self.peer, &vm.id, vm.owner, Front::Legacy)?;
         tracing::debug!(vm = %vm.id, tokens = wanted, "legacy client attached to a VM");
         self.use_vm(vm, wanted)
     }
@@ -189,10 +191,17 @@ impl Session {
     async fn unregister(&mut self, p: UnregisterVm) -> Result<Bytes, CommandError> {
         self.check_vm(&p.container_id)?;
         self.proxy.registry.settle(&p.container_id).await;
+        let unknown = || CommandError::UnknownVm(p.container_id.clone());
+        let vm = self
+            .proxy
+            .registry
+            .get(&p.container_id)
+            .map_err(|_| unknown())?;
+        authz::check_vm(&self.peer, &vm.id, vm.owner, Front::Legacy)?;
         self.proxy
             .registry
-            .unregister(&p.container_id)
-            .map_err(|_| CommandError::UnknownVm(p.container_id.clone()))?;
+            .unregister(&vm.id, vm.owner)
+            .map_err(|_| unknown())?;
         if self.vm.as_ref().is_some_and(|v| v.id == p.container_id) {
             self.vm = None;
         }

@@ -12,11 +12,12 @@ use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 use serde_json::Value;
 
-use super::{check_vm, parse, peer};
+use super::{parse, peer, settled_vm};
 use crate::error::ProxyError;
 use crate::server::Proxy;
 use crate::stream::Token;
 use crate::vm::process::{self, StreamUse, DEFAULT_TIMEOUT, MAX_TIMEOUT};
+use crate::vm::Vm;
 
 /// Agent-to-host messages, refused as commands.
 const HOST_BOUND: &[u32] = &[code::ACK, code::ERROR, code::NEXT];
@@ -24,14 +25,14 @@ const HOST_BOUND: &[u32] = &[code::ACK, code::ERROR, code::NEXT];
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::AGENT_CALL, |params, proxy, ext| async move {
         let p: AgentCallParams = parse(&params)?;
-        check_vm(&proxy, &peer(&ext), &p.vm)?;
-        Ok::<_, ErrorObjectOwned>(call(&proxy, p, peer(&ext).uid).await?)
+        let peer = peer(&ext);
+        let vm = settled_vm(&proxy, &peer, &p.vm).await?;
+        Ok::<_, ErrorObjectOwned>(call(&vm, p, peer.uid).await?)
     });
 }
 
-async fn call(proxy: &Proxy, p: AgentCallParams, uid: u32) -> Result<AgentCallResult, ProxyError> {
-    let vm = proxy.registry.get_settled(&p.vm).await?;
-    let code = process::command_code(&vm, &p.command)?;
+async fn call(vm: &Arc<Vm>, p: AgentCallParams, uid: u32) -> Result<AgentCallResult, ProxyError> {
+    let code = process::command_code(vm, &p.command)?;
     if HOST_BOUND.contains(&code) || code == vm.dialect.process_async_event_code() {
         return Err(ProxyError::invalid(
             "command",
@@ -74,7 +75,7 @@ async fn call(proxy: &Proxy, p: AgentCallParams, uid: u32) -> Result<AgentCallRe
         None => Vec::new(),
     };
     let done = process::forward_with_payload(
-        &vm,
+        vm,
         code,
         &p.command,
         p.data.unwrap_or(Value::Null),

@@ -69,7 +69,8 @@ fn count(rp: &MethodResponse) {
     }
 }
 
-fn error_code(response: &Value) -> Option<i32> {
+/// The `error.code` of a JSON-RPC answer, if it is an error.
+pub(super) fn error_code(response: &Value) -> Option<i32> {
     response
         .get("error")?
         .get("code")?

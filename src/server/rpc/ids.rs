@@ -9,6 +9,8 @@
 //! never echoed back. Bodies with no such id are passed on untouched (no copy).
 
 use jsonrpsee::types::Id;
+
+use crate::admin::metrics::{LimitKind, METRICS};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -39,7 +41,10 @@ fn has_unanswerable_id(entry: &str) -> bool {
 pub fn replace_unanswerable_ids(body: &[u8], single: bool) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
     if single {
-        return has_unanswerable_id(text).then(|| INVALID_SINGLE.to_vec());
+        return has_unanswerable_id(text).then(|| {
+            METRICS.limit_refused(LimitKind::IdTooLong);
+            INVALID_SINGLE.to_vec()
+        });
     }
     let entries = serde_json::from_str::<Vec<&RawValue>>(text).ok()?;
     if !entries.iter().any(|e| has_unanswerable_id(e.get())) {
@@ -52,6 +57,8 @@ pub fn replace_unanswerable_ids(body: &[u8], single: bool) -> Option<Vec<u8>> {
             out.push(b',');
         }
         let entry = if has_unanswerable_id(e.get()) {
+            // Each replaced entry is one refusal (jsonrpsee's answer to the placeholder is not counted).
+            METRICS.limit_refused(LimitKind::IdTooLong);
             INVALID_ENTRY
         } else {
             e.get()

@@ -27,7 +27,9 @@ use jsonrpsee::types::error::{reject_too_big_batch_request, ErrorCode};
 use jsonrpsee::types::{ErrorObject, ErrorObjectOwned, Id, Request};
 use serde_json::{json, Value};
 
+use super::errors::error_code;
 use crate::admin::metrics::{LimitKind, METRICS};
+use crate::logging::{cut_marker, cut_text};
 use crate::server::guard::Activity;
 
 /// Bytes of any one string in an error answer (its message, each string in its `data`).
@@ -110,7 +112,10 @@ fn too_many_in_flight(max: usize) -> ErrorObjectOwned {
     )
 }
 
+/// The answer to a request over WebSocket that came without a usable id (a notification, or an id jsonrpsee
+/// cannot hold): counted as an id refusal.
 fn notification_answer(max_id: usize) -> ErrorObjectOwned {
+    METRICS.limit_refused(LimitKind::IdTooLong);
     ErrorObject::owned(
         ErrorCode::InvalidRequest.code(),
         format!(
@@ -125,13 +130,8 @@ fn notification_answer(max_id: usize) -> ErrorObjectOwned {
 fn cut_strings(v: &mut Value) -> bool {
     match v {
         Value::String(s) if s.len() > MAX_ERROR_TEXT => {
-            let mut end = MAX_ERROR_TEXT;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            let cut = s.len() - end;
-            s.truncate(end);
-            s.push_str(&format!("...(+{cut} bytes)"));
+            let (kept, left_out) = cut_text(s, MAX_ERROR_TEXT);
+            *s = format!("{kept}{}", cut_marker(left_out));
             true
         }
         Value::Array(items) => items.iter_mut().fold(false, |acc, i| cut_strings(i) | acc),
@@ -159,11 +159,7 @@ fn bounded(rp: MethodResponse) -> MethodResponse {
         Some(Value::String(s)) => Id::Str(s.clone().into()),
         _ => Id::Null,
     };
-    let code = whole
-        .pointer("/error/code")
-        .and_then(Value::as_i64)
-        .and_then(|c| i32::try_from(c).ok())
-        .unwrap_or(ErrorCode::InternalError.code());
+    let code = error_code(&whole).unwrap_or(ErrorCode::InternalError.code());
     let message = whole
         .pointer("/error/message")
         .and_then(Value::as_str)

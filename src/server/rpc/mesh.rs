@@ -13,7 +13,7 @@ use cc_proxy_api::types::VmId;
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 
-use super::{check_vm, parse, peer};
+use super::{parse, peer, settled_vm};
 use crate::error::ProxyError;
 use crate::server::Proxy;
 
@@ -30,8 +30,7 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::MESH_IDENTITY, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
         // A VM's certificate is shown to its owner and privileged clients only, like the rest of the VM.
-        check_vm(&proxy, &peer(&ext), &p.id)?;
-        let vm = proxy.registry.get_settled(&p.id).await?;
+        let vm = settled_vm(&proxy, &peer(&ext), &p.id).await?;
         let config = vm.mesh.clone().ok_or_else(|| {
             ProxyError::invalid(
                 "id",
@@ -75,8 +74,7 @@ fn mesh_endpoints(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::MESH_ENDPOINTS, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
         // Endpoints reveal where the VM's traffic goes: its owner and privileged clients only.
-        check_vm(&proxy, &peer(&ext), &p.id)?;
-        let vm = proxy.registry.get_settled(&p.id).await?;
+        let vm = settled_vm(&proxy, &peer(&ext), &p.id).await?;
         if vm.mesh.is_none() {
             return Err(ProxyError::invalid(
                 "id",

@@ -19,6 +19,7 @@ use jsonrpsee::RpcModule;
 use serde::de::DeserializeOwned;
 
 use super::{authz, Peer, Proxy};
+use crate::vm::Vm;
 
 /// Every method, over the shared proxy state.
 pub fn module(proxy: Arc<Proxy>) -> RpcModule<Arc<Proxy>> {
@@ -41,17 +42,23 @@ pub fn parse<T: DeserializeOwned>(params: &Params<'_>) -> Result<T, ErrorObjectO
 /// The client of a request, as the connection recorded it (a request without one is an unknown uid that owns
 /// nothing and is not privileged).
 pub fn peer(ext: &jsonrpsee::Extensions) -> Peer {
-    ext.get::<Peer>().cloned().unwrap_or_else(|| Peer {
-        id: 0,
-        pid: None,
-        uid: u32::MAX,
-        gid: u32::MAX,
-        groups: Arc::from([]),
-        access: authz::Access::OwnerOnly,
-    })
+    ext.get::<Peer>()
+        .cloned()
+        .unwrap_or_else(|| Peer::unknown(0))
 }
 
-/// May the client use VM `id`? Unknown ids are left to the method (which answers "no VM").
+/// VM `id` (after its recovery, when it is being recovered) if the client may use it. The owner is checked on
+/// the very VM returned, so a VM unregistered and registered again by another uid meanwhile is never handed
+/// out; the early check on the id answers a refused client without waiting for a recovery.
+pub async fn settled_vm(proxy: &Proxy, peer: &Peer, id: &str) -> Result<Arc<Vm>, ErrorObjectOwned> {
+    check_vm(proxy, peer, id)?;
+    let vm = proxy.registry.get_settled(id).await?;
+    authz::check_vm(peer, &vm.id, vm.owner, authz::Front::JsonRpc)?;
+    Ok(vm)
+}
+
+/// May the client use VM `id`? Unknown ids are left to the method (which answers "no VM"). Only an early
+/// answer: a method that then uses the VM checks the owner of the VM it got ([`settled_vm`]).
 pub fn check_vm(proxy: &Proxy, peer: &Peer, id: &str) -> Result<(), ErrorObjectOwned> {
     match proxy.registry.owner(id) {
         Some(owner) => Ok(authz::check_vm(peer, id, owner, authz::Front::JsonRpc)?),

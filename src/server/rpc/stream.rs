@@ -7,7 +7,7 @@ use cc_proxy_api::types::{ResizeParams, SignalParams, StreamAllocation, TokenPar
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 
-use super::{check_vm, parse, peer};
+use super::{parse, peer, settled_vm};
 use crate::admin::metrics::DetachKind;
 use crate::error::ProxyError;
 use crate::server::authz::{self, Front};
@@ -18,9 +18,9 @@ use crate::vm::{process, Vm};
 pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     let _ = m.register_async_method(methods::STREAM_ALLOCATE, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
-        check_vm(&proxy, &peer(&ext), &p.id)?;
-        let vm = proxy.registry.get_settled(&p.id).await?;
-        let s = vm.allocate_stream(peer(&ext).uid)?;
+        let peer = peer(&ext);
+        let vm = settled_vm(&proxy, &peer, &p.id).await?;
+        let s = vm.allocate_stream(peer.uid)?;
         Ok::<_, ErrorObjectOwned>(StreamAllocation {
             token: s.token.as_str().into(),
             stdio: s.stdio,

@@ -10,7 +10,7 @@ use cc_proxy_api::types::{RegisterParams, RegisterResult, VmId, VmInfo};
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::RpcModule;
 
-use super::{check_vm, parse, peer};
+use super::{check_vm, parse, peer, settled_vm};
 use crate::logging::escape_client_text;
 use crate::server::authz::{self, Access, Front};
 use crate::server::Proxy;
@@ -42,15 +42,14 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     });
     let _ = m.register_async_method(methods::VM_ATTACH, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
-        check_vm(&proxy, &peer(&ext), &p.id)?;
-        let vm = proxy.registry.get_settled(&p.id).await?;
+        let vm = settled_vm(&proxy, &peer(&ext), &p.id).await?;
         Ok::<_, ErrorObjectOwned>(registered(&vm))
     });
     let _ = m.register_async_method(methods::VM_UNREGISTER, |params, proxy, ext| async move {
         let p: VmId = parse(&params)?;
-        check_vm(&proxy, &peer(&ext), &p.id)?;
-        proxy.registry.settle(&p.id).await;
-        proxy.registry.unregister(&p.id)?;
+        let vm = settled_vm(&proxy, &peer(&ext), &p.id).await?;
+        // Only the VM the client was allowed: one registered again meanwhile by another uid is left alone.
+        proxy.registry.unregister(&vm.id, vm.owner)?;
         // The VM's mesh listeners drain before the answer, so their addresses are free for a new registration.
         proxy
             .registry
@@ -64,8 +63,12 @@ pub fn register(m: &mut RpcModule<Arc<Proxy>>) {
     });
     let _ = m.register_method(methods::VM_INFO, |params, proxy, ext| {
         let p: VmId = parse(&params)?;
-        check_vm(proxy, &peer(ext), &p.id)?;
-        Ok::<_, ErrorObjectOwned>(proxy.registry.info(&p.id)?)
+        let peer = peer(ext);
+        check_vm(proxy, &peer, &p.id)?;
+        // The owner checked again on what is shown: the VM may have been registered again meanwhile.
+        let info = proxy.registry.info(&p.id)?;
+        authz::check_vm(&peer, &info.id, info.owner, Front::JsonRpc)?;
+        Ok::<_, ErrorObjectOwned>(info)
     });
 }
 
