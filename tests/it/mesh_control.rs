@@ -571,35 +571,51 @@ fn identity_service_flags_are_checked() {
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("invalid identity service address"), "{err}");
+    // Discovery flags: the destination service and a DNS server exclude each other; an address that is not
+    // one stops the daemon.
+    let (code, err) = run(&[
+        "--destination-svc",
+        "127.0.0.1:8086",
+        "--dns-server",
+        "127.0.0.1:53",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--dns-server"), "{err}");
+    let (code, err) = run(&["--dns-server", "localhost"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, err) = run(&["--destination-svc", "not an address"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("invalid destination service address"), "{err}");
 }
 
 // ---- Named destinations: a fake Destination service, and DNS -------------------------------------------
+// The fake service, the counting endpoint servers and the helpers are `pub(crate)` for other mesh tests.
 
 use linkerd2_proxy_api::destination::destination_server::{Destination, DestinationServer};
 use linkerd2_proxy_api::destination::{self as dst, update::Update as DstUpdate, GetDestination};
 
-const NAME: &str = "web.test.svc.cluster.local:80";
+pub(crate) const NAME: &str = "web.test.svc.cluster.local:80";
 
 type UpdateTx = tokio::sync::mpsc::UnboundedSender<Result<dst::Update, tonic::Status>>;
 
 /// A fake destination service for one name: it answers every `Get` with the current endpoints (or
 /// `no_endpoints`), then streams the changes the test makes.
 #[derive(Default)]
-struct FakeDst {
+pub(crate) struct FakeDst {
     /// `Get` calls, and the paths asked for.
-    gets: AtomicUsize,
-    paths: Mutex<Vec<String>>,
+    pub(crate) gets: AtomicUsize,
+    pub(crate) paths: Mutex<Vec<String>>,
     state: Mutex<DstState>,
 }
 
 #[derive(Default)]
-struct DstState {
+pub(crate) struct DstState {
     endpoints: Vec<SocketAddr>,
     no_endpoints: bool,
     streams: Vec<UpdateTx>,
 }
 
-fn add_update(addrs: &[SocketAddr]) -> dst::Update {
+pub(crate) fn add_update(addrs: &[SocketAddr]) -> dst::Update {
     dst::Update {
         update: Some(DstUpdate::Add(dst::WeightedAddrSet {
             addrs: addrs
@@ -627,7 +643,7 @@ impl FakeDst {
     }
 
     /// The endpoints become `eps`: removals and additions are streamed.
-    fn set(&self, eps: &[SocketAddr]) {
+    pub(crate) fn set(&self, eps: &[SocketAddr]) {
         let mut st = self.lock();
         let gone: Vec<SocketAddr> = st
             .endpoints
@@ -656,7 +672,7 @@ impl FakeDst {
     }
 
     /// The service says the name has no endpoints.
-    fn no_endpoints(&self) {
+    pub(crate) fn no_endpoints(&self) {
         let mut st = self.lock();
         st.endpoints.clear();
         st.no_endpoints = true;
@@ -667,7 +683,7 @@ impl FakeDst {
     }
 
     /// End every open stream (the server going away).
-    fn end_streams(&self) {
+    pub(crate) fn end_streams(&self) {
         for s in self.lock().streams.drain(..) {
             let _ = s.send(Err(tonic::Status::unavailable("going away")));
         }
@@ -723,7 +739,7 @@ impl Destination for DstSvc {
 }
 
 /// Serve `fake` on `addr` until the returned sender is dropped or fired.
-async fn serve_destination(
+pub(crate) async fn serve_destination(
     fake: Arc<FakeDst>,
     addr: SocketAddr,
 ) -> tokio::sync::oneshot::Sender<()> {
@@ -752,7 +768,7 @@ async fn serve_destination(
 
 /// An HTTP/1 server on `addr` answering every request with 200 and its own address (one request per
 /// connection: `connection: close`, so each request is balanced afresh); counts the requests.
-async fn counting_server(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
+pub(crate) async fn counting_server(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let local = listener.local_addr().expect("addr");
@@ -789,7 +805,7 @@ async fn counting_server(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 /// One HTTP/1 GET through the outbound listener at `listen`: (status, the `l5d-proxy-error` header, body).
-async fn get_through(listen: &str) -> (u16, Option<String>, String) {
+pub(crate) async fn get_through(listen: &str) -> (u16, Option<String>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(listen)
         .await
@@ -815,7 +831,7 @@ async fn get_through(listen: &str) -> (u16, Option<String>, String) {
 }
 
 /// Register a VM with one HTTP outbound listener on `listen` to destination `name`.
-async fn register_named(env: &mut Env, id: &str, listen: &str, name: &str) {
+pub(crate) async fn register_named(env: &mut Env, id: &str, listen: &str, name: &str) {
     let agent = env.agent(&[]);
     let (control, io) = agent.uris(None);
     let mesh = json!({
@@ -832,7 +848,7 @@ async fn register_named(env: &mut Env, id: &str, listen: &str, name: &str) {
 }
 
 /// Wait until `mesh.endpoints` of `id` satisfies `f` (its only destination).
-async fn wait_endpoints(
+pub(crate) async fn wait_endpoints(
     env: &Env,
     id: &str,
     what: &str,
@@ -855,7 +871,7 @@ async fn wait_endpoints(
     }
 }
 
-fn addrs_of(d: &cc_proxy_api::mesh::DestinationStatus) -> Vec<String> {
+pub(crate) fn addrs_of(d: &cc_proxy_api::mesh::DestinationStatus) -> Vec<String> {
     let mut v: Vec<String> = d.endpoints.iter().map(|e| e.addr.clone()).collect();
     v.sort();
     v
@@ -989,13 +1005,13 @@ async fn a_named_destination_follows_the_destination_service() {
 
 /// A local dnsmasq on a loopback port answering from `hosts` (reread on SIGHUP) with a 1 s TTL; None (the
 /// test is skipped, saying why) when dnsmasq is not installed.
-struct Dnsmasq {
+pub(crate) struct Dnsmasq {
     child: std::process::Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Dnsmasq {
-    fn start(dir: &std::path::Path, hosts: &std::path::Path) -> Option<Dnsmasq> {
+    pub(crate) fn start(dir: &std::path::Path, hosts: &std::path::Path) -> Option<Dnsmasq> {
         if std::process::Command::new("dnsmasq")
             .arg("--version")
             .output()
@@ -1044,7 +1060,7 @@ impl Dnsmasq {
     }
 
     /// Reread the hosts file.
-    fn reload(&self) {
+    pub(crate) fn reload(&self) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGHUP,
