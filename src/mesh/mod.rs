@@ -2,11 +2,15 @@
 //! on the host, wire-compatible with linkerd2-proxy (`docs/mesh.md`, `../shared/specs/linkerd-wire.md`).
 //!
 //! Layers, one file each:
-//! - `identity`: where each workload identity's certificate comes from (the embedded CA, files) and the
-//!   trust anchors; publishes [`identity::Credential`]s on watch channels, renewed before expiry.
+//! - `identity`: where each workload identity's certificate comes from (the embedded CA, files, Linkerd's
+//!   identity service: `identity_svc`) and the trust anchors; publishes [`identity::Credential`]s on watch
+//!   channels, renewed before expiry and withdrawn if they expire first.
+//! - `discover`: named outbound destinations' endpoints (Linkerd's destination service or DNS), one watch
+//!   channel per name shared by every VM using it.
 //! - `listener`: binds a VM's inbound and outbound listeners and runs their accept loops until the VM's
 //!   [`MeshVmCtx::shutdown`] fires (unregistered, lost, daemon stopping: stop accepting, drain).
-//! - `tls`, `detect`, `inbound`, `outbound`, `http`, `transport_header`, `copy`, `metrics`: the data plane.
+//! - `tls`, `detect`, `inbound`, `outbound`, `balance`, `http`, `transport_header`, `copy`, `metrics`: the
+//!   data plane.
 //! - `config`: checks a VM's `mesh` object before anything is bound; `ca` and `files`: the identity sources.
 //!
 //! Contract between the identity and lifecycle side and the data plane: a VM's listeners get a
@@ -14,12 +18,15 @@
 //! from it and from `anchors` each time either changes.
 //!
 //! Lifecycle ([`Mesh`], one per daemon, held by the VM registry): a registration with a `mesh` object is
-//! checked ([`config::validate`]), its listeners are bound before the agent is connected (a bad or used
-//! address fails the registration and nothing stays bound), and once the VM is published its listeners serve
-//! ([`Mesh::start`]) with a lease on the VM's identity. They stop when the VM leaves `Ready` (unregistered,
-//! lost, the daemon stopping: the VM's `ended` token) or when the whole mesh stops ([`Mesh::stop_all`]);
-//! the VM's entry, and its identity lease, go once its listeners have drained. A recovered VM's listeners are
-//! bound and started again from its state record.
+//! checked ([`config::validate`]), each named outbound destination is watched ([`discover::NameLease`], its
+//! receiver given to the outbound listener), its listeners are bound before the agent is connected (a bad or
+//! used address fails the registration and nothing stays bound or watched), and once the VM is published its
+//! listeners serve ([`Mesh::start`]) with a lease on the VM's identity. They stop when the VM leaves `Ready`
+//! (unregistered, lost, the daemon stopping: the VM's `ended` token) or when the whole mesh stops
+//! ([`Mesh::stop_all`]); the VM's entry, its identity lease and its name leases go once its listeners have
+//! drained. A recovered VM's listeners are bound and started again from its state record.
+//!
+//! Readiness: the daemon is not ready while a serving VM has no valid certificate ([`Mesh::uncertified`]).
 
 pub mod ca;
 pub mod config;
