@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::{LimitKind, METRICS};
+use crate::sync::lock;
 use crate::transport::{Connection, Listener, PeerAddr};
 
 /// How long to wait after a failed accept before the next one.
@@ -108,7 +109,7 @@ struct UidSlot {
 
 impl PerUid {
     fn take(self: &Arc<Self>, uid: u32, max: usize) -> Option<UidSlot> {
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = lock(&self.0);
         let n = t.entry(uid).or_insert(0);
         if *n >= max {
             return None;
@@ -123,7 +124,7 @@ impl PerUid {
 
 impl Drop for UidSlot {
     fn drop(&mut self) {
-        let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = lock(&self.table.0);
         if let Some(n) = t.get_mut(&self.uid) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -158,14 +159,31 @@ pub fn raise_nofile_limit() {
     }
 }
 
-/// Counts failed accepts and warns at most once per [`ACCEPT_WARN_INTERVAL`].
-struct AcceptErrors {
+/// Counts failed accepts and warns at most once per [`ACCEPT_WARN_INTERVAL`]. Shared with the mesh
+/// listeners' accept loop (`mesh::listener`), which has its own limits and metrics.
+#[derive(Debug, Default)]
+pub struct AcceptErrors {
     last_warned: Option<Instant>,
     suppressed: u64,
 }
 
 impl AcceptErrors {
-    fn failed(&mut self, name: &'static str, e: &std::io::Error) {
+    /// Accepting on listener `name` failed with `e`: warn (at most once per interval) and wait
+    /// [`ACCEPT_BACKOFF`]. Returns `false` when `stop` fired meanwhile.
+    pub async fn back_off(
+        &mut self,
+        name: &str,
+        e: &std::io::Error,
+        stop: &CancellationToken,
+    ) -> bool {
+        self.failed(name, e);
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(ACCEPT_BACKOFF) => true,
+        }
+    }
+
+    fn failed(&mut self, name: &str, e: &std::io::Error) {
         let due = self
             .last_warned
             .is_none_or(|t| t.elapsed() >= ACCEPT_WARN_INTERVAL);
@@ -240,13 +258,8 @@ pub async fn serve_with<F, Fut, R, RFut>(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let per_uid = Arc::new(PerUid::default());
-    let fd_ceiling = limits
-        .fd_reserve
-        .and_then(|reserve| nofile_limit().map(|limit| (reserve, limit)));
-    let mut errors = AcceptErrors {
-        last_warned: None,
-        suppressed: 0,
-    };
+    let fd_ceiling = FdCeiling::of(limits.fd_reserve);
+    let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -255,11 +268,10 @@ pub async fn serve_with<F, Fut, R, RFut>(
         let accepted = match accepted {
             Ok(a) => a,
             Err(e) => {
-                errors.failed(name, &e);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                if errors.back_off(name, &e, &stop).await {
+                    continue;
                 }
+                return;
             }
         };
         let cred = match &accepted.conn {
@@ -301,19 +313,49 @@ pub async fn serve_with<F, Fut, R, RFut>(
     }
 }
 
+/// The descriptors kept in reserve below the open-files limit (read once, when a loop starts).
+#[derive(Debug, Clone, Copy)]
+pub struct FdCeiling {
+    reserve: u64,
+    limit: u64,
+}
+
+impl FdCeiling {
+    /// `reserve` descriptors below the current soft limit; `None` when there is no reserve or no limit.
+    pub fn of(reserve: Option<u64>) -> Option<FdCeiling> {
+        reserve.and_then(|reserve| nofile_limit().map(|limit| FdCeiling { reserve, limit }))
+    }
+
+    /// Refuse `conn` if its descriptor number is within the reserve (descriptors are allocated lowest
+    /// first, so the number tells how many are in use).
+    pub fn admit(&self, conn: &Connection) -> Result<(), Refusal> {
+        match conn.raw_fd() {
+            Some(fd)
+                if u64::try_from(fd)
+                    .unwrap_or(u64::MAX)
+                    .saturating_add(self.reserve)
+                    >= self.limit =>
+            {
+                Err(Refusal::FdReserve {
+                    reserve: self.reserve,
+                    limit: self.limit,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Take a connection's places under every bound, or say which one refuses it.
 fn admit(
     incoming: &Incoming,
     limits: &AcceptLimits,
-    fd_ceiling: Option<(u64, u64)>,
+    fd_ceiling: Option<FdCeiling>,
     slots: &Arc<Semaphore>,
     per_uid: &Arc<PerUid>,
 ) -> Result<(tokio::sync::OwnedSemaphorePermit, Option<UidSlot>), Refusal> {
-    if let (Some((reserve, limit)), Some(fd)) = (fd_ceiling, incoming.conn.raw_fd()) {
-        let fd = u64::try_from(fd).unwrap_or(u64::MAX);
-        if fd.saturating_add(reserve) >= limit {
-            return Err(Refusal::FdReserve { reserve, limit });
-        }
+    if let Some(c) = fd_ceiling {
+        c.admit(&incoming.conn)?;
     }
     let slot = slots
         .clone()

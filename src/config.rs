@@ -255,6 +255,7 @@ impl Config {
                 ),
                 failfast_timeout: Duration::from_millis(cli.mesh_failfast_timeout_ms)
                     .max(MIN_MESH_TIMEOUT),
+                fd_reserve: cli.fd_reserve,
             },
             mesh_identity: IdentityConfig {
                 source,

@@ -14,6 +14,7 @@ mod logging;
 mod mesh;
 mod server;
 mod stream;
+mod sync;
 mod transport;
 mod vm;
 

@@ -53,10 +53,7 @@ static SOURCES: RwLock<Vec<MetricsSource>> = RwLock::new(Vec::new());
 
 /// Have every later scrape include the metrics `source` registers. Call it once per source, at startup.
 pub fn add_metrics_source(source: MetricsSource) {
-    SOURCES
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(source);
+    crate::sync::write(&SOURCES).push(source);
 }
 
 /// Keeps the admin thread alive; dropping it stops the server.
@@ -185,7 +182,7 @@ pub fn encode_openmetrics(ready: bool) -> Result<String, std::fmt::Error> {
     metrics::METRICS.register(&mut registry);
     metrics::register_daemon(&mut registry, ready);
     process::register(&mut registry);
-    for source in SOURCES.read().unwrap_or_else(|p| p.into_inner()).iter() {
+    for source in crate::sync::read(&SOURCES).iter() {
         source(&mut registry);
     }
     let mut out = String::with_capacity(16 * 1024);

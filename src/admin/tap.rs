@@ -184,7 +184,7 @@ pub fn enabled() -> bool {
 pub fn emit(owner: u32, make: impl FnOnce() -> TapEvent) {
     if enabled() {
         let event = make();
-        let mut next = TAP.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = crate::sync::lock(&TAP.next_seq);
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)

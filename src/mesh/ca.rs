@@ -62,10 +62,12 @@ impl Ca {
     }
 
     fn load(key_path: &Path, cert_path: &Path) -> Result<Ca, IdentityError> {
+        // The files are read up to the identity files' bound: a CA file is a few hundred bytes.
         let read = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
+            let data = super::identity::read_bounded(path, super::files::MAX_FILE_BYTES)?;
+            String::from_utf8(data).map_err(|e| IdentityError::Io {
                 path: path.to_path_buf(),
-                source,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
             })
         };
         let invalid = |path: &Path, reason: String| IdentityError::CaInvalid {
@@ -252,5 +254,31 @@ mod tests {
         ));
         std::fs::write(dir.path().join(CA_CERT_FILE), cert).unwrap();
         assert!(Ca::load_or_create(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn ca_files_are_read_up_to_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        Ca::load_or_create(dir.path()).unwrap();
+        let path = dir.path().join(CA_CERT_FILE);
+        let mut big = std::fs::read(&path).unwrap();
+        big.resize(super::super::files::MAX_FILE_BYTES as usize + 1, b'\n');
+        std::fs::write(&path, big).unwrap();
+        match Ca::load_or_create(dir.path()) {
+            Err(IdentityError::Io { path: p, source }) => {
+                assert_eq!(p, path);
+                assert!(source.to_string().contains("larger than"), "{source}");
+            }
+            other => panic!(
+                "an oversized CA certificate was not refused: {:?}",
+                other.err()
+            ),
+        }
+        // Not UTF-8: refused as unreadable, not as a parse error deep inside.
+        std::fs::write(&path, [0xffu8, 0xfe, 0x00]).unwrap();
+        assert!(matches!(
+            Ca::load_or_create(dir.path()),
+            Err(IdentityError::Io { .. })
+        ));
     }
 }

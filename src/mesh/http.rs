@@ -49,10 +49,6 @@ pub const L5D_ORIG_PROTO: HeaderName = HeaderName::from_static("l5d-orig-proto")
 /// On responses the proxy itself generates: why.
 pub const L5D_PROXY_ERROR: HeaderName = HeaderName::from_static("l5d-proxy-error");
 
-/// The owner the tap sees on mesh events: root, so only privileged tappers (root, the daemon's uid,
-/// `--admin-group`) see them.
-const MESH_TAP_OWNER: u32 = 0;
-
 /// Why an HTTP connection ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -202,6 +198,8 @@ pub enum GuestProtocol {
 pub struct HttpSession {
     pub direction: Direction,
     pub vm: String,
+    /// The VM's owner: its tap shows these requests (privileged tappers see every VM's).
+    pub owner: u32,
     /// Inbound: the authenticated client's identity; outbound: the identity the server had to present.
     pub peer: Option<String>,
     pub tls: TlsLabel,
@@ -290,9 +288,8 @@ async fn handle(
     metrics::http_response(&labels, status, latency.as_secs_f64() * 1000.0);
     let vm = s.vm.clone();
     let peer = s.peer.clone();
-    // The mesh context does not carry the VM's owner: these events go to privileged taps only.
     let direction = s.direction;
-    tap::emit(MESH_TAP_OWNER, move || {
+    tap::emit(s.owner, move || {
         let r = MeshRequest {
             vm,
             method,

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::ca::{self, Ca};
 use super::files::FilesSource;
 use crate::admin::metrics::METRICS;
+use crate::sync::lock;
 
 /// Default `--mesh-cert-lifetime`: the lifetime of the certificates the embedded CA issues, as Linkerd's.
 pub const DEFAULT_CERT_LIFETIME: &str = "24h";
@@ -377,10 +378,6 @@ pub struct IdentityStore {
     identities: Mutex<HashMap<String, Published>>,
     /// Stops the daemon-wide tasks (the anchor reloader) when the store is dropped.
     stop: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A VM's hold on an identity: its credential channel. Dropping the last lease of an identity stops its

@@ -373,6 +373,7 @@ async fn serve(
                 Arc::new(http::HttpSession {
                     direction: Direction::Inbound,
                     vm: vm.vm.clone(),
+                    owner: vm.owner,
                     peer: s.peer.id().map(str::to_string),
                     tls: s.tls,
                     denied: match s.decision {

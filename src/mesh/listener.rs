@@ -72,6 +72,9 @@ pub struct Limits {
     pub eject_backoff_min: Duration,
     pub eject_backoff_max: Duration,
     pub failfast_timeout: Duration,
+    /// Descriptors kept free below the open-files limit (`--fd-reserve`, shared with the client socket): a
+    /// connection accepted into the reserve is closed (`fd_reserve`).
+    pub fd_reserve: u64,
 }
 
 impl Default for Limits {
@@ -87,6 +90,7 @@ impl Default for Limits {
             eject_backoff_min: DEFAULT_EJECT_BACKOFF_MIN,
             eject_backoff_max: DEFAULT_EJECT_BACKOFF_MAX,
             failfast_timeout: DEFAULT_FAILFAST_TIMEOUT,
+            fd_reserve: crate::config::DEFAULT_FD_RESERVE,
         }
     }
 }
@@ -281,6 +285,8 @@ pub async fn bind_vm(
 /// What every connection of one VM shares.
 pub struct VmShared {
     pub vm: String,
+    /// The VM's owner (its tap events are shown to it).
+    pub owner: u32,
     pub identity: String,
     /// The current TLS configurations (always `Some` once serving has started).
     pub tls: watch::Receiver<Option<Arc<TlsConfigs>>>,
@@ -313,6 +319,7 @@ pub async fn serve_vm(bound: BoundListeners, cfg: Arc<MeshConfig>, ctx: MeshVmCt
     );
     let shared = Arc::new(VmShared {
         vm: ctx.vm.clone(),
+        owner: ctx.owner,
         identity: ctx.identity.clone(),
         tls,
         shutdown: ctx.shutdown.clone(),
@@ -384,9 +391,6 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAdd
     }
 }
 
-/// How long to wait after a failed accept (EMFILE and friends) before the next one.
-const ACCEPT_BACKOFF: Duration = crate::accept::ACCEPT_BACKOFF;
-
 /// Accept on one listener until `stop`, then wait for its connections to end.
 async fn accept_loop(b: Bound, shared: Arc<VmShared>, stop: CancellationToken) {
     let Bound {
@@ -400,6 +404,11 @@ async fn accept_loop(b: Bound, shared: Arc<VmShared>, stop: CancellationToken) {
         Role::Outbound(_) => Direction::Outbound,
     };
     let slots = Arc::new(Semaphore::new(limits().max_connections_per_listener));
+    // The daemon's accept helpers: a failing accept (EMFILE and friends) backs off with one warning per
+    // interval, and the descriptors kept in reserve (`--fd-reserve`) are not handed to mesh peers.
+    let mut errors = crate::accept::AcceptErrors::default();
+    let fd_ceiling = crate::accept::FdCeiling::of(Some(limits().fd_reserve));
+    let name = format!("mesh {} {listen}", shared.vm);
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -411,13 +420,17 @@ async fn accept_loop(b: Bound, shared: Arc<VmShared>, stop: CancellationToken) {
         let accepted = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(vm = %shared.vm, listen, error = %e, "mesh: accept failed");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                if errors.back_off(&name, &e, &stop).await {
+                    continue;
                 }
+                break;
             }
         };
+        if let Some(Err(refusal)) = fd_ceiling.map(|c| c.admit(&accepted.conn)) {
+            metrics::refused(&shared.vm, direction, Refusal::FdReserve);
+            tracing::warn!(vm = %shared.vm, listen, peer = %accepted.peer, reason = %refusal, "mesh: connection refused: descriptors kept in reserve");
+            continue;
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::refused(&shared.vm, direction, Refusal::ListenerLimit);
             tracing::warn!(vm = %shared.vm, listen, peer = %accepted.peer, "mesh: connection refused: listener limit");
@@ -489,6 +502,7 @@ pub mod testing {
         (
             MeshVmCtx {
                 vm: vm.to_string(),
+                owner: 0,
                 identity: identity.to_string(),
                 credential: cred_rx,
                 anchors: anchors_rx,

@@ -70,6 +70,8 @@ pub enum Refusal {
     ListenerLimit,
     /// The daemon-wide mesh connection limit.
     TotalLimit,
+    /// The connection's descriptor is within the reserve kept below the open-files limit (`--fd-reserve`).
+    FdReserve,
     /// No client identity where one is required.
     Unauthenticated,
     /// A client identity not in the listener's list.
@@ -91,6 +93,7 @@ impl Refusal {
         match self {
             Refusal::ListenerLimit => "listener_limit",
             Refusal::TotalLimit => "total_limit",
+            Refusal::FdReserve => "fd_reserve",
             Refusal::Unauthenticated => "unauthenticated",
             Refusal::Unauthorized => "unauthorized",
             Refusal::Handshake => "handshake",

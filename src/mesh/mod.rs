@@ -59,11 +59,15 @@ use tokio_util::task::TaskTracker;
 use discover::{Discovery, NameLease, SetState};
 use identity::{Anchors, Credential, IdentityLease, IdentityStore};
 
+use crate::sync::lock;
+
 /// What one meshed VM's listeners need from the rest of the daemon.
 #[derive(Clone)]
 pub struct MeshVmCtx {
     /// The VM's id (metric label `vm`, tap filter, logs).
     pub vm: String,
+    /// The uid that owns the VM (`vm.info`'s `owner`): its mesh tap events are shown to it.
+    pub owner: u32,
     /// The VM's workload identity (its certificate's DNS SAN, the SNI its peers send).
     pub identity: String,
     /// The VM's current certificate; `None` until first issued. Listeners do not serve before.
@@ -136,10 +140,6 @@ pub struct Mesh {
     tasks: TaskTracker,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Mesh {
     pub fn new(
         identities: Arc<IdentityStore>,
@@ -193,6 +193,7 @@ impl Mesh {
     pub async fn start(
         self: &Arc<Self>,
         vm: &str,
+        owner: u32,
         cfg: MeshConfig,
         bound: Bound,
         ended: CancellationToken,
@@ -202,6 +203,7 @@ impl Mesh {
         let shutdown = self.stopping.child_token();
         let ctx = MeshVmCtx {
             vm: vm.to_string(),
+            owner,
             identity: cfg.identity.clone(),
             credential: lease.credential.clone(),
             anchors: self.identities.anchors(),

@@ -474,6 +474,7 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
                 Arc::new(http::HttpSession {
                     direction: Direction::Outbound,
                     vm: vm.vm.clone(),
+                    owner: vm.owner,
                     peer: l.identity.clone(),
                     tls,
                     denied: None,

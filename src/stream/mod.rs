@@ -30,6 +30,8 @@ use bytes::Bytes;
 use cc_proxy_api::stream::{Channel, Frame};
 use tokio::sync::Notify;
 
+use crate::sync::lock;
+
 pub use control::{ControlTarget, HeldControl, ProcessName, ProcessRole, MAX_HELD_CONTROLS};
 pub use counters::{BufferAccount, StreamCounters};
 pub use token::Token;
@@ -133,11 +135,6 @@ pub enum Take {
 pub enum AttachError {
     Busy,
     Closed,
-}
-
-fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
-    // A panic while holding this lock is a bug; the data is still consistent enough to carry on.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Stream {

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::metrics::VmMetrics;
 use crate::error::ProxyError;
 use crate::stream::{BufferAccount, Token};
+use crate::sync::lock;
 pub use lifecycle::{LostReason, VmState};
 pub use registry::Registry;
 use state::VmRecord;
@@ -169,10 +170,6 @@ pub struct Vm {
     pub metrics: VmMetrics,
     pub config: VmConfig,
     events: broadcast::Sender<VmEvent>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Vm {

@@ -32,6 +32,7 @@ use super::{console, handshake, io, lock, LostReason, Vm, VmConfig, VmEvent, VmS
 use crate::error::{Limit, ProxyError};
 use crate::mesh::Mesh;
 use crate::stream::{Stream, Token};
+use crate::sync::{read, write};
 use crate::transport::creds::CredsError;
 use crate::transport::{Credentials, Endpoint, TransportError};
 
@@ -99,13 +100,6 @@ struct Endpoints {
     control: Endpoint,
     io: Endpoint,
     console: Option<Endpoint>,
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Check a VM id: 1-128 characters of `[A-Za-z0-9._-]`, not `.` or `..` (it names a state file).
@@ -451,7 +445,8 @@ impl Registry {
             old.transition(VmState::Replaced);
         }
         if let Some((mesh, cfg, bound)) = bound {
-            mesh.start(&vm.id, cfg, bound, vm.ended_token()).await;
+            mesh.start(&vm.id, vm.owner, cfg, bound, vm.ended_token())
+                .await;
         }
         // The state writer records the new VM right away, off this request's path (file creation is what
         // bounds the registration rate otherwise).
@@ -677,8 +672,14 @@ impl Registry {
         };
         match mesh.bind(cfg).await {
             Ok(bound) => {
-                mesh.start(&vm.id, cfg.as_ref().clone(), bound, vm.ended_token())
-                    .await
+                mesh.start(
+                    &vm.id,
+                    vm.owner,
+                    cfg.as_ref().clone(),
+                    bound,
+                    vm.ended_token(),
+                )
+                .await
             }
             Err(e) => {
                 tracing::error!(vm = %vm.id, error = %e, "the recovered VM's mesh listeners cannot be set up")
