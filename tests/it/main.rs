@@ -17,6 +17,7 @@ mod mesh_cli;
 mod mesh_control;
 mod mesh_data;
 mod mesh_identity;
+mod mesh_more;
 mod observability;
 mod operations;
 mod streams;
