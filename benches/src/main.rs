@@ -8,6 +8,7 @@ mod direct;
 mod http;
 mod latency;
 mod legacy;
+mod mesh;
 mod procs;
 mod profile;
 mod report;
@@ -63,7 +64,7 @@ struct Args {
     /// Do not record `perf` profiles for missed targets.
     #[arg(long)]
     no_profile: bool,
-    /// Only these groups (comma separated: startup,throughput,latency,scale); default all.
+    /// Only these groups (comma separated: startup,throughput,latency,scale,mesh); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Internal: serve as the echo peer of the latency floor on this unix socket.
@@ -111,6 +112,19 @@ impl Plan {
                 scale_reps: 3,
                 startup_reps: 15,
             }
+        }
+    }
+}
+
+impl Plan {
+    /// Sizes of the mesh group.
+    fn mesh(&self) -> mesh::MeshPlan {
+        let quick = self.reps < 7;
+        mesh::MeshPlan {
+            requests: self.pings,
+            reps: if quick { 1 } else { 3 },
+            wrk_secs: if quick { 2 } else { 5 },
+            tcp_bytes: if quick { 64 << 20 } else { 256 << 20 },
         }
     }
 }
@@ -263,6 +277,10 @@ async fn run(args: Args) -> Result<(), BenchError> {
         let daemon = Daemon::start(&setup, "lat").await?;
         report.latency = Some(latency::run(&agent, &daemon, plan.pings).await?);
     }
+    if wants(&args, "mesh") {
+        log("mesh: the two-hop mTLS path through cc-proxy, HAProxy and direct");
+        report.mesh = Some(mesh::run(&setup, plan.mesh()).await?);
+    }
     if wants(&args, "scale") {
         let agent = Arc::new(Agent::start(&setup, "scale-agent", plan.vms)?);
         for rep in 0..plan.scale_reps {
@@ -294,6 +312,13 @@ async fn run(args: Args) -> Result<(), BenchError> {
                     profile_latency(&setup, mode).await
                 }
                 Some("register") => profile_register(&setup, plan.vms).await,
+                Some("mesh") => {
+                    let data = setup.dir.join(format!("perf-{}.data", row.id));
+                    mesh::load_for_profile(&setup, row.id == "mesh-rps", 4, |pid| {
+                        profile::start(pid, &data)
+                    })
+                    .await
+                }
                 _ => continue,
             };
             match prof {

@@ -53,28 +53,44 @@ pub fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Largest `/metrics` answer read.
+const METRICS_MAX: u64 = 64 << 20;
+
 /// A running daemon on its own socket and state directory.
 pub struct Daemon {
     pub socket: PathBuf,
     pub child: Child,
+    /// The admin server (`/metrics`).
+    pub admin: String,
 }
 
 impl Daemon {
     /// Start the daemon named `name` (its files go under `setup.dir/name`) and wait until the socket accepts.
     pub async fn start(setup: &Setup, name: &str) -> Result<Daemon, BenchError> {
+        Daemon::start_with(setup, name, &[]).await
+    }
+
+    /// [`Daemon::start`] with extra flags.
+    pub async fn start_with(
+        setup: &Setup,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<Daemon, BenchError> {
         let dir = setup.dir.join(name);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("p.sock");
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::File::create(dir.join("proxy.log"))?;
+        let admin = free_addr()?;
         let child = Command::new(&setup.proxy_bin)
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--admin-addr")
-            .arg(free_addr()?)
+            .arg(&admin)
             .args(["--log", "warn", "--log-target", "stderr"])
+            .args(extra)
             // Extra daemon flags for experiments, e.g. CC_PROXY_BENCH_ARGS="--threads 1".
             .args(
                 std::env::var("CC_PROXY_BENCH_ARGS")
@@ -86,7 +102,11 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .map_err(|e| BenchError::Setup(format!("{}: {e}", setup.proxy_bin.display())))?;
-        let mut d = Daemon { socket, child };
+        let mut d = Daemon {
+            socket,
+            child,
+            admin,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if tokio::net::UnixStream::connect(&d.socket).await.is_ok() {
@@ -111,6 +131,24 @@ impl Daemon {
 
     pub fn client(&self) -> cc_proxy_api::client::Client {
         cc_proxy_api::client::Client::new(&self.socket)
+    }
+
+    /// The admin server's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String, BenchError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(&self.admin).await?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        c.take(METRICS_MAX).read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => Err(BenchError::Protocol(format!(
+                "/metrics: {}",
+                text.lines().next().unwrap_or("")
+            ))),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::latency::{Latency, ModeLatency};
+use crate::mesh::{MeshResults, IDLE_CONNECTIONS};
 use crate::procs::Setup;
 use crate::scale::ScaleRun;
 use crate::stats::Summary;
@@ -96,6 +97,8 @@ pub struct Report {
     pub stdin_hyperstart: Option<ThroughputPair>,
     pub latency: Option<Latency>,
     pub scale: Vec<ScaleRun>,
+    /// The mesh group (two-hop mTLS against HAProxy, meshed VMs).
+    pub mesh: Option<MeshResults>,
     /// Flat `perf report` text per missed row id.
     pub profiles: BTreeMap<String, String>,
 }
@@ -147,6 +150,7 @@ impl Row {
             "stdout-1" | "stdout-64" | "stdin" => Some("throughput"),
             "ping-http" | "ping-ws" | "ping-legacy" => Some("latency"),
             "register-rate" => Some("register"),
+            "mesh-rps" | "mesh-p50" => Some("mesh"),
             _ => None,
         }
     }
@@ -322,6 +326,7 @@ impl Report {
             stdin_hyperstart: None,
             latency: None,
             scale: Vec::new(),
+            mesh: None,
             profiles: BTreeMap::new(),
         }
     }
@@ -475,6 +480,7 @@ impl Report {
                 unit: "VMs/s",
             });
         }
+        rows.extend(mesh_rows(self.mesh.as_ref()));
         if self.startup_ms.is_empty() {
             rows.push(Row::not_measured(
                 "startup",
@@ -515,6 +521,7 @@ impl Report {
             "stdin_hyperstart": self.stdin_hyperstart.as_ref().map(ThroughputPair::json),
             "latency": self.latency,
             "scale": self.scale,
+            "mesh": self.mesh,
             "profiles": self.profiles,
         })
     }
@@ -532,7 +539,7 @@ impl Report {
             .map_err(|e| BenchError::Setup(e.to_string()))?;
         std::fs::write(json, text + "\n")?;
 
-        let groups: [(&str, &str, &[&str]); 3] = [
+        let groups: [(&str, &str, &[&str]); 4] = [
             (
                 "throughput.svg",
                 "Throughput through cc-proxy / direct (higher is better)",
@@ -547,6 +554,11 @@ impl Report {
                 "scale.svg",
                 "Scale and start-up: measured / target (lower is better)",
                 &["vm-memory", "stream-memory", "register-rate", "startup"],
+            ),
+            (
+                "mesh.svg",
+                "Mesh two-hop mTLS: cc-proxy / target (HAProxy's figure, or the bound)",
+                &["mesh-rps", "mesh-p50", "mesh-idle"],
             ),
         ];
         let rel = charts
@@ -638,6 +650,198 @@ Every figure is taken side by side with its baseline in the same run; the ratio 
     }
 }
 
+/// The mesh rows: the two-hop mTLS path through cc-proxy against HAProxy and direct, and 1,000 meshed VMs.
+fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
+    const P50: (&str, &str, &str, &str) = (
+        "mesh-p50",
+        "mesh two-hop mTLS (a's outbound -> b's inbound -> server), HTTP/1.1 latency at 1 connection",
+        "HAProxy doing the same two hops (TLS 1.3 origination + termination, client certificates); direct client -> server",
+        "added p50 <= HAProxy's",
+    );
+    const RPS: (&str, &str, &str, &str) = (
+        "mesh-rps",
+        "mesh two-hop mTLS, HTTP/1.1 requests/s at 16 connections (wrk)",
+        "HAProxy doing the same two hops; direct client -> server",
+        "cc-proxy / HAProxy >= 1.0",
+    );
+    const TCP: (&str, &str, &str, &str) = (
+        "mesh-tcp",
+        "mesh two-hop mTLS, opaque TCP throughput (one connection, upload)",
+        "HAProxy (`mode tcp`) doing the same two hops; direct",
+        "none: for information",
+    );
+    const IDLE: (&str, &str, &str, &str) = (
+        "mesh-idle",
+        "memory per idle meshed connection (1,000 opaque connections through both hops)",
+        "the same daemon before the connections; HAProxy's for context",
+        "<= 16 KiB RSS per connection",
+    );
+    const VMS: (&str, &str, &str, &str) = (
+        "mesh-vms",
+        "1,000 meshed VMs sharing 10 identities (one inbound listener each, embedded CA)",
+        "1,000 plain VMs on another fresh daemon",
+        "10 certificates issued (one per identity)",
+    );
+    let nm = |r: (&'static str, &'static str, &'static str, &'static str), why: &str| {
+        Row::not_measured(r.0, r.1, r.2, r.3, why)
+    };
+    let Some(m) = m else {
+        return [P50, RPS, TCP, IDLE, VMS]
+            .into_iter()
+            .map(|r| nm(r, "group not run"))
+            .collect();
+    };
+    let mut rows = Vec::new();
+    let cc_added = m.cc.p50_us - m.direct.p50_us;
+    let cc_text = format!(
+        "cc-proxy added p50 **{cc_added:.0} us** (p50 {:.0} us, p99 {:.0} us)",
+        m.cc.p50_us, m.cc.p99_us
+    );
+    let direct_text = format!(
+        "direct p50 {:.0} us, p99 {:.0} us; n={} per path",
+        m.direct.p50_us, m.direct.p99_us, m.cc.samples
+    );
+    rows.push(match (&m.haproxy, &m.haproxy_missing) {
+        (Some(h), _) => {
+            let h_added = h.p50_us - m.direct.p50_us;
+            Row {
+                id: P50.0,
+                what: P50.1,
+                baseline: P50.2,
+                measured: format!(
+                    "{cc_text}; HAProxy added p50 {h_added:.0} us (p50 {:.0} us, p99 {:.0} us); {direct_text}",
+                    h.p50_us, h.p99_us
+                ),
+                target: P50.3,
+                verdict: verdict(cc_added <= h_added),
+                value: Some(cc_added),
+                goal: h_added,
+                higher_is_better: false,
+                unit: "us",
+            }
+        }
+        (None, why) => nm(
+            P50,
+            &format!(
+                "{} ({cc_text}; {direct_text})",
+                why.as_deref().unwrap_or("haproxy not measured")
+            ),
+        ),
+    });
+    let rps = |v: &[f64]| Summary::of(v);
+    let (c, h, d) = (rps(&m.rps_cc), rps(&m.rps_haproxy), rps(&m.rps_direct));
+    rows.push(match (&m.wrk_missing, &m.haproxy_missing) {
+        (Some(why), _) => nm(RPS, why),
+        (None, Some(why)) => nm(
+            RPS,
+            &format!("{why} (cc-proxy {:.0} req/s, direct {:.0} req/s)", c.median, d.median),
+        ),
+        (None, None) => {
+            let ratios: Vec<f64> = m
+                .rps_cc
+                .iter()
+                .zip(&m.rps_haproxy)
+                .map(|(c, h)| if *h > 0.0 { c / h } else { 0.0 })
+                .collect();
+            let r = Summary::of(&ratios);
+            Row {
+                id: RPS.0,
+                what: RPS.1,
+                baseline: RPS.2,
+                measured: format!(
+                    "**{:.2}x** HAProxy's (ratios {:.2}..{:.2}, n={}); cc-proxy {:.0} req/s ({:.0}..{:.0}), HAProxy {:.0} req/s ({:.0}..{:.0}), direct {:.0} req/s",
+                    r.median, r.min, r.max, r.n, c.median, c.min, c.max, h.median, h.min, h.max, d.median
+                ),
+                target: RPS.3,
+                verdict: verdict(r.median >= 1.0),
+                value: Some(r.median),
+                goal: 1.0,
+                higher_is_better: true,
+                unit: "x",
+            }
+        }
+    });
+    let mibs = |v: &[f64]| Summary::of(&v.iter().map(|b| mib(*b)).collect::<Vec<_>>());
+    let (c, h, d) = (mibs(&m.tcp_cc), mibs(&m.tcp_haproxy), mibs(&m.tcp_direct));
+    let mut text = format!(
+        "cc-proxy **{:.0} MiB/s** ({:.0}..{:.0}, n={})",
+        c.median, c.min, c.max, c.n
+    );
+    if h.n > 0 {
+        let _ = write!(
+            text,
+            ", HAProxy {:.0} MiB/s ({:.0}..{:.0}), ratio {:.2}",
+            h.median,
+            h.min,
+            h.max,
+            if h.median > 0.0 {
+                c.median / h.median
+            } else {
+                0.0
+            }
+        );
+    }
+    let _ = write!(text, "; direct {:.0} MiB/s", d.median);
+    rows.push(Row {
+        id: TCP.0,
+        what: TCP.1,
+        baseline: TCP.2,
+        measured: text,
+        target: TCP.3,
+        verdict: Verdict::Informational,
+        value: Some(c.median),
+        goal: 0.0,
+        higher_is_better: true,
+        unit: "MiB/s",
+    });
+    rows.push(match m.idle_cc {
+        Some(cc) => {
+            let kib = cc / 1024.0;
+            let mut text =
+                format!("**{kib:.1} KiB/connection** over {IDLE_CONNECTIONS} connections");
+            if let Some(h) = m.idle_haproxy {
+                let _ = write!(text, "; HAProxy {:.1} KiB/connection", h / 1024.0);
+            }
+            Row {
+                id: IDLE.0,
+                what: IDLE.1,
+                baseline: IDLE.2,
+                measured: text,
+                target: IDLE.3,
+                verdict: verdict(kib <= 16.0),
+                value: Some(kib),
+                goal: 16.0,
+                higher_is_better: false,
+                unit: "KiB",
+            }
+        }
+        None => nm(IDLE, "not run"),
+    });
+    rows.push(match &m.scale {
+        Some(s) => Row {
+            id: VMS.0,
+            what: VMS.1,
+            baseline: VMS.2,
+            measured: format!(
+                "**{:.0} certificates** issued for {} VMs; {:.1} KiB RSS per meshed VM vs {:.1} KiB per plain VM (the mesh adds {:.1} KiB)",
+                s.certificates_issued,
+                s.vms,
+                s.meshed_per_vm_bytes / 1024.0,
+                s.plain_per_vm_bytes / 1024.0,
+                (s.meshed_per_vm_bytes - s.plain_per_vm_bytes) / 1024.0
+            ),
+            target: VMS.3,
+            verdict: verdict(s.certificates_issued == s.identities as f64),
+            value: Some(s.certificates_issued),
+            goal: s.identities as f64,
+            higher_is_better: false,
+            unit: "certificates",
+        },
+        None => nm(VMS, "not run"),
+    });
+    rows
+}
+
 /// What we know about why a row is missed (filled in from profiles of earlier runs).
 fn analysis(id: &str) -> Option<&'static str> {
     match id {
@@ -687,6 +891,7 @@ socket (the floor): the cost, on this machine, of having any process in the midd
 - Memory: VmRSS of the daemon after the load minus VmRSS of the same daemon idle just before (after 300 ms to settle). \
 VMs are registered over 16 client connections; streams are `stream.allocate` tokens spread over the VMs, each with \
 an attached idle shim connection.
+- Mesh: the two-hop mTLS path client -> VM a's outbound listener -> VM b's inbound listener -> server, both VMs on one daemon, against HAProxy (Debian's package, foreground, default threads) configured to do the same work: a frontend taking plaintext and originating TLS 1.3 with a's certificate, SNI b and a check of b's SAN (`verifyhost`), and a frontend terminating TLS 1.3 with b's certificate and requiring a client certificate from the same CA (`verify required`); `mode http` for requests, `mode tcp` for opaque bytes. One CA and the P-256 leaves of a and b are made by the benchmark (rcgen) and given to cc-proxy with `--mesh-identity-dir` and to HAProxy as PEM files. The server is in the benchmark process: hyper's HTTP/1.1 server answering every request with 2 bytes, and an opaque server that echoes or counts bytes. Latency: `GET /` over one keep-alive connection per path, the paths (direct, cc-proxy, HAProxy) taking turns in blocks of 100 after 200 warm-up requests; added = p50 of the path - p50 direct. Requests/s: `wrk -t2 -c16` for a few seconds per path, the order rotated per repetition. Throughput: one connection uploads to the counting server and waits for its count. Idle memory: 1,000 connections through the opaque listeners, each proven end to end by one echoed byte, then held; the proxy's VmRSS delta / 1,000 (cc-proxy holds both hops: 4 sockets and 2 TLS sessions per connection). Meshed VMs: 1,000 VMs registered on a fresh daemon with a `mesh` of 10 identities (embedded CA) and one inbound listener each, against 1,000 plain VMs on another fresh daemon; certificates issued are read from `cc_proxy_mesh_certificate_issuances_total`.
 - Start-up: the daemon is spawned with `NOTIFY_SOCKET` pointing at a datagram socket of the benchmark; time from \
 spawn to the `READY=1` datagram.";
 
