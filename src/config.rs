@@ -256,6 +256,7 @@ impl Config {
                 failfast_timeout: Duration::from_millis(cli.mesh_failfast_timeout_ms)
                     .max(MIN_MESH_TIMEOUT),
                 fd_reserve: cli.fd_reserve,
+                balancer_queue: cli.mesh_balancer_queue.max(1),
             },
             mesh_identity: IdentityConfig {
                 source,

@@ -20,12 +20,32 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, Version};
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::discover::Change;
+use tower::load::peak_ewma::Handle;
+use tower::load::{PeakEwma, TrackCompletion};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
 use cc_proxy_api::mesh::{
     DestinationConfig, EndpointHint, EndpointLoad, EndpointState, EndpointStatus,
 };
 use tokio::sync::watch;
 
 use super::discover::{Endpoint, EndpointSet, Hint, SetState};
+use super::http::{self, BoxError, SendError, Upstream};
 use super::listener::{limits, MeshError};
 
 /// Where an endpoint stands.
@@ -53,6 +73,8 @@ pub struct Member {
     pub endpoint: Endpoint,
     open: AtomicUsize,
     health: Mutex<HealthRecord>,
+    /// A mirror of the balancer's peak-EWMA estimate (milliseconds, when last updated), for `status()`.
+    rtt: Mutex<Option<(f64, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -77,6 +99,7 @@ impl Member {
                 health: Health::Pending,
                 failures: 0,
             }),
+            rtt: Mutex::new(None),
         }
     }
 
@@ -125,6 +148,26 @@ impl Member {
         let mut h = lock(&self.health);
         h.failures = 0;
         h.health = Health::Ready;
+    }
+
+    /// A response's first frame came `rtt` after its request: update the latency mirror the way peak-EWMA
+    /// does (a higher sample is taken at once, a lower one decays in over [`EWMA_DECAY`]).
+    pub fn observe_rtt(&self, rtt: Duration) {
+        let ms = rtt.as_secs_f64() * 1000.0;
+        let now = Instant::now();
+        let mut r = lock(&self.rtt);
+        *r = Some(match *r {
+            Some((est, at)) if ms <= est => {
+                let w = (-(now.duration_since(at).as_secs_f64()) / EWMA_DECAY.as_secs_f64()).exp();
+                (est * w + ms * (1.0 - w), now)
+            }
+            _ => (ms, now),
+        });
+    }
+
+    /// The latency estimate in milliseconds, once measured.
+    pub fn rtt_ms(&self) -> Option<f64> {
+        lock(&self.rtt).map(|(ms, _)| ms)
     }
 
     /// Connections (opaque) or pooled connections (HTTP) open to it.
@@ -283,7 +326,7 @@ impl Destination {
                 },
                 load: EndpointLoad {
                     open: m.open() as u64,
-                    ewma_ms: None,
+                    ewma_ms: m.rtt_ms(),
                 },
                 labels: m.endpoint.labels.clone(),
             })
@@ -309,6 +352,324 @@ pub fn p2c_open(members: &[Arc<Member>]) -> Option<Arc<Member>> {
                 ma.clone()
             })
         }
+    }
+}
+
+/// Peak-EWMA's estimate of an endpoint not measured yet (Linkerd's default).
+pub const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Peak-EWMA's decay: how fast old latencies are forgotten (Linkerd's default).
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// A request as the guest sent it, its URI made absolute.
+type Req = Request<Incoming>;
+
+/// One endpoint's HTTP service: its own pools, not ready while the endpoint is ejected.
+pub struct EndpointService {
+    member: Arc<Member>,
+    pools: Arc<Upstream>,
+    /// Wakes the balancer when the ejection ends.
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// When the request was sent (a response extension, for the latency mirror in [`Member`]).
+#[derive(Clone, Copy)]
+struct SentAt(Instant);
+
+impl Service<Req> for EndpointService {
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(until) = self.member.ejected_until(Instant::now()) else {
+            self.wait = None;
+            return Poll::Ready(Ok(()));
+        };
+        let deadline = tokio::time::Instant::from_std(until);
+        let sleep = self
+            .wait
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.wait = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let pools = self.pools.clone();
+        // An HTTP/1.1 request to an endpoint whose proxy takes HTTP/2 travels upgraded, marked with its
+        // original version (upgrades and CONNECT keep HTTP/1).
+        let upgrade = self.member.endpoint.hint == Hint::H2
+            && req.version() == Version::HTTP_11
+            && !http::wants_upgrade(&req);
+        Box::pin(async move {
+            let sent = Instant::now();
+            let h2 = upgrade || req.version() == Version::HTTP_2;
+            if upgrade {
+                *req.version_mut() = Version::HTTP_2;
+                req.headers_mut()
+                    .insert(http::L5D_ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+            }
+            let mut resp = pools.send_pooled(req, h2).await?;
+            if upgrade {
+                resp.headers_mut().remove(http::L5D_ORIG_PROTO);
+                *resp.version_mut() = Version::HTTP_11;
+            }
+            resp.extensions_mut().insert(SentAt(sent));
+            Ok(resp)
+        })
+    }
+}
+
+/// Counts a request as complete at its response's first body frame (or its end), not at the headers as
+/// tower's `CompleteOnResponse` does: an endpoint that answers headers fast and the body slowly is slow.
+#[derive(Clone)]
+pub struct FirstFrameCompletion(Arc<Member>);
+
+impl TrackCompletion<Handle, Response<Incoming>> for FirstFrameCompletion {
+    type Output = Response<FirstFrame>;
+
+    fn track_completion(&self, handle: Handle, resp: Response<Incoming>) -> Response<FirstFrame> {
+        let sent = resp.extensions().get::<SentAt>().copied();
+        let member = self.0.clone();
+        resp.map(|inner| {
+            let mut body = FirstFrame {
+                inner,
+                pending: Some((handle, member, sent)),
+            };
+            if body.inner.is_end_stream() {
+                body.complete();
+            }
+            body
+        })
+    }
+}
+
+/// A response body that releases its peak-EWMA handle (the latency measurement) at its first frame.
+pub struct FirstFrame {
+    inner: Incoming,
+    pending: Option<(Handle, Arc<Member>, Option<SentAt>)>,
+}
+
+impl FirstFrame {
+    fn complete(&mut self) {
+        if let Some((handle, member, sent)) = self.pending.take() {
+            drop(handle);
+            if let Some(SentAt(t)) = sent {
+                member.observe_rtt(t.elapsed());
+            }
+        }
+    }
+}
+
+impl Body for FirstFrame {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if r.is_ready() {
+            this.complete();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type Balanced = PeakEwma<EndpointService, FirstFrameCompletion>;
+/// Makes an endpoint's service (its pools and connector).
+pub type ServiceFactory = Arc<dyn Fn(&Arc<Member>) -> EndpointService + Send + Sync>;
+/// The balancer's `Discover`.
+type Changes = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Balanced>, Infallible>> + Send>>;
+type BalancedResponse = Response<FirstFrame>;
+
+/// The endpoint set's changes as tower's `Discover` wants them: an endpoint whose member changed is inserted
+/// again (replacing the old service), one that left is removed. A fixed set's changes end after the first.
+fn discover(dest: Arc<Destination>, services: ServiceFactory) -> Changes {
+    struct State {
+        dest: Arc<Destination>,
+        changes: watch::Receiver<Arc<EndpointSet>>,
+        known: BTreeMap<SocketAddr, Arc<Member>>,
+        first: bool,
+    }
+    let changes = dest.subscribe();
+    let state = State {
+        dest,
+        changes,
+        known: BTreeMap::new(),
+        first: true,
+    };
+    let updates = futures::stream::unfold(state, move |mut st| {
+        let services = services.clone();
+        async move {
+            loop {
+                if !st.first && st.changes.changed().await.is_err() {
+                    return None;
+                }
+                st.first = false;
+                st.changes.borrow_and_update();
+                let now: BTreeMap<SocketAddr, Arc<Member>> = st
+                    .dest
+                    .members()
+                    .into_iter()
+                    .map(|m| (m.addr(), m))
+                    .collect();
+                let mut out = Vec::new();
+                for addr in st.known.keys() {
+                    if !now.contains_key(addr) {
+                        out.push(Ok(Change::Remove(*addr)));
+                    }
+                }
+                for (addr, m) in &now {
+                    if !st.known.get(addr).is_some_and(|k| Arc::ptr_eq(k, m)) {
+                        let svc = PeakEwma::new(
+                            services(m),
+                            EWMA_DEFAULT_RTT,
+                            EWMA_DECAY.as_nanos() as f64,
+                            FirstFrameCompletion(m.clone()),
+                        );
+                        out.push(Ok(Change::Insert(*addr, svc)));
+                    }
+                }
+                st.known = now;
+                if !out.is_empty() {
+                    return Some((futures::stream::iter(out), st));
+                }
+            }
+        }
+    });
+    // The set no longer changes (a fixed one): the balancer keeps what it has.
+    Box::pin(updates.flatten().chain(futures::stream::pending()))
+}
+
+/// Fails requests once the inner service has not been ready for `timeout` (inside the buffer, so every
+/// queued request fails at once), until it is ready again.
+struct FailFast<S> {
+    inner: S,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    failing: bool,
+}
+
+impl<S> Service<Req> for FailFast<S>
+where
+    S: Service<Req, Response = BalancedResponse, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = BalancedResponse;
+    type Error = BoxError;
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::Ready<Result<BalancedResponse, BoxError>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(r) => {
+                self.sleep = None;
+                self.failing = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.failing => Poll::Ready(Ok(())),
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.sleep = None;
+                        self.failing = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if self.failing {
+            futures::future::Either::Right(futures::future::ready(Err(Box::new(
+                BalanceError::Unavailable,
+            ) as BoxError)))
+        } else {
+            futures::future::Either::Left(self.inner.call(req))
+        }
+    }
+}
+
+/// Why the balancer gave no response.
+#[derive(Debug, thiserror::Error)]
+pub enum BalanceError {
+    #[error("no endpoint became ready within the fail-fast time")]
+    Unavailable,
+}
+
+/// Per-request balancing of one destination's HTTP requests: tower's power of two choices over peak-EWMA
+/// latency, behind a queue (`--mesh-balancer-queue`) served by one task, with fail-fast.
+pub struct HttpBalancer {
+    service: BoxCloneSyncService<Req, BalancedResponse, BoxError>,
+}
+
+impl HttpBalancer {
+    /// Balance over `dest`, each endpoint's pools made by `services`. Spawns the queue's task (it ends when
+    /// the balancer is dropped).
+    pub fn new(dest: Arc<Destination>, services: ServiceFactory) -> HttpBalancer {
+        let lim = limits();
+        let balance = Balance::new(discover(dest, services));
+        let failfast = FailFast {
+            inner: balance,
+            timeout: lim.failfast_timeout,
+            sleep: None,
+            failing: false,
+        };
+        let buffer = Buffer::new(failfast, lim.balancer_queue);
+        HttpBalancer {
+            service: BoxCloneSyncService::new(buffer),
+        }
+    }
+
+    /// Send `req` to the endpoint the balancer picks.
+    pub async fn send(&self, req: Req) -> Result<Response<http::RespBody>, SendError> {
+        let mut svc = self.service.clone();
+        // A full queue counts as not ready.
+        match tokio::time::timeout(limits().failfast_timeout, svc.ready()).await {
+            Err(_) => return Err(SendError::Unavailable),
+            Ok(Err(e)) => return Err(SendError::Unreachable(e)),
+            Ok(Ok(_)) => {}
+        }
+        match svc.call(req).await {
+            Ok(resp) => Ok(resp.map(|b| b.boxed())),
+            Err(e) if e.downcast_ref::<BalanceError>().is_some() => Err(SendError::Unavailable),
+            Err(e) => Err(SendError::Unreachable(e)),
+        }
+    }
+}
+
+/// An endpoint's HTTP service over `pools` (opened to that endpoint only).
+pub fn endpoint_service(member: Arc<Member>, pools: Arc<Upstream>) -> EndpointService {
+    EndpointService {
+        member,
+        pools,
+        wait: None,
     }
 }
 

@@ -56,7 +56,7 @@ pub enum HttpError {
     Serve(Box<dyn std::error::Error + Send + Sync>),
 }
 
-type RespBody = BoxBody<Bytes, hyper::Error>;
+pub type RespBody = BoxBody<Bytes, hyper::Error>;
 
 /// An upstream connection (to a guest target or a mesh endpoint) as hyper's client wants it; `hold` lives as
 /// long as the connection (an endpoint's open-connection count).
@@ -136,12 +136,36 @@ impl tower::Service<Uri> for UpstreamConnector {
     }
 }
 
-/// Pooled HTTP/1.1 and HTTP/2 clients to one upstream (a guest target, or a mesh destination).
+/// Pooled HTTP/1.1 and HTTP/2 clients.
+struct Pools {
+    h1: Client<UpstreamConnector, Incoming>,
+    h2: Client<UpstreamConnector, Incoming>,
+}
+
+/// How an [`Upstream`] reaches its endpoints.
+enum Route {
+    /// Pooled HTTP/1.1 and HTTP/2 clients whose connections one [`ConnectFn`] opens.
+    Pools(Box<Pools>),
+    /// Requests balanced over an endpoint set, each endpoint with its own pools.
+    Balanced(Arc<super::balance::HttpBalancer>),
+}
+
+/// Where forwarded requests go: a guest target, or a mesh destination.
 pub struct Upstream {
     /// What it reaches, for logs and error responses.
     pub name: String,
-    h1: Client<UpstreamConnector, Incoming>,
-    h2: Client<UpstreamConnector, Incoming>,
+    route: Route,
+}
+
+/// Why a forwarded request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The upstream could not be reached or failed (502).
+    #[error("{0}")]
+    Unreachable(BoxError),
+    /// No endpoint was ready within the fail-fast time (503).
+    #[error("no endpoint is ready")]
+    Unavailable,
 }
 
 impl Upstream {
@@ -179,7 +203,52 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .http2_only(true)
             .build(connector);
-        Upstream { name, h1, h2 }
+        Upstream {
+            name,
+            route: Route::Pools(Box::new(Pools { h1, h2 })),
+        }
+    }
+
+    /// Requests balanced by `balancer`.
+    pub fn balanced(name: String, balancer: Arc<super::balance::HttpBalancer>) -> Upstream {
+        Upstream {
+            name,
+            route: Route::Balanced(balancer),
+        }
+    }
+
+    /// Send `req` over the pools (`h2`: the HTTP/2 one); the request's URI is absolute.
+    pub async fn send_pooled(
+        &self,
+        req: Request<Incoming>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, BoxError> {
+        match &self.route {
+            Route::Pools(p) => {
+                let client = if h2 { &p.h2 } else { &p.h1 };
+                client
+                    .request(req)
+                    .await
+                    .map_err(|e| Box::new(e) as BoxError)
+            }
+            Route::Balanced(_) => Err("a balanced upstream has no pools of its own".into()),
+        }
+    }
+
+    /// Send `req` (already in the version it travels in) and bring back the response.
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+        h2: bool,
+    ) -> Result<Response<RespBody>, SendError> {
+        match &self.route {
+            Route::Pools(_) => self
+                .send_pooled(req, h2)
+                .await
+                .map(|r| r.map(|b| b.boxed()))
+                .map_err(SendError::Unreachable),
+            Route::Balanced(b) => b.send(req).await,
+        }
     }
 }
 
@@ -223,7 +292,7 @@ fn proxy_response(status: StatusCode, error: &str) -> Response<RespBody> {
 }
 
 /// Whether the request asks to switch protocols or tunnel.
-fn wants_upgrade<B>(req: &Request<B>) -> bool {
+pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::CONNECT
         || (req.version() == Version::HTTP_11 && req.headers().contains_key(hyper::header::UPGRADE))
 }
@@ -372,14 +441,19 @@ async fn forward(
         }
     }
     let upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    let client = if to_h2 {
-        &s.upstream.h2
-    } else {
-        &s.upstream.h1
-    };
-    let mut resp = match client.request(req).await {
+    let mut resp = match s.upstream.send(req, to_h2).await {
         Ok(r) => r,
-        Err(e) => {
+        Err(SendError::Unavailable) => {
+            tracing::info!(vm = %s.vm, direction = s.direction.as_str(), upstream = %s.upstream.name, "mesh: no endpoint is ready");
+            return (
+                proxy_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no endpoint of {} is ready", s.upstream.name),
+                ),
+                None,
+            );
+        }
+        Err(SendError::Unreachable(e)) => {
             tracing::info!(vm = %s.vm, direction = s.direction.as_str(), upstream = %s.upstream.name, error = %e, "mesh: the upstream did not answer");
             return (
                 proxy_response(
@@ -441,7 +515,7 @@ async fn forward(
     if peer_version != Version::HTTP_2 && to_h2 {
         *resp.version_mut() = peer_version;
     }
-    (resp.map(|b| b.boxed()), endpoint)
+    (resp, endpoint)
 }
 
 /// Serve one inbound connection's HTTP (`http2`: prior knowledge, else HTTP/1) until it ends, or until

@@ -58,6 +58,9 @@ pub const DEFAULT_EJECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Longest wait of an outbound request or connection for a ready endpoint before it fails (503 with
 /// `l5d-proxy-error`, or the connection closed) (`--mesh-failfast-timeout-ms`); Linkerd's outbound waits 3 s.
 pub const DEFAULT_FAILFAST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Requests of one outbound destination queued for its balancer (`--mesh-balancer-queue`); more wait (within
+/// the fail-fast time) for room. Linkerd's outbound queue holds 10,000.
+pub const DEFAULT_BALANCER_QUEUE: usize = 10_000;
 
 /// The data plane's limits, daemon-wide.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +78,7 @@ pub struct Limits {
     /// Descriptors kept free below the open-files limit (`--fd-reserve`, shared with the client socket): a
     /// connection accepted into the reserve is closed (`fd_reserve`).
     pub fd_reserve: u64,
+    pub balancer_queue: usize,
 }
 
 impl Default for Limits {
@@ -91,6 +95,7 @@ impl Default for Limits {
             eject_backoff_max: DEFAULT_EJECT_BACKOFF_MAX,
             failfast_timeout: DEFAULT_FAILFAST_TIMEOUT,
             fd_reserve: crate::config::DEFAULT_FD_RESERVE,
+            balancer_queue: DEFAULT_BALANCER_QUEUE,
         }
     }
 }
@@ -399,9 +404,12 @@ async fn accept_loop(b: Bound, shared: Arc<VmShared>, stop: CancellationToken) {
         role,
         listener,
     } = b;
-    let direction = match role {
+    let direction = match &role {
         Role::Inbound(_) => Direction::Inbound,
-        Role::Outbound(_) => Direction::Outbound,
+        Role::Outbound(l) => {
+            l.track(&shared.vm);
+            Direction::Outbound
+        }
     };
     let slots = Arc::new(Semaphore::new(limits().max_connections_per_listener));
     // The daemon's accept helpers: a failing accept (EMFILE and friends) backs off with one warning per

@@ -9,6 +9,8 @@
 //! | `response_total` | the same and `status_code`, `classification` (`success` / `failure`) |
 //! | `response_latency_ms` (histogram, Linkerd's buckets) | as `request_total` |
 //! | `cc_proxy_mesh_refused_total` | `vm`, `direction`, `reason` ([`Refusal`]) |
+//! | `cc_proxy_mesh_endpoints` (gauge, computed at each scrape) | `vm`, `listener`, `state` (`ready`, `pending`, `ejected`) |
+//! | `cc_proxy_mesh_endpoint_ejections_total` | `vm`, `listener` |
 //!
 //! `tls` is `true`, `no_identity` (outbound to an endpoint without identity), `no_tls` (inbound plaintext),
 //! as Linkerd writes it. Read bytes are bytes read from the accepted peer, write bytes written to it.
@@ -105,6 +107,21 @@ impl Refusal {
     }
 }
 
+/// An outbound destination's endpoints in one state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub vm: String,
+    pub listener: String,
+    pub state: &'static str,
+}
+
+/// An outbound listener's ejections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub vm: String,
+    pub listener: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub direction: &'static str,
@@ -172,6 +189,7 @@ pub struct MeshMetrics {
     pub response: Family<ResponseLabels, Counter>,
     pub response_latency_ms: Family<HttpLabels, Histogram, fn() -> Histogram>,
     pub refused: Family<RefusalLabels, Counter>,
+    pub ejections: Family<ListenerLabels, Counter>,
 }
 
 pub static METRICS: LazyLock<MeshMetrics> = LazyLock::new(|| MeshMetrics {
@@ -184,7 +202,75 @@ pub static METRICS: LazyLock<MeshMetrics> = LazyLock::new(|| MeshMetrics {
     response: Family::default(),
     response_latency_ms: Family::new_with_constructor(latency_ms_histogram),
     refused: Family::default(),
+    ejections: Family::default(),
 });
+
+/// One serving outbound listener's endpoint set, for the `cc_proxy_mesh_endpoints` gauge.
+struct TrackedDestination {
+    vm: String,
+    listener: String,
+    dest: std::sync::Weak<super::balance::Destination>,
+}
+
+static DESTINATIONS: std::sync::Mutex<Vec<TrackedDestination>> = std::sync::Mutex::new(Vec::new());
+
+/// Count `dest`'s endpoints by state at each scrape while it lives.
+pub fn track_destination(
+    vm: &str,
+    listener: &str,
+    dest: &std::sync::Arc<super::balance::Destination>,
+) {
+    DESTINATIONS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(TrackedDestination {
+            vm: vm.to_string(),
+            listener: listener.to_string(),
+            dest: std::sync::Arc::downgrade(dest),
+        });
+}
+
+/// The endpoint gauge now (destinations gone are forgotten).
+fn endpoint_gauge() -> Family<EndpointLabels, Gauge> {
+    use cc_proxy_api::mesh::EndpointState;
+    let family = Family::<EndpointLabels, Gauge>::default();
+    let mut tracked = DESTINATIONS.lock().unwrap_or_else(|p| p.into_inner());
+    tracked.retain(|t| t.dest.strong_count() > 0);
+    for t in tracked.iter() {
+        let Some(dest) = t.dest.upgrade() else {
+            continue;
+        };
+        let mut counts = [0i64; 3];
+        for e in dest.status() {
+            counts[match e.state {
+                EndpointState::Ready => 0,
+                EndpointState::Pending => 1,
+                EndpointState::Ejected => 2,
+            }] += 1;
+        }
+        for (state, n) in ["ready", "pending", "ejected"].into_iter().zip(counts) {
+            family
+                .get_or_create(&EndpointLabels {
+                    vm: t.vm.clone(),
+                    listener: t.listener.clone(),
+                    state,
+                })
+                .inc_by(n);
+        }
+    }
+    family
+}
+
+/// An outbound endpoint was ejected.
+pub fn ejected(vm: &str, listener: &str) {
+    METRICS
+        .ejections
+        .get_or_create(&ListenerLabels {
+            vm: vm.to_string(),
+            listener: listener.to_string(),
+        })
+        .inc();
+}
 
 /// Add the mesh's families to the admin server's scrapes. Call once at startup.
 pub fn register() {
@@ -222,6 +308,16 @@ pub fn register() {
             "mesh_refused",
             "Mesh connections and requests refused, by reason (limits, authorization, handshakes, headers)",
             m.refused.clone(),
+        );
+        r.sub_registry_with_prefix("cc_proxy").register(
+            "mesh_endpoint_ejections",
+            "Outbound endpoints ejected after a failed connect or handshake",
+            m.ejections.clone(),
+        );
+        r.sub_registry_with_prefix("cc_proxy").register(
+            "mesh_endpoints",
+            "Endpoints of each outbound destination, by state",
+            endpoint_gauge(),
         );
     }));
 }

@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::balance::{Destination, Member};
+use super::balance::{self, Destination, Member};
 use super::copy::{self, Transferred};
 use super::detect::{self, Detected};
 use super::discover::{EndpointSet, Hint};
@@ -103,6 +103,13 @@ impl OutboundListener {
         })
     }
 
+    /// The listener serves VM `vm`: its endpoints are counted in `cc_proxy_mesh_endpoints` while it lives.
+    pub fn track(&self, vm: &str) {
+        if let Dest::Set(d) = &self.dest {
+            metrics::track_destination(vm, &self.cfg.listen, d);
+        }
+    }
+
     /// Each endpoint of the listener's destination, its state and load (empty without an endpoint set).
     #[allow(dead_code)] // read by `mesh.endpoints` once disco wires it
     pub fn status(&self) -> Vec<EndpointStatus> {
@@ -147,6 +154,7 @@ async fn ready_member(dest: &Destination) -> Result<Arc<Member>, OutboundError> 
 /// Connect to `member` (its identity, transport hint); a failed connect or handshake ejects it.
 async fn connect_member(
     vm: &VmShared,
+    listener: &str,
     member: &Member,
     transport_port: Option<u16>,
 ) -> Result<BoxIo, OutboundError> {
@@ -158,6 +166,7 @@ async fn connect_member(
         }
         Err(err) => {
             if err.ejects() && member.failed() {
+                metrics::ejected(&vm.vm, listener);
                 tracing::info!(vm = %vm.vm, endpoint = %e.addr, error = %err, "mesh outbound: endpoint ejected");
             }
             Err(err)
@@ -359,49 +368,60 @@ pub async fn open_upstream(
     Ok(Box::new(tls))
 }
 
-/// Where pooled HTTP connections go.
-#[derive(Clone)]
-enum PoolDest {
-    /// A member of the endpoint set, chosen per connection.
-    Set(Arc<Destination>),
-    /// One address (an original destination or a PROXY header's).
-    Addr(SocketAddr),
+/// The connector of pooled connections to one member: its identity and hint; a failure ejects it.
+fn member_connector(vm: Arc<VmShared>, listener: String, member: Arc<Member>) -> http::ConnectFn {
+    Arc::new(move || {
+        let (vm, listener, m) = (vm.clone(), listener.clone(), member.clone());
+        Box::pin(async move {
+            let guard = m.open_guard();
+            match connect_member(&vm, &listener, &m, transport_port(&m)).await {
+                Ok(io) => Ok(http::UpstreamIo {
+                    io,
+                    _hold: Some(Box::new(guard)),
+                    endpoint: Some(m.addr().to_string()),
+                }),
+                Err(e) => {
+                    if let Some(r) = e.refusal() {
+                        metrics::refused(&vm.vm, Direction::Outbound, r);
+                    }
+                    Err(Box::new(e) as http::BoxError)
+                }
+            }
+        })
+    })
 }
 
-/// Pooled HTTP connections to a destination, opened over mTLS (or plaintext without an identity).
-fn upstream(vm: Arc<VmShared>, dest: PoolDest, identity: Option<String>) -> Arc<Upstream> {
-    let name = match &dest {
-        PoolDest::Set(d) => d
-            .members()
-            .iter()
-            .map(|m| m.addr().to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-        PoolDest::Addr(a) => a.to_string(),
-    };
+/// Requests to an endpoint set, balanced per request (each endpoint with its own pools).
+fn balanced_upstream(
+    vm: Arc<VmShared>,
+    listener: String,
+    dest: Arc<Destination>,
+    name: String,
+) -> Arc<Upstream> {
+    let services = Arc::new(move |m: &Arc<Member>| {
+        let pools = Upstream::with_connector(
+            m.addr().to_string(),
+            member_connector(vm.clone(), listener.clone(), m.clone()),
+        );
+        balance::endpoint_service(m.clone(), Arc::new(pools))
+    });
+    Arc::new(Upstream::balanced(
+        name,
+        Arc::new(balance::HttpBalancer::new(dest, services)),
+    ))
+}
+
+/// Pooled HTTP connections to one address (an original destination or a PROXY header's), over mTLS with
+/// the listener's identity (plaintext without one).
+fn addr_upstream(vm: Arc<VmShared>, addr: SocketAddr, identity: Option<String>) -> Arc<Upstream> {
     let connect: http::ConnectFn = Arc::new(move || {
-        let (vm, dest, identity) = (vm.clone(), dest.clone(), identity.clone());
+        let (vm, identity) = (vm.clone(), identity.clone());
         Box::pin(async move {
-            let opened = match &dest {
-                PoolDest::Set(d) => match ready_member(d).await {
-                    Ok(m) => {
-                        let guard = m.open_guard();
-                        let addr = m.addr().to_string();
-                        connect_member(&vm, &m, transport_port(&m))
-                            .await
-                            .map(|io| (io, Some(guard), addr))
-                    }
-                    Err(e) => Err(e),
-                },
-                PoolDest::Addr(a) => open_upstream(&vm, *a, identity.as_deref(), None)
-                    .await
-                    .map(|io| (io, None, a.to_string())),
-            };
-            match opened {
-                Ok((io, guard, addr)) => Ok(http::UpstreamIo {
+            match open_upstream(&vm, addr, identity.as_deref(), None).await {
+                Ok(io) => Ok(http::UpstreamIo {
                     io,
-                    _hold: guard.map(|g| Box::new(g) as Box<dyn Send + Sync>),
-                    endpoint: Some(addr),
+                    _hold: None,
+                    endpoint: Some(addr.to_string()),
                 }),
                 Err(e) => {
                     if let Some(r) = e.refusal() {
@@ -412,7 +432,15 @@ fn upstream(vm: Arc<VmShared>, dest: PoolDest, identity: Option<String>) -> Arc<
             }
         })
     });
-    Arc::new(Upstream::with_connector(name, connect))
+    Arc::new(Upstream::with_connector(addr.to_string(), connect))
+}
+
+/// What a listener's destination is called in logs and error responses.
+fn dest_name(cfg: &OutboundConfig) -> String {
+    match &cfg.destination {
+        Some(d) => d.name.clone().unwrap_or_else(|| d.endpoints.join(",")),
+        None => cfg.listen.clone(),
+    }
 }
 
 async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<(), OutboundError> {
@@ -455,12 +483,15 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
                 (Dest::Set(set), _) => l
                     .pool
                     .get_or_init(|| {
-                        upstream(vm.clone(), PoolDest::Set(set.clone()), l.identity.clone())
+                        balanced_upstream(
+                            vm.clone(),
+                            l.cfg.listen.clone(),
+                            set.clone(),
+                            dest_name(&l.cfg),
+                        )
                     })
                     .clone(),
-                (Dest::Dynamic, Some(a)) => {
-                    upstream(vm.clone(), PoolDest::Addr(a), l.identity.clone())
-                }
+                (Dest::Dynamic, Some(a)) => addr_upstream(vm.clone(), a, l.identity.clone()),
                 (Dest::Dynamic, None) => return Err(OutboundError::NoDestination),
             };
             let tls = tls_label(l.identity.as_deref());
@@ -499,7 +530,7 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
         (Dest::Set(set), _) => {
             let m = ready_member(set).await?;
             let open = m.open_guard();
-            let io = connect_member(vm, &m, transport_port(&m)).await?;
+            let io = connect_member(vm, &l.cfg.listen, &m, transport_port(&m)).await?;
             (io, m.endpoint.identity.clone(), Some(open))
         }
         (Dest::Dynamic, Some(a)) => {

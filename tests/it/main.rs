@@ -13,6 +13,7 @@ mod hostile;
 mod legacy;
 mod lifecycle;
 mod limits;
+mod mesh_balance;
 mod mesh_cli;
 mod mesh_control;
 mod mesh_data;
