@@ -334,7 +334,11 @@ async fn with_no_endpoint_ready_requests_get_503_and_connections_close_within_th
         "60000",
     ])
     .await;
-    let dead = free_addr(); // nothing listens there
+    // Bound but not listening: connections to it are refused, and no other test can take the port.
+    let hold = tokio::net::TcpSocket::new_v4().expect("socket");
+    hold.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let dead = hold.local_addr().expect("addr").to_string();
     let (http, opaque) = (free_addr(), free_addr());
     let agent = env.agent(&[]);
     register(
@@ -397,7 +401,8 @@ async fn with_no_endpoint_ready_requests_get_503_and_connections_close_within_th
     assert!(
         took >= Duration::from_millis(FAILFAST_MS * 9 / 10)
             && took < Duration::from_millis(FAILFAST_MS + 2000),
-        "closed after {took:?}"
+        "closed after {took:?}\n{}",
+        env.logs()
     );
     let m = env.metrics().await;
     assert!(
@@ -408,7 +413,7 @@ async fn with_no_endpoint_ready_requests_get_503_and_connections_close_within_th
         "{m}"
     );
     assert_eq!(endpoints_in(&m, &opaque, "ejected"), 1.0, "{m}");
-    drop(agent);
+    drop((agent, hold));
     env.kill_daemon();
 }
 
