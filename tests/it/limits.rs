@@ -21,34 +21,45 @@ async fn vm_state(env: &Env, vm: &str) -> String {
         .to_string()
 }
 
-/// Start `args` on `vm` with one stream and attach a shim to it.
-async fn exec_attached(
+/// Run agent command `command` with `data` on `vm`, starting a process with one stream, and attach a shim
+/// to it.
+async fn start_attached(
     env: &Env,
     vm: &str,
-    args: &[&str],
+    command: &str,
+    data: Value,
 ) -> (String, cc_proxy_api::client::AttachedStream) {
     let started = env
         .client
         .agent_call(&AgentCallParams {
             vm: vm.into(),
-            command: "execcmd".into(),
-            data: Some(exec_data(args)),
+            command: command.into(),
+            data: Some(data),
             timeout_ms: None,
             streams: Some(1),
             token: None,
             payload_base64: None,
         })
         .await
-        .unwrap_or_else(|e| panic!("exec on {vm}: {e}\n{}", env.logs()));
+        .unwrap_or_else(|e| panic!("{command} on {vm}: {e}\n{}", env.logs()));
     let token = started
         .token
-        .expect("execcmd with a stream returns a token");
+        .expect("a process started with a stream has a token");
     let stream = env
         .client
         .attach(&token)
         .await
         .unwrap_or_else(|e| panic!("attach: {e}"));
     (token, stream)
+}
+
+/// Start `args` on `vm` with one stream and attach a shim to it.
+async fn exec_attached(
+    env: &Env,
+    vm: &str,
+    args: &[&str],
+) -> (String, cc_proxy_api::client::AttachedStream) {
+    start_attached(env, vm, "execcmd", exec_data(args)).await
 }
 
 /// The keepalive is on by default: an agent SIGSTOPped in the middle of a stream is found hung within the
@@ -1144,26 +1155,8 @@ async fn container_attached(
     container: &str,
     args: &[&str],
 ) -> (String, cc_proxy_api::client::AttachedStream) {
-    let started = env
-        .client
-        .agent_call(&AgentCallParams {
-            vm: vm.into(),
-            command: "newcontainer".into(),
-            data: Some(json!({"id": container, "process": {"args": args}})),
-            timeout_ms: None,
-            streams: Some(1),
-            token: None,
-            payload_base64: None,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("newcontainer on {vm}: {e}\n{}", env.logs()));
-    let token = started.token.expect("a token");
-    let stream = env
-        .client
-        .attach(&token)
-        .await
-        .unwrap_or_else(|e| panic!("attach: {e}"));
-    (token, stream)
+    let data = json!({"id": container, "process": {"args": args}});
+    start_attached(env, vm, "newcontainer", data).await
 }
 
 /// Flood a stream's stdin with up to 64 MiB; returns the bytes the shim could send (its writes stop when
