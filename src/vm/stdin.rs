@@ -48,6 +48,10 @@ pub const QUANTUM: usize = 16 * 1024;
 /// KiB), small enough that traffic consumed long before the stall does not count.
 pub const STALL_WINDOW: usize = 512 * 1024;
 
+/// Most entries [`StallWindow`] keeps (a run of writes for one stream is one entry): streams taking turns with
+/// tiny writes cannot grow it past this, whatever the bytes.
+pub const STALL_WINDOW_ENTRIES: usize = 4096;
+
 /// Why stdin was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum StdinError {
@@ -267,6 +271,11 @@ impl StallWindow {
             _ => self.writes.push_back((seq, len)),
         }
         self.total += len;
+        while self.writes.len() > STALL_WINDOW_ENTRIES {
+            if let Some((_, n)) = self.writes.pop_front() {
+                self.total -= n;
+            }
+        }
         while self.total > STALL_WINDOW {
             let Some((s, n)) = self.writes.pop_front() else {
                 break;
@@ -402,6 +411,16 @@ mod tests {
         w.forget(3);
         assert_eq!(w.culprit(|_| true), Some(7));
         assert_eq!(w.culprit(|s| s == 9), None);
+    }
+
+    #[test]
+    fn tiny_writes_taking_turns_keep_the_window_bounded() {
+        let mut w = StallWindow::default();
+        for i in 0..10 * STALL_WINDOW_ENTRIES {
+            w.wrote(3 + (i as u64 % 2) * 2, 1);
+        }
+        assert_eq!(w.writes.len(), STALL_WINDOW_ENTRIES);
+        assert_eq!(w.total, STALL_WINDOW_ENTRIES);
     }
 
     #[test]
