@@ -365,6 +365,15 @@ mod tests {
         );
         assert_eq!(c.vm.keepalive_misses, DEFAULT_AGENT_KEEPALIVE_MISSES);
         assert_eq!(c.vm.stall_timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.vm.stdin_stall_timeout,
+            crate::vm::stdin::DEFAULT_STDIN_STALL_TIMEOUT
+        );
+        assert_eq!(c.vm.stdin_buffer, crate::vm::stdin::DEFAULT_STDIN_BUFFER);
+        assert_eq!(
+            c.vm.vm_stdin_buffer,
+            crate::vm::stdin::DEFAULT_VM_STDIN_BUFFER
+        );
         assert_eq!(c.mesh_limits, crate::mesh::listener::Limits::default());
         assert!(matches!(
             c.mesh_identity.source,
@@ -445,6 +454,26 @@ mod tests {
             args.extend_from_slice(bad);
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn stdin_limits_have_floors() {
+        let Ok(c) = parse(
+            &[
+                "--stdin-stall-timeout",
+                "0",
+                "--stdin-buffer",
+                "1",
+                "--vm-stdin-buffer",
+                "0",
+            ],
+            &[],
+        ) else {
+            panic!("valid flags")
+        };
+        assert_eq!(c.vm.stdin_stall_timeout, MIN_STALL_TIMEOUT);
+        assert_eq!(c.vm.stdin_buffer, crate::vm::stdin::MIN_STDIN_BUFFER);
+        assert_eq!(c.vm.vm_stdin_buffer, crate::vm::stdin::MIN_STDIN_BUFFER);
     }
 
     #[test]
