@@ -4,17 +4,19 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
+use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+
+use cc_proxy_api::mesh::EndpointState;
 
 use crate::common::{free_addr, Agent, Env};
 
@@ -23,11 +25,15 @@ const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
 const C: &str = "c.default.serviceaccount.identity.linkerd.cluster.local";
 const T: Duration = Duration::from_secs(20);
 
-/// An HTTP/1 and HTTP/2 server that counts its requests; dropping it (or [`Server::kill`]) closes the
+/// What an endpoint server saw of one request: its version and `l5d-orig-proto`.
+type Seen = (Version, Option<String>);
+
+/// An HTTP/1 and HTTP/2 server that counts its requests and records their versions; dropping it (or [`Server::kill`]) closes the
 /// listener and every connection.
 struct Server {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,7 +52,8 @@ impl Server {
     async fn start_counting(addr: &str, delay: Duration, hits: Arc<AtomicUsize>) -> Server {
         let l = TcpListener::bind(addr).await.expect("bind");
         let addr = l.local_addr().expect("addr");
-        let h = hits.clone();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (h, s) = (hits.clone(), seen.clone());
         let task = tokio::spawn(async move {
             // Owned here: aborting the task drops every connection.
             let mut conns = JoinSet::new();
@@ -55,11 +62,18 @@ impl Server {
                     Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                     a = l.accept() => {
                         let Ok((stream, _)) = a else { continue };
-                        let h = h.clone();
+                        let (h, s) = (h.clone(), s.clone());
                         conns.spawn(async move {
-                            let svc = hyper::service::service_fn(move |_: Request<Incoming>| {
-                                let h = h.clone();
+                            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                                let (h, s) = (h.clone(), s.clone());
                                 async move {
+                                    s.lock().unwrap_or_else(|p| p.into_inner()).push((
+                                        req.version(),
+                                        req.headers()
+                                            .get("l5d-orig-proto")
+                                            .and_then(|v| v.to_str().ok())
+                                            .map(str::to_string),
+                                    ));
                                     h.fetch_add(1, Ordering::SeqCst);
                                     tokio::time::sleep(delay).await;
                                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(
@@ -75,7 +89,16 @@ impl Server {
                 }
             }
         });
-        Server { addr, hits, task }
+        Server {
+            addr,
+            hits,
+            seen,
+            task,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn hits(&self) -> usize {
@@ -289,6 +312,22 @@ async fn a_killed_endpoint_is_ejected_and_returns_after_its_backoff() {
         assert!(Instant::now() < deadline, "never ejected\n{m}");
     }
     let ejected_at = Instant::now();
+    // mesh.endpoints says which one.
+    let eps = env
+        .client
+        .mesh_endpoints("a")
+        .await
+        .expect("mesh.endpoints");
+    let states: Vec<(String, EndpointState)> = eps.destinations[0]
+        .endpoints
+        .iter()
+        .map(|e| (e.addr.clone(), e.state))
+        .collect();
+    assert!(
+        states.contains(&(two_addr.to_string(), EndpointState::Ejected))
+            && states.contains(&(one.addr.to_string(), EndpointState::Ready)),
+        "{states:?}"
+    );
     // While it is ejected every request goes to the other one.
     for _ in 0..10 {
         assert_eq!(get(&listen).await.0, 200);
@@ -463,6 +502,230 @@ async fn an_endpoint_with_the_wrong_identity_fails_the_handshake_is_counted_and_
             &format!("cc_proxy_mesh_endpoint_ejections_total{{vm=\"a\",listener=\"{wrong}\"}}")
         ) >= 1.0,
         "{m}"
+    );
+    drop((a_agent, b_agent));
+    env.kill_daemon();
+}
+
+// ---- Protocol hints from the destination service ----------------------------------------------------------
+
+use linkerd2_proxy_api::destination::destination_server::{Destination, DestinationServer};
+use linkerd2_proxy_api::destination::{self as dst, GetDestination};
+
+/// A destination service answering each name with one prepared `add`, then keeping the stream open.
+struct HintedDst(std::collections::HashMap<String, dst::Update>);
+
+type UpdateStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<dst::Update, tonic::Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl Destination for HintedDst {
+    type GetStream = UpdateStream;
+    async fn get(
+        &self,
+        req: tonic::Request<GetDestination>,
+    ) -> Result<tonic::Response<UpdateStream>, tonic::Status> {
+        use futures::StreamExt;
+        let path = req.into_inner().path;
+        let update = self
+            .0
+            .get(&path)
+            .cloned()
+            .ok_or_else(|| tonic::Status::not_found(path))?;
+        let stream = futures::stream::iter([Ok(update)]).chain(futures::stream::pending());
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+    type GetProfileStream = futures::stream::Empty<Result<dst::DestinationProfile, tonic::Status>>;
+    async fn get_profile(
+        &self,
+        _: tonic::Request<GetDestination>,
+    ) -> Result<tonic::Response<Self::GetProfileStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("profiles"))
+    }
+}
+
+/// One endpoint at `addr` with `identity` and `hint`.
+fn hinted(
+    addr: SocketAddr,
+    identity: Option<&str>,
+    hint: dst::protocol_hint::Protocol,
+    transport: Option<u16>,
+) -> dst::Update {
+    use dst::tls_identity::{DnsLikeIdentity, Strategy};
+    dst::Update {
+        update: Some(dst::update::Update::Add(dst::WeightedAddrSet {
+            addrs: vec![dst::WeightedAddr {
+                addr: Some(addr.into()),
+                weight: 10,
+                tls_identity: identity.map(|i| dst::TlsIdentity {
+                    strategy: Some(Strategy::DnsLikeIdentity(DnsLikeIdentity {
+                        name: i.into(),
+                    })),
+                    server_name: None,
+                }),
+                protocol_hint: Some(dst::ProtocolHint {
+                    protocol: Some(hint),
+                    opaque_transport: transport.map(|p| dst::protocol_hint::OpaqueTransport {
+                        inbound_port: u32::from(p),
+                    }),
+                }),
+                ..Default::default()
+            }],
+            metric_labels: Default::default(),
+        })),
+    }
+}
+
+/// Echo each connection's bytes until its end of stream.
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn h2_and_opaque_transport_hints_shape_what_reaches_the_endpoint() {
+    use dst::protocol_hint::{Opaque, Protocol, H2};
+    // Endpoints: a raw HTTP server (sees the wire), b's inbound (identity B) in front of another one, and an
+    // echo server only the transport header can name.
+    let raw = Server::start("127.0.0.1:0", Duration::ZERO).await;
+    let guest = Server::start("127.0.0.1:0", Duration::ZERO).await;
+    let echo = echo_server().await;
+    let b_in: SocketAddr = free_addr().parse().expect("addr");
+    let (direct, meshed, transport) = (
+        "direct.test.svc.cluster.local:80",
+        "meshed.test.svc.cluster.local:80",
+        "transport.test.svc.cluster.local:80",
+    );
+    let svc = HintedDst(
+        [
+            (
+                direct.to_string(),
+                hinted(raw.addr, None, Protocol::H2(H2 {}), None),
+            ),
+            (
+                meshed.to_string(),
+                hinted(b_in, Some(B), Protocol::H2(H2 {}), None),
+            ),
+            (
+                transport.to_string(),
+                hinted(
+                    b_in,
+                    Some(B),
+                    Protocol::Opaque(Opaque {}),
+                    Some(echo.port()),
+                ),
+            ),
+        ]
+        .into(),
+    );
+    let svc_addr = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let svc_s = svc_addr.local_addr().expect("addr").to_string();
+    let incoming = futures::stream::unfold(svc_addr, |l| async move {
+        Some((l.accept().await.map(|(s, _)| s), l))
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DestinationServer::new(svc))
+            .serve_with_incoming(incoming),
+    );
+    let mut env = Env::start_with(&["--destination-svc", &svc_s]).await;
+    let b_agent = env.agent(&[]);
+    register(
+        &env,
+        "b",
+        &b_agent,
+        json!({"identity": B, "inbound": [{"listen": b_in.to_string(),
+            "target": format!("tcp://{}", guest.addr)}]}),
+    )
+    .await;
+    let (l_direct, l_meshed, l_transport) = (free_addr(), free_addr(), free_addr());
+    let a_agent = env.agent(&[]);
+    register(
+        &env,
+        "a",
+        &a_agent,
+        json!({"identity": A, "outbound": [
+            {"listen": l_direct, "destination": {"name": direct}},
+            {"listen": l_meshed, "destination": {"name": meshed}},
+            {"listen": l_transport, "destination": {"name": transport}, "protocol": "opaque"},
+        ]}),
+    )
+    .await;
+
+    // h2: the guest's HTTP/1.1 request reaches the raw endpoint as HTTP/2 marked `l5d-orig-proto: HTTP/1.1`,
+    // and the guest gets an HTTP/1.1 answer.
+    wait_serving(&env, &l_direct).await;
+    let seen = raw.seen();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter()
+            .all(|(v, p)| *v == Version::HTTP_2 && p.as_deref() == Some("HTTP/1.1")),
+        "{seen:?}"
+    );
+    let (status, head) = get(&l_direct).await;
+    assert_eq!(status, 200);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("l5d-orig-proto"),
+        "{head}"
+    );
+
+    // h2 to a meshed endpoint (our own inbound, mTLS with B): it downgrades, the guest sees HTTP/1.1.
+    wait_serving(&env, &l_meshed).await;
+    let seen = guest.seen();
+    assert!(
+        !seen.is_empty()
+            && seen
+                .iter()
+                .all(|(v, p)| *v == Version::HTTP_11 && p.is_none()),
+        "{seen:?}"
+    );
+
+    // opaque_transport: the connection carries a transport header naming the echo server's port; b's
+    // inbound (whose own target is the HTTP guest) connects there.
+    let mut c = TcpStream::connect(&l_transport).await.expect("connect");
+    c.write_all(b"ping through the transport header")
+        .await
+        .expect("write");
+    c.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(T, c.read_to_end(&mut back)).await;
+    assert_eq!(back, b"ping through the transport header", "{}", env.logs());
+
+    // mesh.endpoints shows the hints and identities.
+    let eps = env
+        .client
+        .mesh_endpoints("a")
+        .await
+        .expect("mesh.endpoints");
+    let hints: Vec<String> = eps
+        .destinations
+        .iter()
+        .flat_map(|d| {
+            d.endpoints
+                .iter()
+                .map(|e| format!("{} {:?}", e.hint, e.identity))
+        })
+        .collect();
+    assert_eq!(
+        hints,
+        [
+            "h2 None".to_string(),
+            format!("h2 Some({B:?})"),
+            format!("opaque:{} Some({B:?})", echo.port())
+        ],
+        "{eps:?}"
     );
     drop((a_agent, b_agent));
     env.kill_daemon();
