@@ -20,7 +20,9 @@ Examples:
   cc-proxy exec myvm uname -a                run a process in a VM and relay its stdio
   cc-proxy exec -e A=1 -w /tmp myvm env      ... with an environment variable and a working directory
   cc-proxy exec myvm --tty -- sh             an interactive shell
-  cc-proxy --json vm info myvm               machine-readable output";
+  cc-proxy --json vm info myvm               machine-readable output
+  cc-proxy tap myvm --mesh                   the VM's mesh HTTP requests, live
+  cc-proxy mesh identity myvm                its mesh identity and certificate";
 
 /// Default of `--max-connections`: room for a shim per process on a full host (a shim holds one connection).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
