@@ -612,8 +612,15 @@ async fn publish(
                     tracing::info!(identity = %identity, serial = %c.serial, not_after = %rfc3339(c.not_after),
                         "mesh certificate issued");
                     METRICS.mesh_certificate(&identity, c.source.name(), c.not_after_unix());
+                    // The leaf's expiry is whole seconds (X.509 time), so it may come up to 1 s before
+                    // `now + lifetime`: renew at 70% of what is actually left when that is sooner, so a
+                    // short-lived certificate is replaced before `withdraw_expired` takes it away.
+                    let left = c
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
                     tx.send_replace(Some(Arc::new(c)));
-                    renew_delay(*lifetime)
+                    renew_delay(*lifetime).min(left * RENEW_AT_PERCENT / 100)
                 }
                 Err(e) => {
                     tracing::error!(identity = %identity, error = %e, "cannot issue a mesh certificate");
