@@ -3,8 +3,8 @@
 # hybrid vsock, as a Firecracker-style VMM would expose it), register it, run processes through it, show their
 # output, exit codes and the daemon's metrics; then the mesh front: two meshed test VMs, a and b, where a
 # process in a calls b's service through a's outbound listener, mTLS, and b's inbound listener, and the service
-# sees a's identity; the mesh metrics, `cc-proxy mesh identity` and a `cc-proxy tap --mesh` line; then stop
-# everything cleanly.
+# sees a's identity; the mesh metrics, `cc-proxy mesh identity`, `cc-proxy mesh endpoints` and a
+# `cc-proxy tap --mesh` line; then stop everything cleanly.
 #
 # Self-checking: a step that does not show what it should stops the demo with "demo: FAILED: ..." and exit
 # status 1 (tests/it/demo.rs runs it). Needs python3 and curl (.ci/run installs them).
@@ -209,6 +209,12 @@ identity=$(ccp mesh identity a) || fail "cc-proxy mesh identity a failed"
 echo "$identity" | sed '/-----BEGIN CERTIFICATE-----/,$d'
 echo "$identity" | grep -q "^state: *valid" || fail "a's identity is not valid: $identity"
 echo "$identity" | grep -q "^source: *ca (the embedded CA)" || fail "a's certificate is not from the embedded CA"
+
+echo; echo "==> cc-proxy mesh endpoints a (a's outbound destination: b's inbound listener)"
+endpoints=$(ccp mesh endpoints a) || fail "cc-proxy mesh endpoints a failed"
+echo "$endpoints"
+echo "$endpoints" | grep "127.0.0.1:$b_inbound" | grep -q " ready " \
+    || fail "a's endpoint 127.0.0.1:$b_inbound is not listed as ready"
 
 echo; echo "==> stopping cc-proxy (SIGTERM)"
 kill -TERM "$proxy_pid"

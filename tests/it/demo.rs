@@ -67,6 +67,7 @@ fn the_demo_runs_and_shows_the_mesh_request_with_a_identity() {
         " inbound  GET ".to_string(),
         format!("peer={a} endpoint=tcp://127.0.0.1:"),
         "state:       valid".to_string(),
+        "==> cc-proxy mesh endpoints a".to_string(),
         "cc-proxy exited with status 0".to_string(),
     ] {
         assert!(
