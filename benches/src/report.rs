@@ -863,6 +863,23 @@ HTTP, request and response framing), roughly 5 to 25 us. Measured alternatives: 
 thread, at the cost of multi-core throughput for hosts with many VMs, so the default stays one thread per core. \
 p99 stays within 3x p50 for every mode. On a host with spare cores the floor, and with it these figures, is lower.",
         ),
+        "mesh-idle" => Some(
+            "What an idle meshed connection holds in cc-proxy, both hops being in the one daemon: four sockets, two \
+rustls sessions (each keeps a 4 KiB read buffer once it has read, plus its keys and state, about 1.2 KiB inline), and two \
+connection tasks (inbound about 4.7 KiB, outbound about 2.4 KiB of future state in this build: a task is sized by its \
+largest state, and the TLS handshakes and the HTTP server, the largest ones, are boxed so they do not count). The opaque \
+copies hold no buffer while idle (bytes are read into a stack buffer within one poll). Measured earlier in the same \
+build before these changes (the copies held 1 KiB per direction, the handshakes and HTTP server were inline): 31 KiB. What is left is mostly rustls' per-session read buffer (8 KiB of the figure), \
+which the library sizes itself, and the tasks' remaining state. HAProxy, doing the same two hops, holds more per \
+connection (its figure is in the row).",
+        ),
+        "mesh-rps" | "mesh-p50" => Some(
+            "The two proxies are close: repeated runs on this shared 2-core machine put the cc-proxy / HAProxy ratio of \
+requests/s anywhere between about 0.7 and 1.6, and the added p50s within a few microseconds of each other, in either \
+order. Both go through the same four TCP hops and two TLS sessions on two cores shared with the load generator and the \
+server; the profiles show the daemon's time in kernel scheduling and socket writes (wake-ups across its worker \
+threads), with its own code a few percent. A quieter machine is needed to tell them apart.",
+        ),
         _ => None,
     }
 }

@@ -5,11 +5,16 @@
 //! the opposite direction keeps flowing, so a client that shuts down its write side still receives the whole
 //! response; an error: the whole connection ends (the other direction is dropped with it).
 //!
-//! Buffers grow with traffic, the way istio's ztunnel sizes them: every direction starts with
-//! [`INITIAL_BUFFER`] bytes, moves to [`MEDIUM_BUFFER`] after [`GROW_AFTER_FULL_READS`] reads that filled
-//! the buffer, and to [`LARGE_BUFFER`] after as many more. An idle connection holds two small buffers.
+//! Buffers grow with traffic, the way istio's ztunnel sizes them: every direction starts small, reading at
+//! most [`INITIAL_BUFFER`] bytes at a time, moves to a [`MEDIUM_BUFFER`] buffer after
+//! [`GROW_AFTER_FULL_READS`] reads that filled the small one, and to [`LARGE_BUFFER`] after as many more.
+//! While small, a direction reads into a stack buffer within a single poll and keeps the bytes on the heap
+//! only until they are written, so an idle connection (the common case: thousands of them per host) holds
+//! no copy buffer at all.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -61,7 +66,8 @@ enum Side {
     Write(std::io::Error),
 }
 
-/// A direction's buffer, grown as traffic shows it is busy.
+/// A direction's buffer, grown as traffic shows it is busy; empty while the direction is small (reads of
+/// at most [`INITIAL_BUFFER`] bytes go through a stack buffer).
 struct GrowingBuf {
     buf: Vec<u8>,
     full_reads: u32,
@@ -70,14 +76,19 @@ struct GrowingBuf {
 impl GrowingBuf {
     fn new() -> GrowingBuf {
         GrowingBuf {
-            buf: vec![0; INITIAL_BUFFER],
+            buf: Vec::new(),
             full_reads: 0,
         }
     }
 
+    /// The most bytes the next read takes.
+    fn read_size(&self) -> usize {
+        self.buf.len().max(INITIAL_BUFFER)
+    }
+
     /// Note a read of `n` bytes; grows the buffer after enough full ones.
     fn filled(&mut self, n: usize) {
-        if n < self.buf.len() || self.buf.len() >= LARGE_BUFFER {
+        if n < self.read_size() || self.buf.len() >= LARGE_BUFFER {
             return;
         }
         self.full_reads += 1;
@@ -104,8 +115,28 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = GrowingBuf::new();
+    // Small mode: the bytes of one read, kept only until they are written.
+    let mut small: Vec<u8> = Vec::new();
     loop {
-        let n = match r.read(&mut buf.buf).await {
+        let read = if buf.buf.is_empty() {
+            // The stack buffer lives within one poll: a direction waiting for bytes holds none.
+            std::future::poll_fn(|cx| {
+                let mut scratch = [0u8; INITIAL_BUFFER];
+                let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+                match Pin::new(&mut r).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        small.extend_from_slice(rb.filled());
+                        Poll::Ready(Ok(rb.filled().len()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        } else {
+            r.read(&mut buf.buf).await
+        };
+        let n = match read {
             Ok(n) => n,
             Err(e) if is_unclean_eof(&e) => 0,
             Err(e) => return Err(Side::Read(e)),
@@ -116,8 +147,14 @@ where
             let _ = w.shutdown().await;
             return Ok(());
         }
-        w.write_all(&buf.buf[..n]).await.map_err(Side::Write)?;
+        let data = if buf.buf.is_empty() {
+            &small[..]
+        } else {
+            &buf.buf[..n]
+        };
+        w.write_all(data).await.map_err(Side::Write)?;
         w.flush().await.map_err(Side::Write)?;
+        small = Vec::new();
         count.fetch_add(n as u64, Ordering::Relaxed);
         buf.filled(n);
     }
@@ -173,7 +210,9 @@ mod tests {
         for _ in 0..100 {
             b.filled(10);
         }
-        assert_eq!(b.buf.len(), INITIAL_BUFFER);
+        // Small reads keep the direction without a buffer of its own.
+        assert_eq!(b.buf.len(), 0);
+        assert_eq!(b.read_size(), INITIAL_BUFFER);
         for _ in 0..GROW_AFTER_FULL_READS {
             b.filled(INITIAL_BUFFER);
         }

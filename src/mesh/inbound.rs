@@ -209,16 +209,17 @@ async fn run(acc: Accepted, l: &InboundListener, vm: &VmShared) -> Result<(), In
     }
     let configs = vm.configs().ok_or(InboundError::NoCredential)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(configs.server.clone());
-    let stream = match tokio::time::timeout(lim.handshake_timeout, acceptor.accept(io)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            return Err(InboundError::Io {
-                stage: Stage::Handshake,
-                source,
-            })
-        }
-        Err(_) => return Err(InboundError::HandshakeTimeout),
-    };
+    let stream =
+        match tokio::time::timeout(lim.handshake_timeout, Box::pin(acceptor.accept(io))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(InboundError::Io {
+                    stage: Stage::Handshake,
+                    source,
+                })
+            }
+            Err(_) => return Err(InboundError::HandshakeTimeout),
+        };
     let (_, session) = stream.get_ref();
     let peer = match session.peer_certificates().and_then(tls::peer_identity) {
         Some(id) => Peer::Authenticated(id),
@@ -367,7 +368,9 @@ async fn serve(
                 tracing::info!(vm = %vm.vm, peer = ?s.peer, reason = r.as_str(), "mesh inbound: HTTP requests refused with 403");
             }
             let io = metrics::Counted::new(io, counts.clone());
-            let r = http::serve_inbound(
+            // Boxed, like the handshake: a connection's task is sized by its largest state, and an
+            // idle opaque connection should not carry the space of the HTTP server's.
+            let r = Box::pin(http::serve_inbound(
                 Box::new(io),
                 detected == Detected::Http2,
                 Arc::new(http::HttpSession {
@@ -384,7 +387,7 @@ async fn serve(
                     guest,
                 }),
                 vm.shutdown.clone(),
-            )
+            ))
             .await;
             conn_metrics.close(&counts, None);
             Ok(r?)

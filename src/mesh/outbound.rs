@@ -347,7 +347,7 @@ pub async fn open_upstream(
     let connector = tokio_rustls::TlsConnector::from(config);
     let mut tls = match tokio::time::timeout(
         lim.handshake_timeout,
-        connector.connect(name, Rewind::new(Vec::new(), tcp)),
+        Box::pin(connector.connect(name, Rewind::new(Vec::new(), tcp))),
     )
     .await
     {
@@ -499,7 +499,7 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
             let conn_metrics =
                 TcpConn::open(&vm.vm, Direction::Outbound, tls, l.identity.as_deref());
             let io = metrics::Counted::new(guest, counts.clone());
-            let r = http::serve_inbound(
+            let r = Box::pin(http::serve_inbound(
                 Box::new(io),
                 d == Detected::Http2,
                 Arc::new(http::HttpSession {
@@ -519,7 +519,7 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
                     },
                 }),
                 vm.shutdown.clone(),
-            )
+            ))
             .await;
             conn_metrics.close(&counts, None);
             return r.map_err(OutboundError::Http);
