@@ -58,7 +58,7 @@ fn start_guest() -> (Guest, SocketAddr) {
 }
 
 /// Echo each connection's bytes until its end of stream, then close (the write side last).
-async fn echo_server() -> SocketAddr {
+pub(crate) async fn echo_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {

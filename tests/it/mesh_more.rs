@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::common::{free_addr, other_user, test_group, ws_as, Agent, Env, OTHER_USER};
+use crate::mesh_data::echo_server;
 
 const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
 const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
@@ -72,22 +73,6 @@ async fn guest_server() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
         }
     });
     (addr, rx)
-}
-
-/// Echo each connection's bytes until its end of stream.
-async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 fn register_params(id: &str, agent: &Agent, mesh: Value) -> Value {
