@@ -285,9 +285,13 @@ async fn http1_through_a_and_b_carries_a_identity_big_bodies_and_reuses_connecti
     assert_eq!(v["version"], "HTTP/1.1");
 
     // Keep-alive: two requests in one curl run use one client connection, and b's pool reuses its
-    // connection to the guest (the guest sees the same client port).
+    // connection to the guest (the guest sees the same client port). The requests are 100 ms apart
+    // (`--rate`): a pooled connection becomes reusable only once its response has been fully taken
+    // back, and a request arriving in that instant rightly opens a second one (seen under heavy load).
     let (ok, out) = curl(&[
         "-s",
+        "--rate",
+        "10/s",
         "-w",
         "\n%{num_connects}\n",
         &url(&m.a_http, "/headers"),
