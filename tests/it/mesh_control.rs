@@ -682,6 +682,15 @@ impl FakeDst {
         Self::broadcast(&mut st, update);
     }
 
+    /// Streams whose client is still there.
+    pub(crate) fn open_streams(&self) -> usize {
+        self.lock()
+            .streams
+            .iter()
+            .filter(|s| !s.is_closed())
+            .count()
+    }
+
     /// End every open stream (the server going away).
     pub(crate) fn end_streams(&self) {
         for s in self.lock().streams.drain(..) {
@@ -999,6 +1008,20 @@ async fn a_named_destination_follows_the_destination_service() {
     );
     assert!(error.is_some(), "no l5d-proxy-error");
     assert!(took < Duration::from_secs(3), "failed after {took:?}");
+
+    // The name's stream lives as long as a VM uses it: it ends when the last one goes.
+    env.client.unregister("a").await.expect("unregister a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.open_streams(), 1, "b still uses the name");
+    env.client.unregister("b").await.expect("unregister b");
+    let t0 = Instant::now();
+    while fake.open_streams() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the stream outlives its users"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(server);
     let _ = env.stop_daemon().await;
 }
