@@ -265,7 +265,7 @@ impl Destination {
     }
 
     /// Where the set's resolution stands.
-    #[allow(dead_code)] // read by `mesh.endpoints` once disco wires it
+    #[cfg(test)] // `mesh.endpoints` reads the state from the name's lease
     pub fn state(&self) -> SetState {
         self.set.borrow().state
     }
@@ -305,7 +305,6 @@ impl Destination {
     }
 
     /// Each endpoint, its health and load.
-    #[allow(dead_code)] // read by `mesh.endpoints` once disco wires it
     pub fn status(&self) -> Vec<EndpointStatus> {
         let now = Instant::now();
         self.members()

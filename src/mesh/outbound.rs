@@ -111,7 +111,6 @@ impl OutboundListener {
     }
 
     /// Each endpoint of the listener's destination, its state and load (empty without an endpoint set).
-    #[allow(dead_code)] // read by `mesh.endpoints` once disco wires it
     pub fn status(&self) -> Vec<EndpointStatus> {
         match &self.dest {
             Dest::Set(d) => d.status(),
