@@ -28,6 +28,15 @@ pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Warn;
 /// Shortest `--stall-timeout`; 0 would fail every stream whose shim pauses at all.
 pub const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Longest value any timeout or interval flag in seconds takes (30 days); larger values are cut to it, so a
+/// deadline computed from one can never overflow the clock.
+pub const MAX_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+
+/// A timeout flag's seconds as a duration within [`min`, [`MAX_TIMEOUT_SECS`]].
+fn bounded_secs(secs: u64, min: Duration) -> Duration {
+    Duration::from_secs(secs.min(MAX_TIMEOUT_SECS)).max(min)
+}
+
 /// Default of `--agent-keepalive`: an agent's idle control channel is probed with PING every 5 s.
 pub const DEFAULT_AGENT_KEEPALIVE_SECS: u64 = 5;
 
@@ -220,16 +229,14 @@ impl Config {
             vm: VmConfig {
                 stream_buffer: cli.stream_buffer,
                 keepalive: (cli.agent_keepalive > 0)
-                    .then(|| Duration::from_secs(cli.agent_keepalive)),
+                    .then(|| bounded_secs(cli.agent_keepalive, Duration::ZERO)),
                 keepalive_misses: cli.agent_keepalive_misses.max(1),
-                stall_timeout: Duration::from_secs(cli.stall_timeout).max(MIN_STALL_TIMEOUT),
+                stall_timeout: bounded_secs(cli.stall_timeout, MIN_STALL_TIMEOUT),
                 stdin_buffer: cli.stdin_buffer.max(crate::vm::stdin::MIN_STDIN_BUFFER),
                 vm_stdin_buffer: cli.vm_stdin_buffer.max(crate::vm::stdin::MIN_STDIN_BUFFER),
-                stdin_stall_timeout: Duration::from_secs(cli.stdin_stall_timeout)
-                    .max(MIN_STALL_TIMEOUT),
+                stdin_stall_timeout: bounded_secs(cli.stdin_stall_timeout, MIN_STALL_TIMEOUT),
                 vm_buffer: cli.vm_buffer,
-                recovery_timeout: Duration::from_secs(cli.recovery_timeout)
-                    .max(MIN_RECOVERY_TIMEOUT),
+                recovery_timeout: bounded_secs(cli.recovery_timeout, MIN_RECOVERY_TIMEOUT),
                 tokens: crate::vm::TokenLimits {
                     per_vm: cli.max_tokens_per_vm.max(1),
                     per_client: cli.max_tokens_per_client.max(1),
@@ -245,7 +252,7 @@ impl Config {
                     .max(MIN_MESH_TIMEOUT),
                 handshake_timeout: Duration::from_millis(cli.mesh_handshake_timeout_ms)
                     .max(MIN_MESH_TIMEOUT),
-                idle_timeout: Duration::from_secs(cli.mesh_idle_timeout.max(1)),
+                idle_timeout: bounded_secs(cli.mesh_idle_timeout, Duration::from_secs(1)),
                 max_header_bytes: cli.mesh_max_header_bytes.max(1024),
                 eject_backoff_min: Duration::from_millis(cli.mesh_eject_backoff_min_ms.max(1)),
                 eject_backoff_max: Duration::from_millis(
@@ -276,7 +283,7 @@ impl Config {
 
 /// A client timeout flag's value, with its floor ([`MIN_CLIENT_TIMEOUT`]).
 fn client_timeout(secs: u64) -> Duration {
-    Duration::from_secs(secs).max(MIN_CLIENT_TIMEOUT)
+    bounded_secs(secs, MIN_CLIENT_TIMEOUT)
 }
 
 /// A duration such as `24h`, `90m`, `6s` or `7d`, within [`MIN_CERT_LIFETIME`, `MAX_CERT_LIFETIME`].
@@ -544,5 +551,34 @@ mod tests {
         assert_eq!(c.log_level, LogLevel::Debug);
         assert_eq!(c.vm.stall_timeout, MIN_STALL_TIMEOUT);
         assert_eq!(c.vm.keepalive, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn huge_timeouts_are_cut_so_no_deadline_can_overflow() {
+        let max = u64::MAX.to_string();
+        let mut args = Vec::new();
+        for flag in [
+            "--stall-timeout",
+            "--stdin-stall-timeout",
+            "--recovery-timeout",
+            "--agent-keepalive",
+            "--client-write-timeout",
+            "--mesh-idle-timeout",
+        ] {
+            args.push(flag);
+            args.push(max.as_str());
+        }
+        let Ok(c) = parse(&args, &[]) else {
+            panic!("huge timeouts are accepted and cut")
+        };
+        let cap = Duration::from_secs(MAX_TIMEOUT_SECS);
+        assert_eq!(c.vm.stall_timeout, cap);
+        assert_eq!(c.vm.stdin_stall_timeout, cap);
+        assert_eq!(c.vm.recovery_timeout, cap);
+        assert_eq!(c.vm.keepalive, Some(cap));
+        assert_eq!(c.client.write_timeout, cap);
+        assert_eq!(c.mesh_limits.idle_timeout, cap);
+        // A deadline from the longest timeout is representable.
+        assert!(std::time::Instant::now().checked_add(cap).is_some());
     }
 }

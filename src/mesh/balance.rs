@@ -270,6 +270,17 @@ impl Destination {
         self.set.borrow().state
     }
 
+    /// The current set says every endpoint speaks opaque TCP (the destination service's opaque hint): the
+    /// guest's bytes are not examined for HTTP, so server-speaks-first protocols are not held up.
+    pub fn is_opaque(&self) -> bool {
+        let set = self.set.borrow();
+        !set.endpoints.is_empty()
+            && set
+                .endpoints
+                .values()
+                .all(|e| matches!(e.hint, Hint::Opaque { .. }))
+    }
+
     /// The current set's members, in address order (members of endpoints that did not change are kept).
     pub fn members(&self) -> Vec<Arc<Member>> {
         let set = self.set.borrow().clone();

@@ -220,14 +220,14 @@ pub fn track_destination(
     listener: &str,
     dest: &std::sync::Arc<super::balance::Destination>,
 ) {
-    DESTINATIONS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(TrackedDestination {
-            vm: vm.to_string(),
-            listener: listener.to_string(),
-            dest: std::sync::Arc::downgrade(dest),
-        });
+    let mut tracked = DESTINATIONS.lock().unwrap_or_else(|p| p.into_inner());
+    // Forget destinations gone here too, not only at scrapes: without scrapes VM churn would grow the list.
+    tracked.retain(|t| t.dest.strong_count() > 0);
+    tracked.push(TrackedDestination {
+        vm: vm.to_string(),
+        listener: listener.to_string(),
+        dest: std::sync::Arc::downgrade(dest),
+    });
 }
 
 /// The endpoint gauge now (destinations gone are forgotten).

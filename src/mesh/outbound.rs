@@ -467,7 +467,8 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
     // HTTP from the guest (not for the transport header, which carries opaque bytes): requests go over
     // pooled connections.
     let mut guest: BoxIo = Box::new(guest);
-    if l.opaque_transport_port.is_none() && l.cfg.protocol != MeshProtocol::Opaque {
+    let opaque_set = matches!(&l.dest, Dest::Set(set) if set.is_opaque());
+    if l.opaque_transport_port.is_none() && l.cfg.protocol != MeshProtocol::Opaque && !opaque_set {
         let (prefix, d) = detect::http(&mut guest, lim.detect_timeout)
             .await
             .map_err(OutboundError::Detect)?;

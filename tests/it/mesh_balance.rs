@@ -170,6 +170,27 @@ fn endpoints_in(metrics: &str, listener: &str, state: &str) -> f64 {
     )
 }
 
+/// Wait until VM `id`'s destination `name` has endpoints.
+async fn wait_resolved(env: &Env, id: &str, name: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let eps = env.client.mesh_endpoints(id).await.expect("mesh.endpoints");
+        if eps
+            .destinations
+            .iter()
+            .any(|d| d.name.as_deref() == Some(name) && !d.endpoints.is_empty())
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never resolved: {eps:?}\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Wait until `listen` answers 200.
 async fn wait_serving(env: &Env, listen: &str) {
     let deadline = Instant::now() + T;
@@ -639,7 +660,14 @@ async fn h2_and_opaque_transport_hints_shape_what_reaches_the_endpoint() {
             .add_service(DestinationServer::new(svc))
             .serve_with_incoming(incoming),
     );
-    let mut env = Env::start_with(&["--destination-svc", &svc_s]).await;
+    // A long detection time: a listener whose endpoints are all opaque must not spend it.
+    let mut env = Env::start_with(&[
+        "--destination-svc",
+        &svc_s,
+        "--mesh-detect-timeout-ms",
+        "5000",
+    ])
+    .await;
     let b_agent = env.agent(&[]);
     register(
         &env,
@@ -658,7 +686,7 @@ async fn h2_and_opaque_transport_hints_shape_what_reaches_the_endpoint() {
         json!({"identity": A, "outbound": [
             {"listen": l_direct, "destination": {"name": direct}},
             {"listen": l_meshed, "destination": {"name": meshed}},
-            {"listen": l_transport, "destination": {"name": transport}, "protocol": "opaque"},
+            {"listen": l_transport, "destination": {"name": transport}},
         ]}),
     )
     .await;
@@ -691,6 +719,21 @@ async fn h2_and_opaque_transport_hints_shape_what_reaches_the_endpoint() {
                 .all(|(v, p)| *v == Version::HTTP_11 && p.is_none()),
         "{seen:?}"
     );
+
+    // The destination service marks every endpoint of `transport` opaque: the listener (protocol auto)
+    // forwards at once instead of waiting out detection on bytes that could still become an HTTP request.
+    wait_resolved(&env, "a", transport).await;
+    let mut c = TcpStream::connect(&l_transport).await.expect("connect");
+    let started = std::time::Instant::now();
+    c.write_all(b"GE").await.expect("write");
+    let mut two = [0u8; 2];
+    tokio::time::timeout(Duration::from_millis(2500), c.read_exact(&mut two))
+        .await
+        .expect("echoed before the 5 s detection time ran out")
+        .expect("read");
+    assert_eq!(&two, b"GE");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    drop(c);
 
     // opaque_transport: the connection carries a transport header naming the echo server's port; b's
     // inbound (whose own target is the HTTP guest) connects there.
