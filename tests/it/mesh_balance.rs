@@ -11,19 +11,17 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use cc_proxy_api::mesh::EndpointState;
 
-use crate::common::{free_addr, Agent, Env};
+use crate::common::{free_addr, Env};
+use crate::mesh_data::{register, A, B, T};
 
-const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
-const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
 const C: &str = "c.default.serviceaccount.identity.linkerd.cluster.local";
-const T: Duration = Duration::from_secs(20);
 
 /// What an endpoint server saw of one request: its version and `l5d-orig-proto`.
 type Seen = (Version, Option<String>);
@@ -118,21 +116,6 @@ impl Server {
         }
         (addr, hits)
     }
-}
-
-async fn register(env: &Env, id: &str, agent: &Agent, mesh: Value) {
-    let (control, io) = agent.uris(None);
-    let r = env
-        .rpc(
-            "vm.register",
-            json!({"id": id, "control": control, "io": io, "timeout_ms": 5000, "mesh": mesh}),
-        )
-        .await;
-    assert!(
-        r.get("result").is_some(),
-        "register {id}: {r}\n{}",
-        env.logs()
-    );
 }
 
 /// One HTTP/1.1 GET on a new connection; returns the status and the response head.

@@ -7,18 +7,14 @@
 //! to a's outbound listener thus crosses a → mTLS → b → guest, and the guest sees A in `l5d-client-id`.
 
 use std::io::BufRead;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{free_addr, other_user, proxy_bin, Agent, Env, OTHER_USER};
-
-const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
-const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
-const T: Duration = Duration::from_secs(20);
+use crate::common::{free_addr, other_user, proxy_bin, Env, OTHER_USER};
+use crate::mesh_data::{register, start_guest, Guest, A, B, T};
 
 /// A child process killed with the test.
 struct Killed(Child);
@@ -28,42 +24,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The Python guest server on a free loopback port.
-fn start_guest() -> (Killed, String) {
-    let addr = free_addr();
-    let port = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or("0");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/mesh_guest.py");
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .arg(port)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python3 is installed (.ci/run installs it)");
-    let mut line = String::new();
-    let stdout = child.stdout.take().expect("stdout");
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("guest");
-    assert!(line.contains("listening"), "guest server: {line:?}");
-    (Killed(child), addr)
-}
-
-async fn register(env: &Env, id: &str, agent: &Agent, mesh: Value) {
-    let (control, io) = agent.uris(None);
-    let r = env
-        .rpc(
-            "vm.register",
-            json!({"id": id, "control": control, "io": io, "timeout_ms": 5000, "mesh": mesh}),
-        )
-        .await;
-    assert!(
-        r.get("result").is_some(),
-        "register {id}: {r}\n{}",
-        env.logs()
-    );
 }
 
 /// curl's status code for GET `http://addr/path` ("000" when nothing answered).
@@ -86,7 +46,7 @@ fn curl_status(addr: &str, path: &str) -> String {
 
 struct Pair {
     env: Env,
-    _guest: Killed,
+    _guest: Guest,
     guest: String,
     b_http: String,
     a_http: String,
@@ -118,7 +78,7 @@ impl Pair {
         let pair = Pair {
             env,
             _guest: guest_proc,
-            guest,
+            guest: guest.to_string(),
             b_http,
             a_http,
         };

@@ -23,13 +23,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::{free_addr, Agent, Env};
 
-const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
-const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
+pub(crate) const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
+pub(crate) const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
 const C: &str = "c.default.serviceaccount.identity.linkerd.cluster.local";
-const T: Duration = Duration::from_secs(20);
+pub(crate) const T: Duration = Duration::from_secs(20);
 
 /// The Python guest server, killed with the test.
-struct Guest(Child);
+pub(crate) struct Guest(Child);
 
 impl Drop for Guest {
     fn drop(&mut self) {
@@ -38,7 +38,7 @@ impl Drop for Guest {
     }
 }
 
-fn start_guest() -> (Guest, SocketAddr) {
+pub(crate) fn start_guest() -> (Guest, SocketAddr) {
     use std::io::{BufRead, BufReader};
     let addr = free_addr();
     let port = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or("0");
@@ -107,13 +107,16 @@ struct Mesh {
     c_http: String,
 }
 
-async fn register(env: &Env, id: &str, agent: &Agent, mesh: Value) {
+/// `vm.register`'s parameters for a meshed VM of `agent`.
+pub(crate) fn register_params(id: &str, agent: &Agent, mesh: Value) -> Value {
     let (control, io) = agent.uris(None);
+    json!({"id": id, "control": control, "io": io, "timeout_ms": 5000, "mesh": mesh})
+}
+
+/// Register a meshed VM; the test fails with the daemon's logs if it is refused.
+pub(crate) async fn register(env: &Env, id: &str, agent: &Agent, mesh: Value) {
     let r = env
-        .rpc(
-            "vm.register",
-            json!({"id": id, "control": control, "io": io, "timeout_ms": 5000, "mesh": mesh}),
-        )
+        .rpc("vm.register", register_params(id, agent, mesh))
         .await;
     assert!(
         r.get("result").is_some(),

@@ -18,12 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::common::{free_addr, other_user, test_group, ws_as, Agent, Env, OTHER_USER};
-use crate::mesh_data::echo_server;
-
-const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
-const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
-const T: Duration = Duration::from_secs(20);
+use crate::common::{free_addr, other_user, test_group, ws_as, Env, OTHER_USER};
+use crate::mesh_data::{echo_server, register, register_params, A, B, T};
 
 /// A guest service: answers every HTTP/1.1 request with `200 ok` on a keep-alive connection; a CONNECT
 /// request gets `200` and then its bytes echoed. Each request head is sent on the channel.
@@ -73,22 +69,6 @@ async fn guest_server() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
         }
     });
     (addr, rx)
-}
-
-fn register_params(id: &str, agent: &Agent, mesh: Value) -> Value {
-    let (control, io) = agent.uris(None);
-    json!({"id": id, "control": control, "io": io, "timeout_ms": 5000, "mesh": mesh})
-}
-
-async fn register(env: &Env, id: &str, agent: &Agent, mesh: Value) {
-    let r = env
-        .rpc("vm.register", register_params(id, agent, mesh))
-        .await;
-    assert!(
-        r.get("result").is_some(),
-        "register {id}: {r}\n{}",
-        env.logs()
-    );
 }
 
 /// Send `bytes` and read as many back, within [`T`].
