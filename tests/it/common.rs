@@ -40,10 +40,41 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
-/// A free loopback TCP address for the admin server.
+/// Ports handed out by `free_addr` are taken from below the kernel's ephemeral range (32768-60999 by
+/// default), so no outgoing connection of a test can take one between `free_addr` and the daemon's bind.
+const FREE_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free loopback TCP address for a listener the daemon will bind. Never the same port twice in one test
+/// process (the kernel may hand `bind(0)` the same port again once it is closed, and a test asking for
+/// five addresses then gets two alike); ports are picked at random so parallel test processes rarely meet.
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<(HashSet<u16>, u64)>> = Mutex::new(None);
+    let mut guard = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (given, seed) = guard.get_or_insert_with(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (HashSet::new(), nanos ^ (u64::from(std::process::id()) << 32) | 1)
+    });
+    let span = u64::from(FREE_PORTS.end - FREE_PORTS.start);
+    for _ in 0..10_000 {
+        // xorshift64: enough to spread the picks of parallel test processes.
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let port = FREE_PORTS.start + (*seed % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            given.insert(port);
+            return l.local_addr().expect("addr").to_string();
+        }
+    }
+    panic!("no free loopback port in {FREE_PORTS:?}");
 }
 
 /// A running daemon and the agents the test started.
