@@ -57,7 +57,10 @@ pub fn free_addr() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        (HashSet::new(), nanos ^ (u64::from(std::process::id()) << 32) | 1)
+        (
+            HashSet::new(),
+            (nanos ^ (u64::from(std::process::id()) << 32)) | 1,
+        )
     });
     let span = u64::from(FREE_PORTS.end - FREE_PORTS.start);
     for _ in 0..10_000 {

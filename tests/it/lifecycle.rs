@@ -31,18 +31,34 @@ fn wait_exit(pid: u32, timeout: Duration) -> bool {
     false
 }
 
+/// Lines the daemon logged (at debug) for control frames sent to an agent.
+fn control_frames_sent(env: &Env) -> usize {
+    env.logs().matches("to agent (control)").count()
+}
+
+/// Waits until the daemon has sent one more control frame than `before`: the call is in flight at the agent.
+async fn wait_sent(env: &Env, before: usize) {
+    let sent = eventually(Duration::from_secs(10), || {
+        control_frames_sent(env) > before
+    })
+    .await;
+    assert!(sent, "the call never reached the agent\n{}", env.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_agent_call_finish() {
-    let mut env = Env::start().await;
+    // Debug logs each control frame sent; no keepalive PING may be counted as the call.
+    let mut env = Env::start_with(&["--log", "debug", "--agent-keepalive", "0"]).await;
     let agent = env.agent(&["--fault", "slow-reply", "--slow-ms", "1200"]);
     env.register("slow", &agent, None).await;
+    let before = control_frames_sent(&env);
     let client = cc_proxy_api::client::Client::new(&env.socket);
     let call = tokio::spawn(async move {
         client
             .call::<serde_json::Value>("agent.call", json!({"vm": "slow", "command": "ping"}))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_sent(&env, before).await;
     let status = env.stop_daemon().await;
     assert!(status.success(), "exit status {status}");
     let reply = call.await.expect("join");
@@ -55,16 +71,18 @@ async fn sigterm_lets_an_in_flight_agent_call_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let mut env = Env::start().await;
+    // Debug logs each control frame sent; no keepalive PING may be counted as the call.
+    let mut env = Env::start_with(&["--log", "debug", "--agent-keepalive", "0"]).await;
     let agent = env.agent(&["--fault", "slow-reply", "--slow-ms", "2500"]);
     env.register("slower", &agent, None).await;
+    let before = control_frames_sent(&env);
     let client = cc_proxy_api::client::Client::new(&env.socket);
     let call = tokio::spawn(async move {
         client
             .call::<serde_json::Value>("agent.call", json!({"vm": "slower", "command": "ping"}))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_sent(&env, before).await;
     let pid = env.daemon_pid();
     let t0 = Instant::now();
     signal(pid, "TERM");
