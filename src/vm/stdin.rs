@@ -26,6 +26,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::sync::lock;
+
 /// Default of `--stdin-buffer`: stdin bytes one stream may have queued in the daemon before its shim waits.
 pub const DEFAULT_STDIN_BUFFER: usize = 256 * 1024;
 
@@ -86,10 +88,6 @@ pub struct StdinMux {
     wake_senders: Notify,
     stream_bound: usize,
     vm_bound: usize,
-}
-
-fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl StdinMux {
