@@ -143,6 +143,26 @@ fn socket_addr(a: linkerd2_proxy_api::net::TcpAddress) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// Whether an endpoint's `server_name` is sent as SNI: it must be a DNS name that differs from the endpoint's
+/// identity (there is none to send without an identity). An unusable one is dropped with a warning: the SNI is
+/// then the identity, which the server's certificate must carry either way.
+fn usable_server_name(sni: &str, identity: Option<&str>) -> bool {
+    match identity {
+        None => false,
+        Some(id) if id == sni => false,
+        Some(_) => {
+            let dns = matches!(
+                rustls::pki_types::ServerName::try_from(sni),
+                Ok(rustls::pki_types::ServerName::DnsName(_))
+            );
+            if !dns {
+                tracing::warn!(server_name = %sni, "mesh discovery: a server_name that is not a DNS name is ignored");
+            }
+            dns
+        }
+    }
+}
+
 /// An endpoint from an `add`; None when its address is unusable.
 fn endpoint(wa: api::WeightedAddr, set_labels: &HashMap<String, String>) -> Option<Endpoint> {
     use api::protocol_hint::Protocol;
@@ -155,7 +175,11 @@ fn endpoint(wa: api::WeightedAddr, set_labels: &HashMap<String, String>) -> Opti
                 Some(Strategy::UriLikeIdentity(u)) => Some(u.uri),
                 None => None,
             };
-            (id, t.server_name.map(|s| s.name))
+            let server_name = t
+                .server_name
+                .map(|s| s.name)
+                .filter(|sni| usable_server_name(sni, id.as_deref()));
+            (id, server_name)
         }
         None => (None, None),
     };
@@ -592,6 +616,44 @@ mod tests {
         for bad in ["web", "web:", ":80", "web:0", "web:65536", "web:x"] {
             assert!(split_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_endpoints_server_name_is_kept_only_when_it_is_another_dns_name() {
+        use api::tls_identity::{DnsLikeIdentity, DnsLikeIdentity as Sni, Strategy};
+        const ID: &str = "web.default.serviceaccount.identity.linkerd.cluster.local";
+        let with = |id: Option<&str>, sni: &str| {
+            let wa = api::WeightedAddr {
+                addr: Some("10.0.0.1:8080".parse::<SocketAddr>().unwrap().into()),
+                tls_identity: Some(api::TlsIdentity {
+                    strategy: id
+                        .map(|i| Strategy::DnsLikeIdentity(DnsLikeIdentity { name: i.into() })),
+                    server_name: Some(Sni { name: sni.into() }),
+                }),
+                ..Default::default()
+            };
+            let e = endpoint(wa, &HashMap::new()).expect("usable address");
+            (e.identity, e.server_name)
+        };
+        // Another DNS name: sent as SNI, the identity still required.
+        assert_eq!(
+            with(Some(ID), "web.other.example"),
+            (Some(ID.into()), Some("web.other.example".into()))
+        );
+        // The same as the identity: nothing to override.
+        assert_eq!(with(Some(ID), ID), (Some(ID.into()), None));
+        // Not a DNS name (an IP address, empty, bad characters, too long): the identity is the SNI.
+        for bad in [
+            "10.0.0.9",
+            "",
+            "a b.example",
+            "under_score..example",
+            &"x".repeat(300),
+        ] {
+            assert_eq!(with(Some(ID), bad), (Some(ID.into()), None), "{bad:?}");
+        }
+        // No identity: plaintext, so no SNI either.
+        assert_eq!(with(None, "web.other.example"), (None, None));
     }
 
     #[tokio::test]

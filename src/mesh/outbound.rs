@@ -13,7 +13,8 @@
 //!    refused (`reason="unavailable"`).
 //! 4. `Connect`: TCP to the chosen address within the connect timeout.
 //! 5. `Handshake`: the endpoint has an identity (its own, or the listener's `destination.identity`): TLS 1.3
-//!    with the VM's certificate, SNI = that identity, the server's SAN must equal it (`tls="true"`,
+//!    with the VM's certificate, SNI = its `server_name` when the destination service gives one, else that
+//!    identity; either way the server's SAN must equal the identity (`tls="true"`,
 //!    `server_id`); no identity: plaintext (`tls="no_identity"`). An endpoint with an opaque-transport hint
 //!    (`opaque_transport_port` of fixed endpoints) gets ALPN `transport.l5d.io/v1` and the transport header
 //!    naming that port first. A failed connect or handshake ejects the endpoint (`balance`).
@@ -158,7 +159,15 @@ async fn connect_member(
     transport_port: Option<u16>,
 ) -> Result<BoxIo, OutboundError> {
     let e = &member.endpoint;
-    match open_upstream(vm, e.addr, e.identity.as_deref(), transport_port).await {
+    match open_upstream(
+        vm,
+        e.addr,
+        e.identity.as_deref(),
+        e.server_name.as_deref(),
+        transport_port,
+    )
+    .await
+    {
         Ok(io) => {
             member.succeeded();
             Ok(io)
@@ -312,12 +321,14 @@ pub async fn read_proxy_header<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// Open a connection to `addr`: TCP, then TLS with `identity` as SNI and required SAN (plaintext without
-/// one), then the transport header naming `transport_port`.
+/// Open a connection to `addr`: TCP, then TLS requiring `identity` as the server's SAN (plaintext without
+/// one), with `server_name` as SNI when given (else the identity), then the transport header naming
+/// `transport_port`.
 pub async fn open_upstream(
     vm: &VmShared,
     addr: SocketAddr,
     identity: Option<&str>,
+    server_name: Option<&str>,
     transport_port: Option<u16>,
 ) -> Result<BoxIo, OutboundError> {
     let lim = limits();
@@ -331,17 +342,13 @@ pub async fn open_upstream(
         return Ok(Box::new(tcp));
     };
     let configs = vm.configs().ok_or(OutboundError::NoCredential)?;
-    let config = if transport_port.is_some() {
-        configs.client_transport.clone()
-    } else {
-        configs.client.clone()
-    };
     let handshake_err = |source| OutboundError::Handshake {
         addr,
         identity: identity.to_string(),
         source,
     };
-    let name = ServerName::try_from(identity.to_string())
+    let (config, name) = configs
+        .client_for(transport_port.is_some(), identity, server_name)
         .map_err(|e| handshake_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
     let connector = tokio_rustls::TlsConnector::from(config);
     let mut tls = match tokio::time::timeout(
@@ -416,7 +423,7 @@ fn addr_upstream(vm: Arc<VmShared>, addr: SocketAddr, identity: Option<String>) 
     let connect: http::ConnectFn = Arc::new(move || {
         let (vm, identity) = (vm.clone(), identity.clone());
         Box::pin(async move {
-            match open_upstream(&vm, addr, identity.as_deref(), None).await {
+            match open_upstream(&vm, addr, identity.as_deref(), None, None).await {
                 Ok(io) => Ok(http::UpstreamIo {
                     io,
                     _hold: None,
@@ -534,7 +541,7 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
             (io, m.endpoint.identity.clone(), Some(open))
         }
         (Dest::Dynamic, Some(a)) => {
-            let io = open_upstream(vm, a, l.identity.as_deref(), None).await?;
+            let io = open_upstream(vm, a, l.identity.as_deref(), None, None).await?;
             (io, l.identity.clone(), None)
         }
         (Dest::Dynamic, None) => return Err(OutboundError::NoDestination),

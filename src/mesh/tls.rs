@@ -6,8 +6,11 @@
 //! - Server: presents the VM's chain, asks for a client certificate without requiring one (the listener's
 //!   authorization policy decides what an unauthenticated peer may do), verifies an offered one against the
 //!   anchors; accepts the ALPN protocol `transport.l5d.io/v1` and nothing else.
-//! - Client: presents the VM's chain, verifies the server's chain against the anchors and, instead of
-//!   webpki's hostname check, requires a DNS or URI SAN equal to the expected identity (the SNI sent).
+//! - Client: presents the VM's chain, verifies the server's chain against the anchors with rustls' webpki
+//!   machinery (no hostname rules) and then requires a DNS or URI SAN equal to the expected identity
+//!   ([`IdentityVerifier`]). The SNI sent is the identity, or the endpoint's `server_name` when the
+//!   destination service gives one that differs ([`TlsConfigs::client_for`]): the SNI only routes the
+//!   connection, the certificate is still checked against the identity.
 //! - The peer's identity is its leaf's first DNS or URI SAN.
 //!
 //! Events: the credential or the anchors change (renewal, rotation): [`watch_configs`] rebuilds every
@@ -16,10 +19,10 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, Resumption};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +39,10 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("building the certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("there are no trust anchors")]
+    NoAnchors,
+    #[error("{0:?} is not a DNS name")]
+    InvalidName(String),
 }
 
 /// The crypto provider every mesh configuration uses: ring, restricted to the three TLS 1.3 suites Linkerd
@@ -82,7 +89,8 @@ pub fn server_config(cred: &Credential, anchors: &Anchors) -> Result<ServerConfi
     Ok(config)
 }
 
-/// The outbound side's configuration; `transport_alpn` offers `transport.l5d.io/v1`.
+/// The outbound side's configuration, checking the server's SAN against the SNI sent; `transport_alpn`
+/// offers `transport.l5d.io/v1`.
 pub fn client_config(
     cred: &Credential,
     anchors: &Anchors,
@@ -92,18 +100,19 @@ pub fn client_config(
         return Err(TlsError::NoCertificate);
     }
     let provider = provider();
-    let inner = WebPkiServerVerifier::builder_with_provider(roots(anchors), provider.clone())
-        .build()
-        .map_err(|e| match e {
-            rustls::server::VerifierBuilderError::NoRootAnchors => {
-                TlsError::Rustls(rustls::Error::General("no trust anchors".into()))
-            }
-            other => TlsError::Verifier(other),
-        })?;
+    let roots = roots(anchors);
+    if roots.is_empty() {
+        return Err(TlsError::NoAnchors);
+    }
+    let verifier = IdentityVerifier {
+        roots,
+        algorithms: provider.signature_verification_algorithms,
+        expected: Expected::TheSni,
+    };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(IdentityVerifier { inner }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(cred.chain.clone(), cred.key.clone_key())?;
     if transport_alpn {
         config.alpn_protocols = vec![transport_header::ALPN.to_vec()];
@@ -111,10 +120,22 @@ pub fn client_config(
     Ok(config)
 }
 
-/// Verifies the server's chain with webpki, and its identity by SAN instead of webpki's hostname rules.
+/// The identity a server's leaf must carry as a SAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expected {
+    /// The name sent as SNI (the usual case: SNI = identity).
+    TheSni,
+    /// This identity, whatever the SNI (the endpoint's `server_name` differs from its identity).
+    Identity(String),
+}
+
+/// Verifies the server's chain against the anchors with rustls' webpki machinery (validity period, key
+/// usage, signatures up to an anchor; no hostname rules), then the identity by SAN equality.
 #[derive(Debug)]
 struct IdentityVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+    expected: Expected,
 }
 
 impl ServerCertVerifier for IdentityVerifier {
@@ -123,26 +144,23 @@ impl ServerCertVerifier for IdentityVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
+        _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
             intermediates,
-            server_name,
-            ocsp_response,
             now,
-        ) {
-            Ok(_) => {}
-            // The name is checked below, by SAN equality.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
-        let expected = match server_name {
-            ServerName::DnsName(d) => d.as_ref().to_string(),
-            other => other.to_str().into_owned(),
+            self.algorithms.all,
+        )?;
+        let expected = match &self.expected {
+            Expected::Identity(id) => id.clone(),
+            Expected::TheSni => match server_name {
+                ServerName::DnsName(d) => d.as_ref().to_string(),
+                other => other.to_str().into_owned(),
+            },
         };
         if sans(end_entity).contains(&expected) {
             Ok(ServerCertVerified::assertion())
@@ -159,7 +177,7 @@ impl ServerCertVerifier for IdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -168,11 +186,11 @@ impl ServerCertVerifier for IdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -195,6 +213,8 @@ pub struct TlsConfigs {
     pub client: Arc<ClientConfig>,
     /// Outbound connections carrying a transport header.
     pub client_transport: Arc<ClientConfig>,
+    /// The anchors of the client configurations, for the verifiers of [`TlsConfigs::client_for`].
+    roots: Arc<RootCertStore>,
 }
 
 impl TlsConfigs {
@@ -203,7 +223,50 @@ impl TlsConfigs {
             server: Arc::new(server_config(cred, anchors)?),
             client: Arc::new(client_config(cred, anchors, false)?),
             client_transport: Arc::new(client_config(cred, anchors, true)?),
+            roots: roots(anchors),
         })
+    }
+
+    /// The configuration and SNI of a connection to a server that must prove `identity`; `transport`: it
+    /// carries a transport header (ALPN `transport.l5d.io/v1`).
+    ///
+    /// Without a `server_name`, or with one equal to the identity, the SNI is the identity and the shared
+    /// configuration is used. With another DNS name, that name is the SNI and the connection gets a copy of
+    /// the configuration whose verifier requires the identity instead of the SNI, with session resumption
+    /// off: rustls keys resumable sessions by SNI, and a session resumed under a shared `server_name` would
+    /// skip the certificate check for this endpoint's identity.
+    pub fn client_for(
+        &self,
+        transport: bool,
+        identity: &str,
+        server_name: Option<&str>,
+    ) -> Result<(Arc<ClientConfig>, ServerName<'static>), TlsError> {
+        let base = if transport {
+            &self.client_transport
+        } else {
+            &self.client
+        };
+        let dns_name = |n: &str| match ServerName::try_from(n.to_string()) {
+            Ok(name @ ServerName::DnsName(_)) => Ok(name),
+            _ => Err(TlsError::InvalidName(n.to_string())),
+        };
+        match server_name {
+            Some(sni) if sni != identity => {
+                let name = dns_name(sni)?;
+                let mut config = ClientConfig::clone(base);
+                let verifier = IdentityVerifier {
+                    roots: self.roots.clone(),
+                    algorithms: config.crypto_provider().signature_verification_algorithms,
+                    expected: Expected::Identity(identity.to_string()),
+                };
+                config
+                    .dangerous()
+                    .set_certificate_verifier(Arc::new(verifier));
+                config.resumption = Resumption::disabled();
+                Ok((Arc::new(config), name))
+            }
+            _ => Ok((base.clone(), dns_name(identity)?)),
+        }
     }
 }
 
@@ -284,6 +347,21 @@ pub mod testing {
 
         /// A P-256 leaf whose only SAN is `identity` (a DNS name).
         pub fn leaf(&self, identity: &str) -> Arc<Credential> {
+            self.leaf_valid(identity, None)
+        }
+
+        /// Like [`TestCa::leaf`], but it expired a day ago.
+        pub fn expired_leaf(&self, identity: &str) -> Arc<Credential> {
+            let day = std::time::Duration::from_secs(86_400);
+            let now = SystemTime::now();
+            self.leaf_valid(identity, Some((now - 2 * day, now - day)))
+        }
+
+        fn leaf_valid(
+            &self,
+            identity: &str,
+            validity: Option<(SystemTime, SystemTime)>,
+        ) -> Arc<Credential> {
             let Ok(key) = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) else {
                 panic!("key")
             };
@@ -294,6 +372,10 @@ pub mod testing {
                 panic!("{identity} is not a DNS name")
             };
             params.subject_alt_names = vec![SanType::DnsName(name)];
+            if let Some((from, to)) = validity {
+                params.not_before = from.into();
+                params.not_after = to.into();
+            }
             let Ok(cert) = params.signed_by(&key, &self.issuer) else {
                 panic!("sign")
             };
@@ -330,32 +412,49 @@ mod tests {
         server_cred: &Credential,
         expect: &str,
     ) -> Result<Option<String>, String> {
-        let server = match server_config(server_cred, &ca_server.anchors()) {
-            Ok(s) => s,
-            Err(e) => panic!("{e}"),
-        };
         let client = match client_config(client_cred, &ca_client.anchors(), false) {
             Ok(c) => c,
             Err(e) => panic!("{e}"),
         };
+        let Ok(name) = ServerName::try_from(expect.to_string()) else {
+            panic!("name")
+        };
+        let server = server_for(ca_server, server_cred);
+        let (peer, _, _) = exchange(Arc::new(client), name, server).await?;
+        Ok(peer)
+    }
+
+    /// The server configuration of `cred`, trusting `ca`.
+    fn server_for(ca: &TestCa, cred: &Credential) -> Arc<ServerConfig> {
+        match server_config(cred, &ca.anchors()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// What the server saw of a handshake (client identity, SNI) and whether the client resumed a session.
+    type Seen = (Option<String>, Option<String>, bool);
+
+    /// Handshake `client` (sending `name` as SNI) with `server`, and exchange a few bytes; returns what the
+    /// server saw, or the client's error.
+    async fn exchange(
+        client: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        server: Arc<ServerConfig>,
+    ) -> Result<Seen, String> {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let srv = tokio::spawn(async move {
-            let mut s = TlsAcceptor::from(Arc::new(server)).accept(b).await.ok()?;
-            let peer = s
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| peer_identity(c));
+            let mut s = TlsAcceptor::from(server).accept(b).await.ok()?;
+            let conn = s.get_ref().1;
+            let peer = conn.peer_certificates().and_then(|c| peer_identity(c));
+            let sni = conn.server_name().map(str::to_string);
             let mut buf = [0u8; 4];
             s.read_exact(&mut buf).await.ok()?;
             s.write_all(&buf).await.ok()?;
             s.flush().await.ok()?;
-            Some(peer)
+            Some((peer, sni))
         });
-        let Ok(name) = ServerName::try_from(expect.to_string()) else {
-            panic!("name")
-        };
-        let mut c = TlsConnector::from(Arc::new(client))
+        let mut c = TlsConnector::from(client)
             .connect(name, a)
             .await
             .map_err(|e| e.to_string())?;
@@ -366,10 +465,120 @@ mod tests {
         let mut buf = [0u8; 4];
         c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
         assert_eq!(&buf, b"ping");
+        let resumed = c.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         srv.await
             .ok()
             .flatten()
+            .map(|(peer, sni)| (peer, sni, resumed))
             .ok_or_else(|| "server failed".to_string())
+    }
+
+    /// The configurations of a VM holding `cred`, trusting `ca`.
+    fn configs(ca: &TestCa, cred: &Credential) -> TlsConfigs {
+        match TlsConfigs::build(cred, &ca.anchors()) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const OTHER: &str = "web.other.example";
+
+    #[tokio::test]
+    async fn a_server_name_is_sent_as_sni_and_the_identity_is_still_required() {
+        let ca = TestCa::new();
+        let (a, b) = (ca.leaf(A), ca.leaf(B));
+        let cfgs = configs(&ca, &a);
+        let server = server_for(&ca, &b);
+        for transport in [false, true] {
+            let Ok((client, name)) = cfgs.client_for(transport, B, Some(OTHER)) else {
+                panic!("config")
+            };
+            assert_eq!(name.to_str(), OTHER);
+            // Twice with the same configuration: never resumed, so always verified.
+            for _ in 0..2 {
+                assert_eq!(
+                    exchange(client.clone(), name.clone(), server.clone()).await,
+                    Ok((Some(A.to_string()), Some(OTHER.to_string()), false))
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_the_server_name_but_not_the_identity_is_refused() {
+        let ca = TestCa::new();
+        let (a, imposter) = (ca.leaf(A), ca.leaf(OTHER));
+        let cfgs = configs(&ca, &a);
+        let Ok((client, name)) = cfgs.client_for(false, B, Some(OTHER)) else {
+            panic!("config")
+        };
+        let r = exchange(client, name, server_for(&ca, &imposter)).await;
+        let Err(e) = r else { panic!("{r:?}") };
+        assert!(e.contains("NotValidForName"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn without_a_distinct_server_name_the_identity_is_the_sni_and_the_config_is_shared() {
+        let ca = TestCa::new();
+        let (a, b) = (ca.leaf(A), ca.leaf(B));
+        let cfgs = configs(&ca, &a);
+        let server = server_for(&ca, &b);
+        // The shared configuration resumes its sessions (keyed by the identity it verified).
+        for (server_name, resumed) in [(None, false), (Some(B), true)] {
+            let Ok((client, name)) = cfgs.client_for(false, B, server_name) else {
+                panic!("config")
+            };
+            assert!(Arc::ptr_eq(&client, &cfgs.client));
+            assert_eq!(name.to_str(), B);
+            assert_eq!(
+                exchange(client, name, server.clone()).await,
+                Ok((Some(A.to_string()), Some(B.to_string()), resumed))
+            );
+        }
+        let Ok((client, _)) = cfgs.client_for(true, B, None) else {
+            panic!("config")
+        };
+        assert!(Arc::ptr_eq(&client, &cfgs.client_transport));
+    }
+
+    #[test]
+    fn a_server_name_or_identity_that_is_not_a_dns_name_is_refused() {
+        let ca = TestCa::new();
+        let cfgs = configs(&ca, &ca.leaf(A));
+        for (identity, sni) in [
+            (B, Some("10.0.0.1")),
+            (B, Some("")),
+            (B, Some("not a name")),
+            ("10.0.0.1", None),
+        ] {
+            assert!(
+                matches!(
+                    cfgs.client_for(false, identity, sni),
+                    Err(TlsError::InvalidName(_))
+                ),
+                "{identity} {sni:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_name_does_not_let_another_ca_or_an_expired_certificate_through() {
+        let (ca, other) = (TestCa::new(), TestCa::new());
+        let a = ca.leaf(A);
+        let cfgs = configs(&ca, &a);
+        let Ok((client, name)) = cfgs.client_for(false, B, Some(OTHER)) else {
+            panic!("config")
+        };
+        let r = exchange(
+            client.clone(),
+            name.clone(),
+            server_for(&other, &other.leaf(B)),
+        )
+        .await;
+        assert!(r.is_err(), "another CA: {r:?}");
+        let r = exchange(client, name, server_for(&ca, &ca.expired_leaf(B))).await;
+        let Err(e) = r else { panic!("expired: {r:?}") };
+        assert!(e.contains("certificate expired"), "{e}");
     }
 
     #[tokio::test]

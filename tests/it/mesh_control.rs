@@ -608,14 +608,28 @@ pub(crate) struct FakeDst {
     state: Mutex<DstState>,
 }
 
+/// The `tls_identity` of endpoints: `identity` (DNS-like) and, when given, the `server_name` to send as SNI.
+pub(crate) fn tls_identity(identity: &str, server_name: Option<&str>) -> dst::TlsIdentity {
+    use dst::tls_identity::{DnsLikeIdentity, Strategy};
+    dst::TlsIdentity {
+        strategy: Some(Strategy::DnsLikeIdentity(DnsLikeIdentity {
+            name: identity.into(),
+        })),
+        server_name: server_name.map(|n| DnsLikeIdentity { name: n.into() }),
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct DstState {
     endpoints: Vec<SocketAddr>,
     no_endpoints: bool,
     streams: Vec<UpdateTx>,
+    /// The `tls_identity` given to every endpoint added from now on (None: plaintext endpoints).
+    tls: Option<dst::TlsIdentity>,
 }
 
-pub(crate) fn add_update(addrs: &[SocketAddr]) -> dst::Update {
+/// An `add` of `addrs`, each with `tls` as its `tls_identity` (None: plaintext endpoints).
+pub(crate) fn add_update(addrs: &[SocketAddr], tls: Option<&dst::TlsIdentity>) -> dst::Update {
     dst::Update {
         update: Some(DstUpdate::Add(dst::WeightedAddrSet {
             addrs: addrs
@@ -624,6 +638,7 @@ pub(crate) fn add_update(addrs: &[SocketAddr]) -> dst::Update {
                     addr: Some((*a).into()),
                     weight: 10,
                     metric_labels: [("pod".to_string(), format!("web-{}", a.port()))].into(),
+                    tls_identity: tls.cloned(),
                     ..Default::default()
                 })
                 .collect(),
@@ -665,10 +680,16 @@ impl FakeDst {
             Self::broadcast(&mut st, remove);
         }
         if !new.is_empty() {
-            Self::broadcast(&mut st, add_update(&new));
+            let add = add_update(&new, st.tls.as_ref());
+            Self::broadcast(&mut st, add);
         }
         st.endpoints = eps.to_vec();
         st.no_endpoints = false;
+    }
+
+    /// Endpoints added from now on have `tls` as their `tls_identity`.
+    pub(crate) fn set_tls(&self, tls: Option<dst::TlsIdentity>) {
+        self.lock().tls = tls;
     }
 
     /// The service says the name has no endpoints.
@@ -733,7 +754,7 @@ impl Destination for DstSvc {
                 update: Some(DstUpdate::NoEndpoints(dst::NoEndpoints { exists: true })),
             }));
         } else if !st.endpoints.is_empty() {
-            let _ = tx.send(Ok(add_update(&st.endpoints)));
+            let _ = tx.send(Ok(add_update(&st.endpoints, st.tls.as_ref())));
         }
         st.streams.push(tx);
         Ok(tonic::Response::new(UpdateStream(rx)))
@@ -1019,6 +1040,147 @@ async fn a_named_destination_follows_the_destination_service() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(server);
+    let _ = env.stop_daemon().await;
+}
+
+/// A TLS server on loopback presenting a leaf signed by `ca` whose only SAN is `san`; it records the SNI of
+/// every ClientHello (before the handshake, so refused handshakes are seen too) and answers each HTTP/1
+/// request with 200 and the body `san`.
+async fn sni_server(ca: &TestCa, san: &str) -> (SocketAddr, Arc<Mutex<Vec<Option<String>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = CertificateParams::new(vec![san.to_string()]).expect("params");
+    params.distinguished_name = DistinguishedName::new();
+    let leaf = params.signed_by(&key, &ca.issuer).expect("leaf");
+    let chain = vec![leaf.der().clone()];
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("server config");
+    let config = Arc::new(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (recorded, body) = (seen.clone(), san.to_string());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, recorded, body) = (config.clone(), recorded.clone(), body.clone());
+            tokio::spawn(async move {
+                let acceptor =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+                let Ok(start) = acceptor.await else { return };
+                let sni = start.client_hello().server_name().map(str::to_string);
+                recorded.lock().unwrap_or_else(|e| e.into_inner()).push(sni);
+                let Ok(mut s) = start.into_stream(config).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(response.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_server_name_is_sent_as_sni_while_its_identity_is_what_the_certificate_must_carry(
+) {
+    const SNI: &str = "other.example";
+    // The endpoints' certificates come from a root the daemon trusts as an extra anchor.
+    let ca = root("endpoints root");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let anchors = tmp.path().join("anchors.pem");
+    std::fs::write(&anchors, &ca.pem).expect("anchors");
+    let anchors = anchors.to_str().expect("path").to_string();
+    // A server for identity B, and an imposter whose certificate names only the server name.
+    let (good, good_seen) = sni_server(&ca, B).await;
+    let (imposter, imposter_seen) = sni_server(&ca, SNI).await;
+    let fake = Arc::new(FakeDst::default());
+    fake.set_tls(Some(tls_identity(B, Some(SNI))));
+    let svc: SocketAddr = free_addr().parse().expect("addr");
+    let _server = serve_destination(fake.clone(), svc).await;
+    let svc_s = svc.to_string();
+    let mut env = Env::start_with(&[
+        "--destination-svc",
+        &svc_s,
+        "--mesh-trust-anchors",
+        &anchors,
+        "--mesh-failfast-timeout-ms",
+        "1000",
+    ])
+    .await;
+    let listen = free_addr();
+    register_named(&mut env, "a", &listen, NAME).await;
+
+    // SNI = the server name; the certificate carries the identity: served.
+    fake.set(&[good]);
+    let d = wait_endpoints(&env, "a", "the good endpoint", |d| {
+        addrs_of(d) == [good.to_string()]
+    })
+    .await;
+    assert_eq!(d.endpoints[0].identity.as_deref(), Some(B));
+    assert_eq!(d.endpoints[0].server_name.as_deref(), Some(SNI));
+    for _ in 0..3 {
+        let (status, error, body) = get_through(&listen).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, B),
+            "{error:?}\n{}",
+            env.logs()
+        );
+    }
+    let seen = good_seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|s| s.as_deref() == Some(SNI)),
+        "SNI seen: {seen:?}"
+    );
+
+    // The imposter's certificate matches the server name but not the identity: refused.
+    fake.set(&[imposter]);
+    wait_endpoints(&env, "a", "the imposter", |d| {
+        addrs_of(d) == [imposter.to_string()]
+    })
+    .await;
+    let (status, error, body) = get_through(&listen).await;
+    assert_eq!(status, 502, "{error:?} {body}\n{}", env.logs());
+    assert_ne!(body, SNI, "the imposter answered");
+    let seen = imposter_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert_eq!(
+        seen,
+        [Some(SNI.to_string())],
+        "the imposter got one handshake"
+    );
+    let m = env.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "cc_proxy_mesh_refused_total{vm=\"a\",direction=\"outbound\",reason=\"handshake\"}"
+        ) >= 1.0,
+        "{m}"
+    );
     let _ = env.stop_daemon().await;
 }
 
