@@ -316,6 +316,8 @@ pub struct Accepted {
 /// Serve `bound` until `ctx.shutdown`, then drain. Returns once every connection has ended.
 pub async fn serve_vm(bound: BoundListeners, cfg: Arc<MeshConfig>, ctx: MeshVmCtx) {
     let _ = cfg; // the listeners carry their own parsed configuration
+                 // The VM's metric series live as long as this (the last instance of the VM to end removes them).
+    let _series = metrics::serving(&ctx.vm);
     let tls = tls::watch_configs(
         ctx.vm.clone(),
         ctx.credential.clone(),

@@ -15,13 +15,23 @@
 //! `tls` is `true`, `no_identity` (outbound to an endpoint without identity), `no_tls` (inbound plaintext),
 //! as Linkerd writes it. Read bytes are bytes read from the accepted peer, write bytes written to it.
 //! The families are registered with the admin server at startup ([`register`]).
+//!
+//! Life time of a VM's series: a VM's listeners hold a [`VmSeries`] while they serve. Each series created
+//! with its `vm` label is recorded there (only when created: counting an existing series costs nothing
+//! more), and when the VM's last serving instance ends (unregistered, lost, the daemon stopping; a lost VM's
+//! replacement may serve while the old listeners drain) every one of them is removed, so that VM churn does
+//! not grow the scrape. Events for a VM that is not serving (a connection aborted after the drain) are not
+//! counted: they would recreate series nobody removes.
 
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::atomic::Ordering;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::MetricConstructor;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -205,6 +215,114 @@ pub static METRICS: LazyLock<MeshMetrics> = LazyLock::new(|| MeshMetrics {
     ejections: Family::default(),
 });
 
+/// The series created with one serving VM's label, in each family.
+#[derive(Default)]
+struct Created {
+    /// Serving instances of the VM: its series go when the last one ends.
+    holders: usize,
+    /// `tcp_open_total`, `tcp_open_connections`, `tcp_read_bytes_total`, `tcp_write_bytes_total`.
+    tcp: HashSet<TcpLabels>,
+    close: HashSet<CloseLabels>,
+    /// `request_total`, `response_latency_ms`.
+    http: HashSet<HttpLabels>,
+    response: HashSet<ResponseLabels>,
+    refused: HashSet<RefusalLabels>,
+    ejections: HashSet<ListenerLabels>,
+}
+
+/// The connection families' series of a VM.
+fn tcp_series(c: &mut Created) -> &mut HashSet<TcpLabels> {
+    &mut c.tcp
+}
+
+/// Per serving VM, its series.
+static CREATED: LazyLock<Mutex<HashMap<String, Created>>> = LazyLock::new(Default::default);
+
+fn created() -> std::sync::MutexGuard<'static, HashMap<String, Created>> {
+    CREATED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Held while a VM's listeners serve ([`serving`]); the VM's series are removed when its last one drops.
+pub struct VmSeries {
+    vm: String,
+}
+
+/// VM `vm`'s listeners serve: its series are counted and recorded until the returned value drops.
+pub fn serving(vm: &str) -> VmSeries {
+    created().entry(vm.to_string()).or_default().holders += 1;
+    VmSeries { vm: vm.to_string() }
+}
+
+impl Drop for VmSeries {
+    fn drop(&mut self) {
+        let mut all = created();
+        let Some(entry) = all.get_mut(&self.vm) else {
+            return;
+        };
+        entry.holders = entry.holders.saturating_sub(1);
+        if entry.holders > 0 {
+            return;
+        }
+        let Some(gone) = all.remove(&self.vm) else {
+            return;
+        };
+        // Removed while `CREATED` is held, so that no series of the VM is created meanwhile.
+        let m = &*METRICS;
+        for l in &gone.tcp {
+            m.tcp_open.remove(l);
+            m.tcp_open_connections.remove(l);
+            m.tcp_read_bytes.remove(l);
+            m.tcp_write_bytes.remove(l);
+        }
+        for l in &gone.close {
+            m.tcp_close.remove(l);
+        }
+        for l in &gone.http {
+            m.request.remove(l);
+            m.response_latency_ms.remove(l);
+        }
+        for l in &gone.response {
+            m.response.remove(l);
+        }
+        for l in &gone.refused {
+            m.refused.remove(l);
+        }
+        for l in &gone.ejections {
+            m.ejections.remove(l);
+        }
+        drop(all);
+        DESTINATIONS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|t| t.vm != self.vm && t.dest.strong_count() > 0);
+    }
+}
+
+/// Apply `f` to `family`'s series `labels` of VM `vm`. A series not created yet is created and recorded in
+/// the VM's set `set` if the VM serves, else nothing is counted.
+fn count<L, M, C>(
+    family: &Family<L, M, C>,
+    labels: &L,
+    vm: &str,
+    set: fn(&mut Created) -> &mut HashSet<L>,
+    f: impl FnOnce(&M),
+) where
+    L: Clone + Hash + Eq,
+    C: MetricConstructor<M>,
+{
+    if let Some(series) = family.get(labels) {
+        f(&series);
+        return;
+    }
+    let mut all = created();
+    let Some(entry) = all.get_mut(vm) else {
+        return;
+    };
+    set(entry).insert(labels.clone());
+    // Created while `CREATED` is held: the VM's removal cannot come between the record and the creation.
+    f(&family.get_or_create(labels));
+}
+
 /// One serving outbound listener's endpoint set, for the `cc_proxy_mesh_endpoints` gauge.
 struct TrackedDestination {
     vm: String,
@@ -263,13 +381,19 @@ fn endpoint_gauge() -> Family<EndpointLabels, Gauge> {
 
 /// An outbound endpoint was ejected.
 pub fn ejected(vm: &str, listener: &str) {
-    METRICS
-        .ejections
-        .get_or_create(&ListenerLabels {
-            vm: vm.to_string(),
-            listener: listener.to_string(),
-        })
-        .inc();
+    let labels = ListenerLabels {
+        vm: vm.to_string(),
+        listener: listener.to_string(),
+    };
+    count(
+        &METRICS.ejections,
+        &labels,
+        vm,
+        |c| &mut c.ejections,
+        |c| {
+            c.inc();
+        },
+    );
 }
 
 /// Add the mesh's families to the admin server's scrapes. Call once at startup.
@@ -322,16 +446,22 @@ pub fn register() {
     }));
 }
 
-/// Count a refusal and log it.
+/// Count a refusal.
 pub fn refused(vm: &str, direction: Direction, reason: Refusal) {
-    METRICS
-        .refused
-        .get_or_create(&RefusalLabels {
-            vm: vm.to_string(),
-            direction: direction.as_str(),
-            reason: reason.as_str(),
-        })
-        .inc();
+    let labels = RefusalLabels {
+        vm: vm.to_string(),
+        direction: direction.as_str(),
+        reason: reason.as_str(),
+    };
+    count(
+        &METRICS.refused,
+        &labels,
+        vm,
+        |c| &mut c.refused,
+        |c| {
+            c.inc();
+        },
+    );
 }
 
 /// One open connection's metrics: opened on creation, closed (with its byte counts) on [`TcpConn::close`].
@@ -354,8 +484,18 @@ impl TcpConn {
             server_id,
             vm: vm.to_string(),
         };
-        METRICS.tcp_open.get_or_create(&labels).inc();
-        METRICS.tcp_open_connections.get_or_create(&labels).inc();
+        count(&METRICS.tcp_open, &labels, vm, tcp_series, |c| {
+            c.inc();
+        });
+        count(
+            &METRICS.tcp_open_connections,
+            &labels,
+            vm,
+            tcp_series,
+            |g| {
+                g.inc();
+            },
+        );
         TcpConn {
             labels,
             closed: false,
@@ -373,24 +513,33 @@ impl TcpConn {
         }
         self.closed = true;
         let m = &*METRICS;
-        m.tcp_read_bytes
-            .get_or_create(&self.labels)
-            .inc_by(counts.up.load(Ordering::Relaxed));
-        m.tcp_write_bytes
-            .get_or_create(&self.labels)
-            .inc_by(counts.down.load(Ordering::Relaxed));
-        m.tcp_open_connections.get_or_create(&self.labels).dec();
         let l = &self.labels;
-        m.tcp_close
-            .get_or_create(&CloseLabels {
-                direction: l.direction,
-                tls: l.tls,
-                client_id: l.client_id.clone(),
-                server_id: l.server_id.clone(),
-                vm: l.vm.clone(),
-                errno: errno.map(|e| e.to_string()).unwrap_or_default(),
-            })
-            .inc();
+        count(&m.tcp_read_bytes, l, &l.vm, tcp_series, |c| {
+            c.inc_by(counts.up.load(Ordering::Relaxed));
+        });
+        count(&m.tcp_write_bytes, l, &l.vm, tcp_series, |c| {
+            c.inc_by(counts.down.load(Ordering::Relaxed));
+        });
+        count(&m.tcp_open_connections, l, &l.vm, tcp_series, |g| {
+            g.dec();
+        });
+        let close = CloseLabels {
+            direction: l.direction,
+            tls: l.tls,
+            client_id: l.client_id.clone(),
+            server_id: l.server_id.clone(),
+            vm: l.vm.clone(),
+            errno: errno.map(|e| e.to_string()).unwrap_or_default(),
+        };
+        count(
+            &m.tcp_close,
+            &close,
+            &l.vm,
+            |c| &mut c.close,
+            |c| {
+                c.inc();
+            },
+        );
     }
 }
 
@@ -402,29 +551,46 @@ impl Drop for TcpConn {
 
 /// One HTTP request's metrics.
 pub fn http_request(labels: &HttpLabels) {
-    METRICS.request.get_or_create(labels).inc();
+    count(
+        &METRICS.request,
+        labels,
+        &labels.vm,
+        |c| &mut c.http,
+        |c| {
+            c.inc();
+        },
+    );
 }
 
 /// The response to a request counted with `labels`.
 pub fn http_response(labels: &HttpLabels, status: u16, latency_ms: f64) {
     let classification = if status >= 500 { "failure" } else { "success" };
-    METRICS
-        .response
-        .get_or_create(&ResponseLabels {
-            direction: labels.direction,
-            tls: labels.tls,
-            client_id: labels.client_id.clone(),
-            server_id: labels.server_id.clone(),
-            authority: labels.authority.clone(),
-            vm: labels.vm.clone(),
-            status_code: status.to_string(),
-            classification,
-        })
-        .inc();
-    METRICS
-        .response_latency_ms
-        .get_or_create(labels)
-        .observe(latency_ms);
+    let response = ResponseLabels {
+        direction: labels.direction,
+        tls: labels.tls,
+        client_id: labels.client_id.clone(),
+        server_id: labels.server_id.clone(),
+        authority: labels.authority.clone(),
+        vm: labels.vm.clone(),
+        status_code: status.to_string(),
+        classification,
+    };
+    count(
+        &METRICS.response,
+        &response,
+        &labels.vm,
+        |c| &mut c.response,
+        |c| {
+            c.inc();
+        },
+    );
+    count(
+        &METRICS.response_latency_ms,
+        labels,
+        &labels.vm,
+        |c| &mut c.http,
+        |h| h.observe(latency_ms),
+    );
 }
 
 /// A stream that counts the bytes read from it (`up`) and written to it (`down`), for connections whose
@@ -477,5 +643,104 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusals(vm: &str) -> Option<u64> {
+        METRICS
+            .refused
+            .get(&RefusalLabels {
+                vm: vm.into(),
+                direction: "outbound",
+                reason: "connect",
+            })
+            .map(|c| c.get())
+    }
+
+    fn tcp_labels(vm: &str) -> TcpLabels {
+        TcpLabels {
+            direction: "inbound",
+            tls: "true",
+            client_id: "a.id".into(),
+            server_id: String::new(),
+            vm: vm.into(),
+        }
+    }
+
+    #[test]
+    fn a_vms_series_go_with_its_last_serving_instance_and_are_not_recreated_after() {
+        let vm = "series-vm";
+        let first = serving(vm);
+        refused(vm, Direction::Outbound, Refusal::Connect);
+        refused(vm, Direction::Outbound, Refusal::Connect);
+        ejected(vm, "127.0.0.1:4140");
+        TcpConn::open(vm, Direction::Inbound, TlsLabel::Yes, Some("a.id"))
+            .close(&Transferred::default(), Some(104));
+        let http = HttpLabels {
+            direction: "inbound",
+            tls: "true",
+            client_id: "a.id".into(),
+            server_id: String::new(),
+            authority: "web".into(),
+            vm: vm.into(),
+        };
+        http_request(&http);
+        http_response(&http, 200, 3.0);
+        // Another VM's series are not touched by this one's removal.
+        let other = serving("other-vm");
+        refused("other-vm", Direction::Outbound, Refusal::Connect);
+        assert_eq!(refusals(vm), Some(2));
+        assert!(METRICS.tcp_open.get(&tcp_labels(vm)).is_some());
+        assert_eq!(
+            METRICS
+                .tcp_open_connections
+                .get(&tcp_labels(vm))
+                .map(|g| g.get()),
+            Some(0)
+        );
+
+        // A replacement instance serving while the first drains: nothing goes yet.
+        let second = serving(vm);
+        drop(first);
+        assert_eq!(refusals(vm), Some(2));
+        drop(second);
+
+        assert_eq!(refusals(vm), None);
+        assert!(METRICS.tcp_open.get(&tcp_labels(vm)).is_none());
+        assert!(METRICS.tcp_open_connections.get(&tcp_labels(vm)).is_none());
+        assert!(METRICS.tcp_read_bytes.get(&tcp_labels(vm)).is_none());
+        assert!(METRICS.tcp_write_bytes.get(&tcp_labels(vm)).is_none());
+        assert!(METRICS.request.get(&http).is_none());
+        assert!(METRICS.response_latency_ms.get(&http).is_none());
+        assert!(METRICS
+            .ejections
+            .get(&ListenerLabels {
+                vm: vm.into(),
+                listener: "127.0.0.1:4140".into()
+            })
+            .is_none());
+        assert!(created().get(vm).is_none());
+        assert_eq!(refusals("other-vm"), Some(1));
+
+        // A straggler (a connection aborted after the drain) recreates nothing.
+        refused(vm, Direction::Outbound, Refusal::Connect);
+        let conn = TcpConn::open(vm, Direction::Inbound, TlsLabel::Yes, Some("a.id"));
+        drop(conn);
+        assert_eq!(refusals(vm), None);
+        assert!(METRICS.tcp_open.get(&tcp_labels(vm)).is_none());
+        assert!(METRICS.tcp_open_connections.get(&tcp_labels(vm)).is_none());
+        assert!(created().get(vm).is_none());
+
+        // Served again (a re-registration): counted afresh.
+        let again = serving(vm);
+        refused(vm, Direction::Outbound, Refusal::Connect);
+        assert_eq!(refusals(vm), Some(1));
+        drop((again, other));
+        assert_eq!(refusals(vm), None);
+        assert_eq!(refusals("other-vm"), None);
     }
 }
