@@ -513,8 +513,10 @@ async fn an_endpoint_with_the_wrong_identity_fails_the_handshake_is_counted_and_
 
 // ---- Protocol hints from the destination service ----------------------------------------------------------
 
-use linkerd2_proxy_api::destination::destination_server::{Destination, DestinationServer};
+use linkerd2_proxy_api::destination::destination_server::Destination;
 use linkerd2_proxy_api::destination::{self as dst, GetDestination};
+
+use crate::mesh_control::{serve_destination_svc, tls_identity};
 
 /// A destination service answering each name with one prepared `add`, then keeping the stream open.
 struct HintedDst(std::collections::HashMap<String, dst::Update>);
@@ -556,18 +558,12 @@ fn hinted(
     hint: dst::protocol_hint::Protocol,
     transport: Option<u16>,
 ) -> dst::Update {
-    use dst::tls_identity::{DnsLikeIdentity, Strategy};
     dst::Update {
         update: Some(dst::update::Update::Add(dst::WeightedAddrSet {
             addrs: vec![dst::WeightedAddr {
                 addr: Some(addr.into()),
                 weight: 10,
-                tls_identity: identity.map(|i| dst::TlsIdentity {
-                    strategy: Some(Strategy::DnsLikeIdentity(DnsLikeIdentity {
-                        name: i.into(),
-                    })),
-                    server_name: None,
-                }),
+                tls_identity: identity.map(|i| tls_identity(i, None)),
                 protocol_hint: Some(dst::ProtocolHint {
                     protocol: Some(hint),
                     opaque_transport: transport.map(|p| dst::protocol_hint::OpaqueTransport {
@@ -633,16 +629,9 @@ async fn h2_and_opaque_transport_hints_shape_what_reaches_the_endpoint() {
         ]
         .into(),
     );
-    let svc_addr = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let svc_s = svc_addr.local_addr().expect("addr").to_string();
-    let incoming = futures::stream::unfold(svc_addr, |l| async move {
-        Some((l.accept().await.map(|(s, _)| s), l))
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(DestinationServer::new(svc))
-            .serve_with_incoming(incoming),
-    );
+    let svc_addr: SocketAddr = free_addr().parse().expect("addr");
+    let _server = serve_destination_svc(svc, svc_addr).await;
+    let svc_s = svc_addr.to_string();
     // A long detection time: a listener whose endpoints are all opaque must not spend it.
     let mut env = Env::start_with(&[
         "--destination-svc",

@@ -773,6 +773,15 @@ pub(crate) async fn serve_destination(
     fake: Arc<FakeDst>,
     addr: SocketAddr,
 ) -> tokio::sync::oneshot::Sender<()> {
+    serve_destination_svc(DstSvc(fake), addr).await
+}
+
+/// Serve the destination service `svc` on `addr` (retrying the bind for a while: a restarted fake takes
+/// its predecessor's address) until the returned sender is dropped or fired.
+pub(crate) async fn serve_destination_svc<S: Destination>(
+    svc: S,
+    addr: SocketAddr,
+) -> tokio::sync::oneshot::Sender<()> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let deadline = Instant::now() + Duration::from_secs(5);
     let listener = loop {
@@ -787,7 +796,7 @@ pub(crate) async fn serve_destination(
     let incoming = tokio_stream_of(listener);
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(DestinationServer::new(DstSvc(fake)))
+            .add_service(DestinationServer::new(svc))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             })

@@ -834,6 +834,25 @@ fn families_of_vm(text: &str, vm: &str) -> Vec<String> {
     families
 }
 
+/// Unregister `vm` and wait (10 s at most) until the scrape has no series labelled with it; returns that
+/// scrape.
+async fn unregister_until_no_series(env: &Env, vm: &str) -> String {
+    env.client.unregister(vm).await.expect("unregister");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = env.metrics().await;
+        let left = families_of_vm(&m, vm);
+        if left.is_empty() {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "series of {vm} left: {left:?}\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meshed_vms_series_go_when_it_is_unregistered() {
     use crate::mesh_control::{counting_server, get_through};
@@ -903,37 +922,11 @@ async fn a_meshed_vms_series_go_when_it_is_unregistered() {
     );
 
     // a goes: every series labelled with it goes (once its listeners have drained); b's stay.
-    env.client.unregister("a").await.expect("unregister a");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let m = env.metrics().await;
-        if families_of_vm(&m, "a").is_empty() {
-            break m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "series of a left: {:?}\n{m}",
-            families_of_vm(&m, "a")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let after = unregister_until_no_series(&env, "a").await;
     assert_eq!(families_of_vm(&after, "b"), b_families, "{after}");
 
     // And b's with it.
-    env.client.unregister("b").await.expect("unregister b");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let empty = loop {
-        let m = env.metrics().await;
-        if families_of_vm(&m, "b").is_empty() {
-            break m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "series of b left: {:?}\n{m}",
-            families_of_vm(&m, "b")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let empty = unregister_until_no_series(&env, "b").await;
     match promtool() {
         None => {
             eprintln!("SKIP promtool check: promtool is not installed (apt-get install prometheus)")
