@@ -854,7 +854,7 @@ async fn unregister_until_no_series(env: &Env, vm: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_meshed_vms_series_go_when_it_is_unregistered() {
+async fn a_meshed_vms_series_go_when_it_is_unregistered_or_lost() {
     use crate::mesh_control::{counting_server, get_through};
     use crate::mesh_data::{register, A, B};
     let mut env = Env::start_with(&["--mesh-failfast-timeout-ms", "1000"]).await;
@@ -925,7 +925,36 @@ async fn a_meshed_vms_series_go_when_it_is_unregistered() {
     let after = unregister_until_no_series(&env, "a").await;
     assert_eq!(families_of_vm(&after, "b"), b_families, "{after}");
 
-    // And b's with it.
+    // b is lost (its agent dies): its mesh listeners stop, and its mesh series go with them; the VM's own
+    // series stay until it is unregistered (its loss is counted in one).
+    env.kill_agent(&b_agent);
+    let is_mesh = |f: &String| {
+        ["tcp_", "request_", "response_", "cc_proxy_mesh_"]
+            .iter()
+            .any(|p| f.starts_with(p))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lost = loop {
+        let m = env.metrics().await;
+        let left = families_of_vm(&m, "b");
+        if !left.iter().any(is_mesh) {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mesh series of the lost b left: {left:?}\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        families_of_vm(&lost, "b")
+            .iter()
+            .any(|f| f == "cc_proxy_vm_losses_total"),
+        "{lost}"
+    );
+
+    // Unregistered: nothing of b is left.
     let empty = unregister_until_no_series(&env, "b").await;
     match promtool() {
         None => {
@@ -936,7 +965,7 @@ async fn a_meshed_vms_series_go_when_it_is_unregistered() {
             // only complaint allowed (a parse error reads "error while linting").
             const LINKERD_NAME: &str =
                 "response_latency_ms metric names should not contain abbreviated units";
-            for text in [&before, &after, &empty] {
+            for text in [&before, &after, &lost, &empty] {
                 let (ok, msg) = promtool_check(&tool, text);
                 let only_linkerd_name = msg
                     .lines()
