@@ -188,7 +188,8 @@ fn latency_ms_histogram() -> Histogram {
     ])
 }
 
-/// Every mesh family.
+/// Every mesh family. Series carrying a `vm` label are created only through this module's functions, which
+/// record them for the VM's removal ([`VmSeries`]); reading one in a test may use the families directly.
 pub struct MeshMetrics {
     pub tcp_open: Family<TcpLabels, Counter>,
     pub tcp_open_connections: Family<TcpLabels, Gauge>,
