@@ -1,30 +1,48 @@
-//! A minimal HTTP/1.1 keep-alive client for JSON-RPC calls on the daemon's unix socket: one request at a
-//! time on one connection, driven on the caller's task. The latency figure then holds the daemon's cost
-//! and not the extra task hops of a general-purpose client.
+//! A minimal HTTP/1.1 keep-alive client: one request at a time on one connection, driven on the caller's
+//! task, so a latency figure holds the cost of the path under test and not the extra task hops of a
+//! general-purpose client. Used for JSON-RPC calls on the daemon's unix socket (`POST /`) and for `GET /`
+//! over TCP through the mesh paths.
 
 use std::path::Path;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::BenchError;
 
 /// Largest response head or body accepted.
 const MAX_RESPONSE: usize = 1 << 20;
 
-pub struct HttpClient {
-    conn: UnixStream,
+/// One keep-alive connection over any byte stream (unix socket or TCP).
+pub struct HttpClient<S = UnixStream> {
+    conn: S,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
 
-impl HttpClient {
-    pub async fn connect(socket: &Path) -> Result<HttpClient, BenchError> {
-        Ok(HttpClient {
-            conn: UnixStream::connect(socket).await?,
+impl HttpClient<UnixStream> {
+    /// Connect to the daemon's JSON-RPC socket.
+    pub async fn connect(socket: &Path) -> Result<HttpClient<UnixStream>, BenchError> {
+        Ok(HttpClient::over(UnixStream::connect(socket).await?))
+    }
+}
+
+impl HttpClient<TcpStream> {
+    /// Connect to `addr` over TCP with Nagle off (the latency loops send one small request at a time).
+    pub async fn connect_tcp(addr: &str) -> Result<HttpClient<TcpStream>, BenchError> {
+        let conn = TcpStream::connect(addr).await?;
+        conn.set_nodelay(true)?;
+        Ok(HttpClient::over(conn))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HttpClient<S> {
+    fn over(conn: S) -> HttpClient<S> {
+        HttpClient {
+            conn,
             buf: Vec::with_capacity(4096),
             out: Vec::with_capacity(1024),
-        })
+        }
     }
 
     /// POST `body` to `/` and return the response body.
@@ -38,6 +56,19 @@ impl HttpClient {
             .as_bytes(),
         );
         self.out.extend_from_slice(body);
+        self.exchange().await
+    }
+
+    /// `GET /` and return the response body.
+    pub async fn get(&mut self) -> Result<Vec<u8>, BenchError> {
+        self.out.clear();
+        self.out
+            .extend_from_slice(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n");
+        self.exchange().await
+    }
+
+    /// Send `self.out`, read one response (a 200 with a Content-Length body) and return its body.
+    async fn exchange(&mut self) -> Result<Vec<u8>, BenchError> {
         self.conn.write_all(&self.out).await?;
         // Read until the head is complete, then the Content-Length body.
         let head_end = loop {
@@ -77,7 +108,7 @@ impl HttpClient {
         let n = self.conn.read(&mut chunk).await?;
         if n == 0 {
             return Err(BenchError::Protocol(
-                "the daemon closed the connection".into(),
+                "the server closed the connection".into(),
             ));
         }
         self.buf.extend_from_slice(&chunk[..n]);

@@ -122,8 +122,9 @@ impl Plan {
         let quick = self.reps < 7;
         mesh::MeshPlan {
             requests: self.pings,
-            reps: if quick { 1 } else { 3 },
-            wrk_secs: if quick { 2 } else { 5 },
+            reps: if quick { 3 } else { 7 },
+            wrk_secs: if quick { 1 } else { 3 },
+            tcp_reps: if quick { 1 } else { 3 },
             tcp_bytes: if quick { 64 << 20 } else { 256 << 20 },
         }
     }
@@ -314,10 +315,8 @@ async fn run(args: Args) -> Result<(), BenchError> {
                 Some("register") => profile_register(&setup, plan.vms).await,
                 Some("mesh") => {
                     let data = setup.dir.join(format!("perf-{}.data", row.id));
-                    mesh::load_for_profile(&setup, row.id == "mesh-rps", 4, |pid| {
-                        profile::start(pid, &data)
-                    })
-                    .await
+                    mesh::load_for_profile(&setup, row.id, 4, |pid| profile::start(pid, &data))
+                        .await
                 }
                 _ => continue,
             };

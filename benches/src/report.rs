@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::latency::{Latency, ModeLatency};
-use crate::mesh::{MeshResults, IDLE_CONNECTIONS};
+use crate::mesh::{MeshResults, WrkRun, IDLE_CONNECTIONS};
 use crate::procs::Setup;
 use crate::scale::ScaleRun;
 use crate::stats::Summary;
@@ -150,7 +150,7 @@ impl Row {
             "stdout-1" | "stdout-64" | "stdin" => Some("throughput"),
             "ping-http" | "ping-ws" | "ping-legacy" => Some("latency"),
             "register-rate" => Some("register"),
-            "mesh-rps" | "mesh-p50" => Some("mesh"),
+            "mesh-rps" | "mesh-p50" | "mesh-balanced" => Some("mesh"),
             _ => None,
         }
     }
@@ -558,7 +558,7 @@ impl Report {
             (
                 "mesh.svg",
                 "Mesh two-hop mTLS: cc-proxy / target (HAProxy's figure, or the bound)",
-                &["mesh-rps", "mesh-p50", "mesh-idle"],
+                &["mesh-rps", "mesh-p50", "mesh-balanced", "mesh-idle"],
             ),
         ];
         let rel = charts
@@ -650,19 +650,47 @@ Every figure is taken side by side with its baseline in the same run; the ratio 
     }
 }
 
-/// The mesh rows: the two-hop mTLS path through cc-proxy against HAProxy and direct, and 1,000 meshed VMs.
+/// Per-repetition ratios `num[i] / den[i]` (a zero denominator gives infinity: no figure to compare with).
+fn rep_ratios(num: &[f64], den: &[f64]) -> Summary {
+    let r: Vec<f64> = num
+        .iter()
+        .zip(den)
+        .map(|(n, d)| if *d > 0.0 { n / d } else { f64::INFINITY })
+        .collect();
+    Summary::of(&r)
+}
+
+/// "median (min..max)" of a summary, with `digits` decimals.
+fn spread(s: &Summary, digits: usize) -> String {
+    format!(
+        "{:.d$} ({:.d$}..{:.d$})",
+        s.median,
+        s.min,
+        s.max,
+        d = digits
+    )
+}
+
+/// The mesh rows: the two-hop mTLS path through cc-proxy against HAProxy and direct, the balanced path, idle
+/// memory per hop, and 1,000 meshed VMs.
 fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
     const P50: (&str, &str, &str, &str) = (
         "mesh-p50",
         "mesh two-hop mTLS (a's outbound -> b's inbound -> server), HTTP/1.1 latency at 1 connection",
         "HAProxy doing the same two hops (TLS 1.3 origination + termination, client certificates); direct client -> server",
-        "added p50 <= HAProxy's",
+        "added p50 <= HAProxy's (median of per-repetition ratios <= 1.0)",
     );
     const RPS: (&str, &str, &str, &str) = (
         "mesh-rps",
         "mesh two-hop mTLS, HTTP/1.1 requests/s at 16 connections (wrk)",
         "HAProxy doing the same two hops; direct client -> server",
-        "cc-proxy / HAProxy >= 1.0",
+        "cc-proxy / HAProxy >= 1.0 (median of per-repetition ratios)",
+    );
+    const BAL: (&str, &str, &str, &str) = (
+        "mesh-balanced",
+        "mesh outbound balanced over 3 endpoints (VMs b, b2, b3 of identity b, each before its own server), HTTP/1.1 at 16 connections (wrk)",
+        "the same daemon's outbound with 1 endpoint (the mesh-rps path), taking turns with it in each repetition",
+        "req/s >= 0.9x and p99 at 1 connection <= 1.5x the single endpoint's (medians of per-repetition ratios); every endpoint >= half its even share",
     );
     const TCP: (&str, &str, &str, &str) = (
         "mesh-tcp",
@@ -672,9 +700,9 @@ fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
     );
     const IDLE: (&str, &str, &str, &str) = (
         "mesh-idle",
-        "memory per idle meshed connection (1,000 opaque connections through both hops)",
-        "the same daemon before the connections; HAProxy's for context",
-        "<= 16 KiB RSS per connection",
+        "memory per idle meshed connection, per proxy hop (1,000 opaque connections; each hop on its own fresh daemon) and both hops in one daemon",
+        "each daemon before its connections; HAProxy per hop the same way, for context",
+        "<= 16 KiB RSS per connection per hop (the larger hop)",
     );
     const VMS: (&str, &str, &str, &str) = (
         "mesh-vms",
@@ -686,50 +714,80 @@ fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
         Row::not_measured(r.0, r.1, r.2, r.3, why)
     };
     let Some(m) = m else {
-        return [P50, RPS, TCP, IDLE, VMS]
+        return [P50, RPS, BAL, TCP, IDLE, VMS]
             .into_iter()
             .map(|r| nm(r, "group not run"))
             .collect();
     };
     let mut rows = Vec::new();
-    let cc_added = m.cc.p50_us - m.direct.p50_us;
-    let cc_text = format!(
-        "cc-proxy added p50 **{cc_added:.0} us** (p50 {:.0} us, p99 {:.0} us)",
-        m.cc.p50_us, m.cc.p99_us
+
+    // Latency: per repetition, added p50 = the path's p50 - direct p50.
+    let cc_added: Vec<f64> = m
+        .latency_reps
+        .iter()
+        .map(|r| r.cc_p50_us - r.direct_p50_us)
+        .collect();
+    let h_added: Vec<f64> = m
+        .latency_reps
+        .iter()
+        .filter_map(|r| Some(r.haproxy_p50_us? - r.direct_p50_us))
+        .collect();
+    let ca = Summary::of(&cc_added);
+    let pooled = |name: &str, p: &crate::mesh::PathLatency| {
+        format!("{name} {:.0}/{:.0} us", p.p50_us, p.p99_us)
+    };
+    let mut context = format!("pooled p50/p99: {}", pooled("cc-proxy", &m.cc));
+    if let Some(h) = &m.haproxy {
+        let _ = write!(context, ", {}", pooled("HAProxy", h));
+    }
+    let _ = write!(
+        context,
+        ", {}; {} requests per path",
+        pooled("direct", &m.direct),
+        m.cc.samples
     );
-    let direct_text = format!(
-        "direct p50 {:.0} us, p99 {:.0} us; n={} per path",
-        m.direct.p50_us, m.direct.p99_us, m.cc.samples
-    );
-    rows.push(match (&m.haproxy, &m.haproxy_missing) {
-        (Some(h), _) => {
-            let h_added = h.p50_us - m.direct.p50_us;
+    rows.push(match &m.haproxy_missing {
+        None if !h_added.is_empty() => {
+            let r = rep_ratios(&cc_added, &h_added);
+            let ha = Summary::of(&h_added);
             Row {
                 id: P50.0,
                 what: P50.1,
                 baseline: P50.2,
                 measured: format!(
-                    "{cc_text}; HAProxy added p50 {h_added:.0} us (p50 {:.0} us, p99 {:.0} us); {direct_text}",
-                    h.p50_us, h.p99_us
+                    "added p50 **{:.2}x** HAProxy's (per-repetition ratios {:.2}..{:.2}, n={}); added p50 cc-proxy {} us, HAProxy {} us; {context}",
+                    r.median, r.min, r.max, r.n, spread(&ca, 0), spread(&ha, 0)
                 ),
                 target: P50.3,
-                verdict: verdict(cc_added <= h_added),
-                value: Some(cc_added),
-                goal: h_added,
+                verdict: verdict(r.median <= 1.0),
+                value: Some(r.median),
+                goal: 1.0,
                 higher_is_better: false,
-                unit: "us",
+                unit: "x",
             }
         }
-        (None, why) => nm(
+        why => nm(
             P50,
             &format!(
-                "{} ({cc_text}; {direct_text})",
-                why.as_deref().unwrap_or("haproxy not measured")
+                "{} (cc-proxy added p50 {} us; {context})",
+                why.as_deref().unwrap_or("haproxy not measured"),
+                spread(&ca, 0)
             ),
         ),
     });
-    let rps = |v: &[f64]| Summary::of(v);
-    let (c, h, d) = (rps(&m.rps_cc), rps(&m.rps_haproxy), rps(&m.rps_direct));
+
+    // Requests/s.
+    let rate = |v: &[WrkRun]| v.iter().map(|r| r.rps).collect::<Vec<_>>();
+    let p99 = |v: &[WrkRun]| v.iter().map(|r| r.p99_us).collect::<Vec<_>>();
+    let (c, h, d) = (
+        Summary::of(&rate(&m.rps_cc)),
+        Summary::of(&rate(&m.rps_haproxy)),
+        Summary::of(&rate(&m.rps_direct)),
+    );
+    let (c99, h99) = (
+        Summary::of(&p99(&m.rps_cc)),
+        Summary::of(&p99(&m.rps_haproxy)),
+    );
     rows.push(match (&m.wrk_missing, &m.haproxy_missing) {
         (Some(why), _) => nm(RPS, why),
         (None, Some(why)) => nm(
@@ -737,20 +795,14 @@ fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
             &format!("{why} (cc-proxy {:.0} req/s, direct {:.0} req/s)", c.median, d.median),
         ),
         (None, None) => {
-            let ratios: Vec<f64> = m
-                .rps_cc
-                .iter()
-                .zip(&m.rps_haproxy)
-                .map(|(c, h)| if *h > 0.0 { c / h } else { 0.0 })
-                .collect();
-            let r = Summary::of(&ratios);
+            let r = rep_ratios(&rate(&m.rps_cc), &rate(&m.rps_haproxy));
             Row {
                 id: RPS.0,
                 what: RPS.1,
                 baseline: RPS.2,
                 measured: format!(
-                    "**{:.2}x** HAProxy's (ratios {:.2}..{:.2}, n={}); cc-proxy {:.0} req/s ({:.0}..{:.0}), HAProxy {:.0} req/s ({:.0}..{:.0}), direct {:.0} req/s",
-                    r.median, r.min, r.max, r.n, c.median, c.min, c.max, h.median, h.min, h.max, d.median
+                    "**{:.2}x** HAProxy's (per-repetition ratios {:.2}..{:.2}, n={}); cc-proxy {} req/s, p99 {} us; HAProxy {} req/s, p99 {} us; direct {:.0} req/s",
+                    r.median, r.min, r.max, r.n, spread(&c, 0), spread(&c99, 0), spread(&h, 0), spread(&h99, 0), d.median
                 ),
                 target: RPS.3,
                 verdict: verdict(r.median >= 1.0),
@@ -761,6 +813,52 @@ fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
             }
         }
     });
+
+    // The balanced path against the single endpoint, repetition by repetition.
+    rows.push(match (&m.wrk_missing, &m.balanced) {
+        (Some(why), _) => nm(BAL, why),
+        (None, None) => nm(BAL, "not run"),
+        (None, Some(bal)) => {
+            let rr = rep_ratios(&rate(&bal.runs), &rate(&m.rps_cc));
+            // p99 judged at one connection (the latency blocks: stable); under wrk's load it is context, as
+            // on two shared cores it is mostly the scheduler's.
+            let lat = |f: fn(&crate::mesh::LatencyRep) -> f64| m.latency_reps.iter().map(f).collect::<Vec<_>>();
+            let pr = rep_ratios(&lat(|r| r.balanced_p99_us), &lat(|r| r.cc_p99_us));
+            let wr = rep_ratios(&p99(&bal.runs), &p99(&m.rps_cc));
+            let (b, b99) = (Summary::of(&rate(&bal.runs)), Summary::of(&p99(&bal.runs)));
+            let total: u64 = bal.per_endpoint.iter().sum();
+            let shares: Vec<f64> = bal
+                .per_endpoint
+                .iter()
+                .map(|n| if total > 0 { *n as f64 / total as f64 } else { 0.0 })
+                .collect();
+            let fair = 0.5 / bal.per_endpoint.len().max(1) as f64;
+            let least = shares.iter().copied().fold(f64::INFINITY, f64::min);
+            let shares_text = shares
+                .iter()
+                .map(|s| format!("{:.0}%", s * 100.0))
+                .collect::<Vec<_>>()
+                .join(" / ");
+            Row {
+                id: BAL.0,
+                what: BAL.1,
+                baseline: BAL.2,
+                measured: format!(
+                    "**{:.2}x** req/s (per-repetition ratios {:.2}..{:.2}, n={}), p99 at 1 connection **{:.2}x** ({:.2}..{:.2}; balanced {:.0} us, one endpoint {:.0} us pooled), p99 under wrk {:.2}x ({:.2}..{:.2}); balanced {} req/s, wrk p99 {} us; one endpoint {} req/s, wrk p99 {} us; requests per endpoint {shares_text} of {total}",
+                    rr.median, rr.min, rr.max, rr.n, pr.median, pr.min, pr.max,
+                    m.balanced_latency.p99_us, m.cc.p99_us, wr.median, wr.min, wr.max,
+                    spread(&b, 0), spread(&b99, 0), spread(&c, 0), spread(&c99, 0)
+                ),
+                target: BAL.3,
+                verdict: verdict(rr.median >= 0.9 && pr.median <= 1.5 && least >= fair),
+                value: Some(rr.median),
+                goal: 0.9,
+                higher_is_better: true,
+                unit: "x",
+            }
+        }
+    });
+
     let mibs = |v: &[f64]| Summary::of(&v.iter().map(|b| mib(*b)).collect::<Vec<_>>());
     let (c, h, d) = (mibs(&m.tcp_cc), mibs(&m.tcp_haproxy), mibs(&m.tcp_direct));
     let mut text = format!(
@@ -794,28 +892,49 @@ fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
         higher_is_better: true,
         unit: "MiB/s",
     });
-    rows.push(match m.idle_cc {
-        Some(cc) => {
-            let kib = cc / 1024.0;
-            let mut text =
-                format!("**{kib:.1} KiB/connection** over {IDLE_CONNECTIONS} connections");
-            if let Some(h) = m.idle_haproxy {
-                let _ = write!(text, "; HAProxy {:.1} KiB/connection", h / 1024.0);
+
+    // Idle memory: judged per hop (what one host's daemon holds in a real mesh); both hops shown too.
+    let kib = |v: Option<f64>| v.map(|b| b / 1024.0);
+    let (cin, cout, cboth) = (
+        kib(m.idle_cc.inbound),
+        kib(m.idle_cc.outbound),
+        kib(m.idle_cc.both),
+    );
+    rows.push(match (cin, cout) {
+        (Some(i), Some(o)) => {
+            let hop = i.max(o);
+            let mut text = format!(
+                "per hop **{hop:.1} KiB/connection** (the larger): inbound {i:.1} KiB, outbound {o:.1} KiB, each on its own daemon (2 sockets and 1 TLS session per connection)"
+            );
+            if let Some(b) = cboth {
+                let _ = write!(
+                    text,
+                    "; both hops in one daemon {b:.1} KiB: a daemon holding both ends (VMs a and b on the same host) pays the sum of the hops"
+                );
             }
+            let hp = &m.idle_haproxy;
+            if let (Some(hi), Some(ho)) = (kib(hp.inbound), kib(hp.outbound)) {
+                let _ = write!(
+                    text,
+                    "; HAProxy inbound {hi:.1} KiB, outbound {ho:.1} KiB, both {:.1} KiB",
+                    kib(hp.both).unwrap_or(0.0)
+                );
+            }
+            let _ = write!(text, "; {IDLE_CONNECTIONS} connections each");
             Row {
                 id: IDLE.0,
                 what: IDLE.1,
                 baseline: IDLE.2,
                 measured: text,
                 target: IDLE.3,
-                verdict: verdict(kib <= 16.0),
-                value: Some(kib),
+                verdict: verdict(hop <= 16.0),
+                value: Some(hop),
                 goal: 16.0,
                 higher_is_better: false,
                 unit: "KiB",
             }
         }
-        None => nm(IDLE, "not run"),
+        _ => nm(IDLE, "not run"),
     });
     rows.push(match &m.scale {
         Some(s) => Row {
@@ -864,14 +983,20 @@ thread, at the cost of multi-core throughput for hosts with many VMs, so the def
 p99 stays within 3x p50 for every mode. On a host with spare cores the floor, and with it these figures, is lower.",
         ),
         "mesh-idle" => Some(
-            "What an idle meshed connection holds in cc-proxy, both hops being in the one daemon: four sockets, two \
-rustls sessions (each keeps a 4 KiB read buffer once it has read, plus its keys and state, about 1.2 KiB inline), and two \
-connection tasks (inbound about 4.7 KiB, outbound about 2.4 KiB of future state in this build: a task is sized by its \
-largest state, and the TLS handshakes and the HTTP server, the largest ones, are boxed so they do not count). The opaque \
-copies hold no buffer while idle (bytes are read into a stack buffer within one poll). Measured earlier in the same \
-build before these changes (the copies held 1 KiB per direction, the handshakes and HTTP server were inline): 31 KiB. What is left is mostly rustls' per-session read buffer (8 KiB of the figure), \
-which the library sizes itself, and the tasks' remaining state. HAProxy, doing the same two hops, holds more per \
-connection (its figure is in the row).",
+            "In a mesh spread over hosts each host's daemon holds one hop of a meshed connection (VM a's outbound on \
+one host, VM b's inbound on another), so the target is judged per hop, each hop measured on its own fresh daemon: two \
+sockets, one rustls session and one connection task per connection. A daemon that holds both hops (both VMs on one \
+host) pays the sum, the row's both-hops figure. Per hop the memory is mostly rustls' session (a 4 KiB read buffer \
+once it has read, plus keys and state) and the task's future state (the TLS handshakes and the HTTP server, the \
+largest states, are boxed so they do not count while idle); the opaque copies hold no buffer while idle.",
+        ),
+        "mesh-balanced" => Some(
+            "Both paths go through the same balancer (every outbound destination is an endpoint set, one endpoint or \
+three), so what differs is the choice among three endpoints (power of two choices over peak-EWMA latency) and the \
+spreading of the 16 connections' requests over three endpoints' pools: up to three times the upstream connections \
+and TLS sessions, and three inbound listeners on the same daemon serving them, all on two cores shared with `wrk` and \
+the servers. The pools are reused (counted at the inbound listeners: a few dozen connections over all repetitions, \
+no churn). The ratio moves from run to run on this machine; a quieter run is needed to size the cost.",
         ),
         "mesh-rps" | "mesh-p50" => Some(
             "The two proxies are close: repeated runs on this shared 2-core machine put the cc-proxy / HAProxy ratio of \
@@ -908,7 +1033,31 @@ socket (the floor): the cost, on this machine, of having any process in the midd
 - Memory: VmRSS of the daemon after the load minus VmRSS of the same daemon idle just before (after 300 ms to settle). \
 VMs are registered over 16 client connections; streams are `stream.allocate` tokens spread over the VMs, each with \
 an attached idle shim connection.
-- Mesh: the two-hop mTLS path client -> VM a's outbound listener -> VM b's inbound listener -> server, both VMs on one daemon, against HAProxy (Debian's package, foreground, default threads) configured to do the same work: a frontend taking plaintext and originating TLS 1.3 with a's certificate, SNI b and a check of b's SAN (`verifyhost`), and a frontend terminating TLS 1.3 with b's certificate and requiring a client certificate from the same CA (`verify required`); `mode http` for requests, `mode tcp` for opaque bytes. One CA and the P-256 leaves of a and b are made by the benchmark (rcgen) and given to cc-proxy with `--mesh-identity-dir` and to HAProxy as PEM files. The server is in the benchmark process: hyper's HTTP/1.1 server answering every request with 2 bytes, and an opaque server that echoes or counts bytes. Latency: `GET /` over one keep-alive connection per path, the paths (direct, cc-proxy, HAProxy) taking turns in blocks of 100 after 200 warm-up requests; added = p50 of the path - p50 direct. Requests/s: `wrk -t2 -c16` for a few seconds per path, the order rotated per repetition. Throughput: one connection uploads to the counting server and waits for its count. Idle memory: 1,000 connections through the opaque listeners, each proven end to end by one echoed byte, then held; the proxy's VmRSS delta / 1,000 (cc-proxy holds both hops: 4 sockets and 2 TLS sessions per connection). Meshed VMs: 1,000 VMs registered on a fresh daemon with a `mesh` of 10 identities (embedded CA) and one inbound listener each, against 1,000 plain VMs on another fresh daemon; certificates issued are read from `cc_proxy_mesh_certificate_issuances_total`.
+- Mesh: the two-hop mTLS path client -> VM a's outbound listener -> VM b's inbound listener -> server, both VMs on \
+one daemon, against HAProxy (Debian's package, foreground, default threads) configured to do the same work: a \
+frontend taking plaintext and originating TLS 1.3 with a's certificate, SNI b and a check of b's SAN (`verifyhost`), \
+and a frontend terminating TLS 1.3 with b's certificate and requiring a client certificate from the same CA \
+(`verify required`); `mode http` for requests, `mode tcp` for opaque bytes. One CA and the P-256 leaves of a and b \
+are made by the benchmark (rcgen) and given to cc-proxy with `--mesh-identity-dir`, to HAProxy as PEM files and to \
+the benchmark's own rustls client and server as DER. The servers are in the benchmark process: three hyper HTTP/1.1 \
+servers answering every request with 2 bytes and counting requests, an opaque server that echoes or counts bytes, \
+and a TLS 1.3 echo server with b's certificate requiring a client certificate. Latency: `GET /` over one keep-alive \
+connection per path after 500 warm-up requests each; 7 repetitions (3 quick), in each the paths (direct, cc-proxy, \
+cc-proxy balanced, HAProxy) take turns in blocks of 100, the order rotated block by block; per repetition added = \
+p50 of the path - p50 direct, and the figure is the median over repetitions of cc-proxy's added / HAProxy's added. \
+Requests/s: `wrk -t2 -c16 --latency`, 1 s per path to warm up, then 7 repetitions (3 quick) of 3 s (1 s quick) per \
+path, the order rotated per repetition; the figure is the median of per-repetition ratios. Balanced: a's third \
+outbound listener has the destination b, b2, b3 (three VMs of identity b, each inbound listener before its own \
+server), measured in the same repetitions as the single-endpoint path (a's listener with the destination b): \
+requests/s by `wrk`, p99 from the latency blocks at one connection (wrk's p99 under load is shown as context), and \
+the requests each server answered during the balanced runs. Throughput: one connection uploads to the counting \
+server and waits for its count. Idle memory: 1,000 connections, each proven end to end by one echoed byte, then \
+held; VmRSS delta of the proxy / 1,000, each case on a fresh process: the inbound hop alone (the benchmark's rustls \
+client with a's certificate -> b's opaque inbound -> echo server), the outbound hop alone (plaintext -> a's opaque \
+outbound -> the benchmark's TLS echo server), and both hops in one process; HAProxy the same three ways (`mode tcp`). \
+Meshed VMs: 1,000 VMs registered on a fresh daemon with a `mesh` of 10 identities (embedded CA) and one inbound \
+listener each, against 1,000 plain VMs on another fresh daemon; certificates issued are read from \
+`cc_proxy_mesh_certificate_issuances_total`.
 - Start-up: the daemon is spawned with `NOTIFY_SOCKET` pointing at a datagram socket of the benchmark; time from \
 spawn to the `READY=1` datagram.";
 
