@@ -1210,10 +1210,23 @@ impl Dnsmasq {
             eprintln!("SKIP: dnsmasq is not installed (Debian package dnsmasq-base)");
             return None;
         }
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free UDP port")
-            .port();
+        // dnsmasq binds the port on UDP and TCP: a port free for both is taken from free_addr (TCP, outside
+        // the ephemeral range) and checked for UDP; if dnsmasq still cannot bind it (another test took it
+        // meanwhile) it exits, and another port is tried.
+        for _ in 0..5 {
+            let addr: SocketAddr = crate::common::free_addr().parse().expect("addr");
+            if std::net::UdpSocket::bind(addr).is_err() {
+                continue;
+            }
+            if let Some(dns) = Dnsmasq::spawn(dir, hosts, addr) {
+                return Some(dns);
+            }
+        }
+        panic!("dnsmasq does not answer on any of 5 loopback ports");
+    }
+
+    /// Start dnsmasq on `addr`; None if it exits (its port was taken) or never answers.
+    fn spawn(dir: &std::path::Path, hosts: &std::path::Path, addr: SocketAddr) -> Option<Dnsmasq> {
         let mut cmd = std::process::Command::new("dnsmasq");
         cmd.args([
             "--keep-in-foreground",
@@ -1224,14 +1237,14 @@ impl Dnsmasq {
             "--local-ttl=1",
             "--user=root",
         ])
-        .arg(format!("--port={port}"))
+        .arg(format!("--port={}", addr.port()))
         .arg(format!("--addn-hosts={}", hosts.display()))
         .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
         .stderr(std::process::Stdio::null());
         // Owned (and so killed and reaped) from here on, whatever happens next.
-        let dns = Dnsmasq {
+        let mut dns = Dnsmasq {
             child: cmd.spawn().expect("spawn dnsmasq"),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr,
         };
         // Wait until it answers an A query for web.test.
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
@@ -1245,8 +1258,13 @@ impl Dnsmasq {
             if probe.recv(&mut [0u8; 512]).is_ok() {
                 return Some(dns);
             }
+            if dns.child.try_wait().is_ok_and(|st| st.is_some()) {
+                eprintln!("dnsmasq exited at start on {addr} (port taken?); trying another port");
+                return None;
+            }
         }
-        panic!("dnsmasq does not answer on {}", dns.addr);
+        eprintln!("dnsmasq does not answer on {addr}");
+        None
     }
 
     /// Reread the hosts file.

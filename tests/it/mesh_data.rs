@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::{free_addr, Agent, Env};
+use crate::common::{eventually, free_addr, Agent, Env};
 
 pub(crate) const A: &str = "a.default.serviceaccount.identity.linkerd.cluster.local";
 pub(crate) const B: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
@@ -675,9 +675,15 @@ async fn h2_prior_knowledge_and_orig_proto_reach_the_guest_as_http1() {
 async fn sigterm_lets_a_request_in_flight_finish() {
     let mut m = Mesh::start(&[]).await;
     let a_http = m.a_http.clone();
+    let mark = m.env.dir.path().join("slow-arrived");
+    let path = format!("/slow?mark={}", mark.display());
     let slow =
-        std::thread::spawn(move || curl(&["-s", "-w", " %{http_code}", &url(&a_http, "/slow")]));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+        std::thread::spawn(move || curl(&["-s", "-w", " %{http_code}", &url(&a_http, &path)]));
+    // The daemon is stopped only once the request is at the guest: in flight through both hops.
+    assert!(
+        eventually(Duration::from_secs(10), || mark.exists()).await,
+        "the request never reached the guest"
+    );
     let status = m.env.stop_daemon().await;
     assert!(status.success(), "{status}");
     let (ok, out) = slow.join().expect("curl thread");

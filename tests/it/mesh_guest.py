@@ -4,7 +4,8 @@
 #   GET  /headers  -> JSON: the request's version, l5d-client-id values, the client's port (keep-alive reuse)
 #   GET  /big      -> 10 MiB of a known pattern
 #   POST /sum      -> "<sha256 hex> <length>" of the request body
-#   GET  /slow     -> waits 1.5 s, then "slow done" (drain tests)
+#   GET  /slow     -> waits 1.5 s, then "slow done" (drain tests); with ?mark=PATH it first creates the file
+#                     PATH, so a test knows the request has arrived
 #   GET  /ws       -> WebSocket (RFC 6455): echoes every text/binary message, answers a close with a close
 import base64
 import hashlib
@@ -12,6 +13,7 @@ import json
 import struct
 import sys
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BIG = bytes(i % 251 for i in range(10 * 1024 * 1024))
@@ -43,6 +45,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/big":
             self.reply(200, BIG, "application/octet-stream")
         elif path == "/slow":
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            for mark in query.get("mark", []):
+                open(mark, "w").close()
             time.sleep(1.5)
             self.reply(200, b"slow done")
         elif path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
