@@ -8,7 +8,8 @@
 //! DIR/<identity>/tls.key     the leaf's ECDSA P-256 private key (PEM: PKCS#8 or SEC1)
 //! ```
 //!
-//! Events: a `notify` watcher on DIR (recursive, following symlinks) bumps a change counter on every event;
+//! Events: a `notify` watcher on DIR (recursive, following symlinks) bumps a change counter on every event
+//! but reads (opens and closes without writing, which the rereads themselves cause);
 //! the identity publishers and the anchor reloader ([`super::identity`]) wait [`SETTLE`] for a burst to end
 //! and reread everything. Replacing a file, or swapping a symlinked directory the way Kubernetes updates a
 //! mounted Secret (`..data` → a new timestamped directory), both produce events in the watched tree.
@@ -38,6 +39,17 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// files and swaps a link) is read once, complete.
 pub const SETTLE: Duration = Duration::from_millis(100);
 
+/// Whether an event only says the tree was read (opened, read, closed without writing): the rereads cause
+/// those themselves.
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
+        notify::EventKind::Access(_) => true,
+        _ => false,
+    }
+}
+
 /// The identity directory and its watcher.
 #[derive(Clone)]
 pub struct FilesSource {
@@ -61,10 +73,14 @@ impl FilesSource {
         let (tx, rx) = watch::channel(0u64);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Err(e) = &event {
-                    tracing::warn!(error = %e, "mesh identity directory watch error");
+                match &event {
+                    // Reading is no change: the rereads' own opens and closes would otherwise start the next
+                    // reread, forever (a file closed after writing still counts).
+                    Ok(e) if is_read_only(&e.kind) => return,
+                    Ok(_) => {}
+                    // An error may hide a change too: reread.
+                    Err(e) => tracing::warn!(error = %e, "mesh identity directory watch error"),
                 }
-                // An error may hide a change too: reread in every case.
                 tx.send_modify(|n| *n = n.wrapping_add(1));
             })
             .map_err(|e| watch_err(e.to_string()))?;
@@ -125,6 +141,32 @@ mod tests {
     use super::*;
     use crate::mesh::ca::Ca;
     use crate::mesh::identity::{IdentityConfig, IdentityStore, SourceConfig};
+
+    #[test]
+    fn reads_are_not_changes_but_writes_creations_and_renames_are() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode,
+        };
+        use notify::EventKind;
+        for read in [
+            AccessKind::Open(AccessMode::Any),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Any,
+        ] {
+            assert!(is_read_only(&EventKind::Access(read)), "{read:?}");
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Remove(RemoveKind::Any),
+            EventKind::Any,
+        ] {
+            assert!(!is_read_only(&change), "{change:?}");
+        }
+    }
 
     const ID: &str = "b.default.serviceaccount.identity.linkerd.cluster.local";
 

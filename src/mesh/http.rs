@@ -65,12 +65,12 @@ pub struct UpstreamIo {
     pub _hold: Option<Box<dyn Send + Sync>>,
     /// What the connection reached (the guest target, the chosen endpoint's address): every response that
     /// comes over it carries it (an [`UpstreamEndpoint`] extension), for the tap.
-    pub endpoint: Option<String>,
+    pub endpoint: Option<Arc<str>>,
 }
 
 /// The response extension naming the upstream a pooled connection reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamEndpoint(pub String);
+pub struct UpstreamEndpoint(pub Arc<str>);
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(
@@ -175,7 +175,7 @@ impl Upstream {
         let connect: ConnectFn = Arc::new(move || {
             let target = target.clone();
             Box::pin(async move {
-                let endpoint = Some(target.to_string());
+                let endpoint = Some(Arc::from(target.to_string()));
                 let c = target
                     .connect(limits().connect_timeout)
                     .await
@@ -276,6 +276,8 @@ pub struct HttpSession {
     pub denied: Option<Refusal>,
     pub upstream: Arc<Upstream>,
     pub guest: GuestProtocol,
+    /// The metric series of the connection's last authority (see [`metrics::RequestSeries`]).
+    pub series: std::sync::Mutex<Option<metrics::RequestSeries>>,
 }
 
 fn proxy_response(status: StatusCode, error: &str) -> Response<RespBody> {
@@ -298,17 +300,52 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// The request's authority: `:authority`/the URI's, else `Host`.
-fn authority<B>(req: &Request<B>) -> String {
+fn authority<B>(req: &Request<B>) -> &str {
     req.uri()
         .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            req.headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or_default()
+}
+
+impl HttpSession {
+    /// The connection's series, pointed at `auth` (resolved again only when the authority changes).
+    fn series<'a>(
+        &self,
+        cache: &'a mut Option<metrics::RequestSeries>,
+        auth: &str,
+    ) -> &'a mut metrics::RequestSeries {
+        if cache.as_ref().is_some_and(|s| s.authority() != auth) {
+            *cache = None;
+        }
+        cache.get_or_insert_with(|| {
+            let peer_id = self.peer.clone().unwrap_or_default();
+            let (client_id, server_id) = match self.direction {
+                Direction::Inbound => (peer_id, String::new()),
+                Direction::Outbound => (String::new(), peer_id),
+            };
+            metrics::RequestSeries::new(HttpLabels {
+                direction: self.direction.as_str(),
+                tls: self.tls.as_str(),
+                client_id,
+                server_id,
+                authority: auth.to_string(),
+                vm: self.vm.clone(),
+            })
+        })
+    }
+
+    /// Count a request to `auth`.
+    fn count_request(&self, auth: &str) {
+        let mut cache = crate::sync::lock(&self.series);
+        self.series(&mut cache, auth).request();
+    }
+
+    /// Count the response to a request to `auth`.
+    fn count_response(&self, auth: &str, status: u16, latency_ms: f64) {
+        let mut cache = crate::sync::lock(&self.series);
+        self.series(&mut cache, auth).response(status, latency_ms);
+    }
 }
 
 async fn handle(
@@ -316,27 +353,18 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, hyper::Error> {
     let start = Instant::now();
-    let auth = authority(&req);
-    let peer_id = s.peer.clone().unwrap_or_default();
-    let (client_id, server_id) = match s.direction {
-        Direction::Inbound => (peer_id, String::new()),
-        Direction::Outbound => (String::new(), peer_id),
-    };
-    let labels = HttpLabels {
-        direction: s.direction.as_str(),
-        tls: s.tls.as_str(),
-        client_id,
-        server_id,
-        authority: auth.clone(),
-        vm: s.vm.clone(),
-    };
-    metrics::http_request(&labels);
-    let method = req.method().to_string();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let auth = authority(&req).to_string();
+    s.count_request(&auth);
+    // What the tap shows, kept only while someone taps.
+    let tapped = tap::enabled().then(|| {
+        (
+            req.method().to_string(),
+            req.uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+        )
+    });
     let (resp, endpoint) = match s.denied {
         Some(reason) => {
             let msg = match reason {
@@ -354,26 +382,28 @@ async fn handle(
     };
     let status = resp.status().as_u16();
     let latency = start.elapsed();
-    metrics::http_response(&labels, status, latency.as_secs_f64() * 1000.0);
-    let vm = s.vm.clone();
-    let peer = s.peer.clone();
-    let direction = s.direction;
-    tap::emit(s.owner, move || {
-        let r = MeshRequest {
-            vm,
-            method,
-            authority: auth,
-            path,
-            status,
-            latency_us: latency.as_micros() as u64,
-            peer_identity: peer,
-            endpoint,
-        };
-        match direction {
-            Direction::Inbound => TapEvent::MeshInboundRequest(r),
-            Direction::Outbound => TapEvent::MeshOutboundRequest(r),
-        }
-    });
+    s.count_response(&auth, status, latency.as_secs_f64() * 1000.0);
+    if let Some((method, path)) = tapped {
+        let vm = s.vm.clone();
+        let peer = s.peer.clone();
+        let direction = s.direction;
+        tap::emit(s.owner, move || {
+            let r = MeshRequest {
+                vm,
+                method,
+                authority: auth,
+                path,
+                status,
+                latency_us: latency.as_micros() as u64,
+                peer_identity: peer,
+                endpoint: endpoint.map(|e| e.to_string()),
+            };
+            match direction {
+                Direction::Inbound => TapEvent::MeshInboundRequest(r),
+                Direction::Outbound => TapEvent::MeshOutboundRequest(r),
+            }
+        });
+    }
     Ok(resp)
 }
 
@@ -383,7 +413,7 @@ async fn forward(
     s: &HttpSession,
     mut req: Request<Incoming>,
     auth: &str,
-) -> (Response<RespBody>, Option<String>) {
+) -> (Response<RespBody>, Option<Arc<str>>) {
     let inbound = s.direction == Direction::Inbound;
     if inbound {
         let headers = req.headers_mut();
@@ -553,4 +583,84 @@ pub async fn serve_inbound(
         }
     };
     r.map_err(HttpError::Serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(vm: &str, direction: Direction) -> HttpSession {
+        HttpSession {
+            direction,
+            vm: vm.to_string(),
+            owner: 0,
+            peer: Some("b.default.serviceaccount.identity.linkerd.cluster.local".to_string()),
+            tls: TlsLabel::Yes,
+            denied: None,
+            upstream: Arc::new(Upstream::new(Endpoint::Tcp("127.0.0.1:9".to_string()))),
+            guest: GuestProtocol::AsReceived,
+            series: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn labels(s: &HttpSession, authority: &str) -> HttpLabels {
+        HttpLabels {
+            direction: s.direction.as_str(),
+            tls: "true",
+            client_id: String::new(),
+            server_id: s.peer.clone().unwrap_or_default(),
+            authority: authority.to_string(),
+            vm: s.vm.clone(),
+        }
+    }
+
+    fn responses(l: &HttpLabels, status: &str, classification: &'static str) -> u64 {
+        metrics::METRICS
+            .response
+            .get_or_create(&metrics::ResponseLabels {
+                direction: l.direction,
+                tls: l.tls,
+                client_id: l.client_id.clone(),
+                server_id: l.server_id.clone(),
+                authority: l.authority.clone(),
+                vm: l.vm.clone(),
+                status_code: status.to_string(),
+                classification,
+            })
+            .get()
+    }
+
+    /// The connection's cached series count exactly what one lookup per request counted: per authority (the
+    /// authority changing between requests, and back), per status code (more codes than are kept resolved).
+    #[test]
+    fn cached_series_count_every_request_and_response_under_its_labels() {
+        let s = session("series-test-vm", Direction::Outbound);
+        let _serving = metrics::serving("series-test-vm");
+        let (x, y) = (labels(&s, "x.example:80"), labels(&s, "y.example:80"));
+        for _ in 0..3 {
+            s.count_request("x.example:80");
+            s.count_response("x.example:80", 200, 1.0);
+        }
+        s.count_request("y.example:80");
+        s.count_response("y.example:80", 503, 2.0);
+        s.count_request("x.example:80");
+        // An HTTP/2 request to x answered after one to y began.
+        s.count_request("y.example:80");
+        s.count_response("x.example:80", 200, 1.0);
+        s.count_response("y.example:80", 200, 1.0);
+        let statuses: Vec<u16> = (400..400 + metrics::MAX_CACHED_STATUSES as u16 + 3).collect();
+        for st in &statuses {
+            s.count_request("y.example:80");
+            s.count_response("y.example:80", *st, 1.0);
+        }
+        let m = &metrics::METRICS;
+        assert_eq!(m.request.get_or_create(&x).get(), 4);
+        assert_eq!(m.request.get_or_create(&y).get(), 2 + statuses.len() as u64);
+        assert_eq!(responses(&x, "200", "success"), 4);
+        assert_eq!(responses(&y, "503", "failure"), 1);
+        assert_eq!(responses(&y, "200", "success"), 1);
+        for st in &statuses {
+            assert_eq!(responses(&y, &st.to_string(), "success"), 1, "{st}");
+        }
+    }
 }

@@ -385,6 +385,7 @@ async fn serve(
                     },
                     upstream,
                     guest,
+                    series: std::sync::Mutex::new(None),
                 }),
                 vm.shutdown.clone(),
             ))

@@ -550,23 +550,93 @@ impl Drop for TcpConn {
     }
 }
 
-/// One HTTP request's metrics.
-pub fn http_request(labels: &HttpLabels) {
-    count(
-        &METRICS.request,
-        labels,
-        &labels.vm,
-        |c| &mut c.http,
-        |c| {
-            c.inc();
-        },
-    );
+/// Distinct status codes one [`RequestSeries`] keeps resolved; responses with further codes are looked up
+/// each time (still counted).
+pub const MAX_CACHED_STATUSES: usize = 8;
+
+/// One connection's series for the requests to one authority, resolved once: looking a series up hashes and
+/// compares every label, and building the labels copies every string, per request and per hop otherwise. An
+/// HTTP connection usually asks for one authority, so the connection keeps the series of the last one.
+/// Series are resolved as [`count`] does: created (and recorded with the VM) only while the VM serves; a
+/// series removed with its VM while a connection still holds it counts on, unseen (a straggler).
+pub struct RequestSeries {
+    labels: HttpLabels,
+    /// `None`: the VM was not serving, nothing is counted.
+    request: Option<Counter>,
+    latency: Option<Histogram>,
+    /// `response_total` by status code, as they come (at most [`MAX_CACHED_STATUSES`]).
+    responses: Vec<(u16, Option<Counter>)>,
 }
 
-/// The response to a request counted with `labels`.
-pub fn http_response(labels: &HttpLabels, status: u16, latency_ms: f64) {
-    let classification = if status >= 500 { "failure" } else { "success" };
-    let response = ResponseLabels {
+/// `family`'s series `labels` of VM `vm`, created and recorded in the VM's set `set` if need be; `None` when
+/// the VM does not serve (as [`count`]).
+fn resolve<L, M, C>(
+    family: &Family<L, M, C>,
+    labels: &L,
+    vm: &str,
+    set: fn(&mut Created) -> &mut HashSet<L>,
+) -> Option<M>
+where
+    L: Clone + Hash + Eq,
+    M: Clone,
+    C: MetricConstructor<M>,
+{
+    let mut found = None;
+    count(family, labels, vm, set, |m| found = Some(m.clone()));
+    found
+}
+
+impl RequestSeries {
+    pub fn new(labels: HttpLabels) -> RequestSeries {
+        let m = &*METRICS;
+        RequestSeries {
+            request: resolve(&m.request, &labels, &labels.vm, |c| &mut c.http),
+            latency: resolve(&m.response_latency_ms, &labels, &labels.vm, |c| &mut c.http),
+            labels,
+            responses: Vec::new(),
+        }
+    }
+
+    /// The authority these series count.
+    pub fn authority(&self) -> &str {
+        &self.labels.authority
+    }
+
+    /// One request.
+    pub fn request(&self) {
+        if let Some(c) = &self.request {
+            c.inc();
+        }
+    }
+
+    /// Its response: `response_total` by status code and class, and `response_latency_ms`.
+    pub fn response(&mut self, status: u16, latency_ms: f64) {
+        if let Some(h) = &self.latency {
+            h.observe(latency_ms);
+        }
+        let counter = match self.responses.iter().find(|(s, _)| *s == status) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = resolve(
+                    &METRICS.response,
+                    &response_labels(&self.labels, status),
+                    &self.labels.vm,
+                    |c| &mut c.response,
+                );
+                if self.responses.len() < MAX_CACHED_STATUSES {
+                    self.responses.push((status, c.clone()));
+                }
+                c
+            }
+        };
+        if let Some(c) = counter {
+            c.inc();
+        }
+    }
+}
+
+fn response_labels(labels: &HttpLabels, status: u16) -> ResponseLabels {
+    ResponseLabels {
         direction: labels.direction,
         tls: labels.tls,
         client_id: labels.client_id.clone(),
@@ -574,24 +644,8 @@ pub fn http_response(labels: &HttpLabels, status: u16, latency_ms: f64) {
         authority: labels.authority.clone(),
         vm: labels.vm.clone(),
         status_code: status.to_string(),
-        classification,
-    };
-    count(
-        &METRICS.response,
-        &response,
-        &labels.vm,
-        |c| &mut c.response,
-        |c| {
-            c.inc();
-        },
-    );
-    count(
-        &METRICS.response_latency_ms,
-        labels,
-        &labels.vm,
-        |c| &mut c.http,
-        |h| h.observe(latency_ms),
-    );
+        classification: if status >= 500 { "failure" } else { "success" },
+    }
 }
 
 /// A stream that counts the bytes read from it (`up`) and written to it (`down`), for connections whose
@@ -689,8 +743,9 @@ mod tests {
             authority: "web".into(),
             vm: vm.into(),
         };
-        http_request(&http);
-        http_response(&http, 200, 3.0);
+        let mut series = RequestSeries::new(http.clone());
+        series.request();
+        series.response(200, 3.0);
         // Another VM's series are not touched by this one's removal.
         let other = serving("other-vm");
         refused("other-vm", Direction::Outbound, Refusal::Connect);
@@ -731,6 +786,17 @@ mod tests {
         refused(vm, Direction::Outbound, Refusal::Connect);
         let conn = TcpConn::open(vm, Direction::Inbound, TlsLabel::Yes, Some("a.id"));
         drop(conn);
+        // A connection still holding its request series after the drain, or resolving new ones, counts
+        // nothing that shows.
+        series.request();
+        series.response(503, 1.0);
+        let mut late = RequestSeries::new(http.clone());
+        late.request();
+        late.response(200, 1.0);
+        assert!(METRICS.request.get(&http).is_none());
+        assert!(METRICS.response_latency_ms.get(&http).is_none());
+        assert!(METRICS.response.get(&response_labels(&http, 503)).is_none());
+        assert!(METRICS.response.get(&response_labels(&http, 200)).is_none());
         assert_eq!(refusals(vm), None);
         assert!(METRICS.tcp_open.get(&tcp_labels(vm)).is_none());
         assert!(METRICS.tcp_open_connections.get(&tcp_labels(vm)).is_none());

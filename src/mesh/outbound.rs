@@ -384,7 +384,7 @@ fn member_connector(vm: Arc<VmShared>, listener: String, member: Arc<Member>) ->
                 Ok(io) => Ok(http::UpstreamIo {
                     io,
                     _hold: Some(Box::new(guard)),
-                    endpoint: Some(m.addr().to_string()),
+                    endpoint: Some(Arc::from(m.addr().to_string())),
                 }),
                 Err(e) => {
                     if let Some(r) = e.refusal() {
@@ -427,7 +427,7 @@ fn addr_upstream(vm: Arc<VmShared>, addr: SocketAddr, identity: Option<String>) 
                 Ok(io) => Ok(http::UpstreamIo {
                     io,
                     _hold: None,
-                    endpoint: Some(addr.to_string()),
+                    endpoint: Some(Arc::from(addr.to_string())),
                 }),
                 Err(e) => {
                     if let Some(r) = e.refusal() {
@@ -524,6 +524,7 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
                             http::GuestProtocol::AsReceived
                         }
                     },
+                    series: std::sync::Mutex::new(None),
                 }),
                 vm.shutdown.clone(),
             ))

@@ -752,6 +752,78 @@ async fn a_lost_vms_listeners_stop_and_its_identity_is_released() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_files_are_reread_only_when_they_change() {
+    // Reading the files is no change: the daemon's own rereads must not start the next one (which would reread
+    // and reparse every identity's files several times a second, forever). Watched from outside, an idle
+    // serving daemon opens nothing in the directory; a change is still picked up.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ca = self_signed_ca(tmp.path(), "quiet");
+    let dir = tmp.path().join("identity");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(&ca.1, dir.join("ca.crt")).expect("anchors");
+    issue_leaf(&ca, B, &dir.join("v1"));
+    swap_link(&dir, B, "v1");
+    let dir_arg = dir.to_str().expect("path").to_string();
+    let mut env = Env::start_with(&["--mesh-identity-dir", &dir_arg]).await;
+    let agent = env.agent(&[]);
+    let r = register(&env, "vm1", &agent, mesh(B)).await;
+    assert!(r.get("result").is_some(), "{r}\n{}", env.logs());
+    let first = serial(&env, "vm1").await;
+
+    use notify::Watcher;
+    // Files opened (directories are opened by the watch itself as it walks the tree).
+    let opens = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let counted = opens.clone();
+    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if let Ok(e) = e {
+            if matches!(
+                e.kind,
+                notify::EventKind::Access(notify::event::AccessKind::Open(_))
+            ) {
+                let files = e.paths.into_iter().filter(|p| p.is_file());
+                counted.lock().expect("lock").extend(files);
+            }
+        }
+    })
+    .expect("watcher");
+    // Whatever the start-up reads were, they are over after a few settle periods.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher
+        .watch(&dir, notify::RecursiveMode::Recursive)
+        .expect("watch");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = std::mem::take(&mut *opens.lock().expect("lock"));
+    assert!(
+        seen.is_empty(),
+        "the daemon keeps rereading unchanged identity files: {seen:?}\n{}",
+        env.logs()
+    );
+    // A real change is still read, once.
+    issue_leaf(&ca, B, &dir.join("v2"));
+    swap_link(&dir, B, "v2");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while serial(&env, "vm1").await == first {
+        assert!(
+            Instant::now() < deadline,
+            "the swap was not picked up\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    opens.lock().expect("lock").clear();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = std::mem::take(&mut *opens.lock().expect("lock"));
+    assert!(
+        seen.is_empty(),
+        "rereads go on after the change: {seen:?}\n{}",
+        env.logs()
+    );
+    drop(watcher);
+    let _ = env.stop_daemon().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_do_not_serve_before_the_identity_has_a_certificate() {
     // Files mode with no files for the identity yet: the VM registers, its listener is bound but serves no
     // handshake, until the files appear.
