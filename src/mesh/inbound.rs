@@ -169,6 +169,23 @@ pub async fn handle(acc: Accepted, l: Arc<InboundListener>, vm: Arc<VmShared>) {
 }
 
 async fn run(acc: Accepted, l: &InboundListener, vm: &VmShared) -> Result<(), InboundError> {
+    // The opening states (detection, handshake, transport header) are boxed and gone once it is open: a task
+    // is sized by its largest state, and an idle connection, waiting in its copy or HTTP server, should not
+    // carry their space.
+    let o = Box::pin(open(acc, l, vm)).await?;
+    serve(o.io, o.session, o.protocol, o.target, o.upstream, vm).await
+}
+
+/// An accepted connection once its TLS (if ours) is terminated and its peer known.
+struct Opened {
+    io: BoxIo,
+    session: Session,
+    protocol: MeshProtocol,
+    target: Endpoint,
+    upstream: Arc<Upstream>,
+}
+
+async fn open(acc: Accepted, l: &InboundListener, vm: &VmShared) -> Result<Opened, InboundError> {
     let lim = limits();
     let mut conn = acc.conn;
     if let Some(dst) = acc.original_dst {
@@ -193,19 +210,17 @@ async fn run(acc: Accepted, l: &InboundListener, vm: &VmShared) -> Result<(), In
         } else {
             l.cfg.protocol
         };
-        return serve(
-            Box::new(io),
-            Session {
+        return Ok(Opened {
+            io: Box::new(io),
+            session: Session {
                 peer,
                 tls: TlsLabel::NoTls,
                 decision,
             },
             protocol,
-            l.target.clone(),
-            l.upstream.clone(),
-            vm,
-        )
-        .await;
+            target: l.target.clone(),
+            upstream: l.upstream.clone(),
+        });
     }
     let configs = vm.configs().ok_or(InboundError::NoCredential)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(configs.server.clone());
@@ -251,9 +266,9 @@ async fn run(acc: Accepted, l: &InboundListener, vm: &VmShared) -> Result<(), In
         };
         tracing::debug!(vm = %vm.vm, %target, name = ?header.name, "mesh inbound: transport header");
         let upstream = Arc::new(Upstream::new(target.clone()));
-        return serve(
-            Box::new(stream),
-            Session {
+        return Ok(Opened {
+            io: Box::new(stream),
+            session: Session {
                 peer,
                 tls: TlsLabel::Yes,
                 decision,
@@ -261,23 +276,19 @@ async fn run(acc: Accepted, l: &InboundListener, vm: &VmShared) -> Result<(), In
             protocol,
             target,
             upstream,
-            vm,
-        )
-        .await;
+        });
     }
-    serve(
-        Box::new(stream),
-        Session {
+    Ok(Opened {
+        io: Box::new(stream),
+        session: Session {
             peer,
             tls: TlsLabel::Yes,
             decision,
         },
-        l.cfg.protocol,
-        l.target.clone(),
-        l.upstream.clone(),
-        vm,
-    )
-    .await
+        protocol: l.cfg.protocol,
+        target: l.target.clone(),
+        upstream: l.upstream.clone(),
+    })
 }
 
 /// The target's host with another port (a transport header's).
@@ -322,13 +333,12 @@ async fn serve(
         // `http1`/`http2` name what the guest speaks; what the peer speaks is still detected (a peer may
         // send HTTP/2 to an HTTP/1 guest), and anything else is served as HTTP/1 (hyper answers 400).
         MeshProtocol::Auto | MeshProtocol::Http1 | MeshProtocol::Http2 => {
-            let (prefix, d) =
-                detect::http(&mut io, lim.detect_timeout)
-                    .await
-                    .map_err(|source| InboundError::Io {
-                        stage: Stage::Protocol,
-                        source,
-                    })?;
+            let (prefix, d) = Box::pin(detect::http(&mut io, lim.detect_timeout))
+                .await
+                .map_err(|source| InboundError::Io {
+                    stage: Stage::Protocol,
+                    source,
+                })?;
             io = Box::new(Rewind::new(prefix, io));
             match (protocol, d) {
                 (MeshProtocol::Auto, d) => d,
@@ -350,7 +360,7 @@ async fn serve(
                 conn_metrics.close(&counts, None);
                 return Err(InboundError::Denied(r));
             }
-            let upstream_conn = match target.connect(lim.connect_timeout).await {
+            let upstream_conn = match Box::pin(target.connect(lim.connect_timeout)).await {
                 Ok(c) => c,
                 Err(e) => {
                     conn_metrics.close(&counts, e_errno(&e));

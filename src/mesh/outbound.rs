@@ -457,9 +457,12 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
         Dest::Dynamic => match acc.original_dst {
             Some(a) => Some(a),
             None => {
-                let a = tokio::time::timeout(lim.handshake_timeout, read_proxy_header(&mut guest))
-                    .await
-                    .map_err(|_| OutboundError::ProxyHeaderTimeout)??;
+                let a = Box::pin(tokio::time::timeout(
+                    lim.handshake_timeout,
+                    read_proxy_header(&mut guest),
+                ))
+                .await
+                .map_err(|_| OutboundError::ProxyHeaderTimeout)??;
                 Some(a)
             }
         },
@@ -476,7 +479,9 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
     let mut guest: BoxIo = Box::new(guest);
     let opaque_set = matches!(&l.dest, Dest::Set(set) if set.is_opaque());
     if l.opaque_transport_port.is_none() && l.cfg.protocol != MeshProtocol::Opaque && !opaque_set {
-        let (prefix, d) = detect::http(&mut guest, lim.detect_timeout)
+        // The passing states (detection, connects, headers) are boxed: a task is sized by its largest
+        // state, and an idle connection, waiting in its copy or HTTP server, should not carry their space.
+        let (prefix, d) = Box::pin(detect::http(&mut guest, lim.detect_timeout))
             .await
             .map_err(OutboundError::Detect)?;
         guest = Box::new(Rewind::new(prefix, guest));
@@ -536,13 +541,13 @@ async fn run(acc: Accepted, l: &OutboundListener, vm: &Arc<VmShared>) -> Result<
     // Opaque: one connection to one endpoint.
     let (server, identity, _open) = match (&l.dest, addr) {
         (Dest::Set(set), _) => {
-            let m = ready_member(set).await?;
+            let m = Box::pin(ready_member(set)).await?;
             let open = m.open_guard();
-            let io = connect_member(vm, &l.cfg.listen, &m, transport_port(&m)).await?;
+            let io = Box::pin(connect_member(vm, &l.cfg.listen, &m, transport_port(&m))).await?;
             (io, m.endpoint.identity.clone(), Some(open))
         }
         (Dest::Dynamic, Some(a)) => {
-            let io = open_upstream(vm, a, l.identity.as_deref(), None, None).await?;
+            let io = Box::pin(open_upstream(vm, a, l.identity.as_deref(), None, None)).await?;
             (io, l.identity.clone(), None)
         }
         (Dest::Dynamic, None) => return Err(OutboundError::NoDestination),
