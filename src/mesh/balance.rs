@@ -36,7 +36,6 @@ use tower::buffer::Buffer;
 use tower::discover::Change;
 use tower::load::peak_ewma::Handle;
 use tower::load::{PeakEwma, TrackCompletion};
-use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 use cc_proxy_api::mesh::{
@@ -636,8 +635,11 @@ pub enum BalanceError {
 /// Per-request balancing of one destination's HTTP requests: tower's power of two choices over peak-EWMA
 /// latency, behind a queue (`--mesh-balancer-queue`) served by one task, with fail-fast.
 pub struct HttpBalancer {
-    service: BoxCloneSyncService<Req, BalancedResponse, BoxError>,
+    service: Buffer<Req, <Queued as Service<Req>>::Future>,
 }
+
+/// What the queue's task drives.
+type Queued = FailFast<Balance<Changes, Req>>;
 
 impl HttpBalancer {
     /// Balance over `dest`, each endpoint's pools made by `services`. Spawns the queue's task (it ends when
@@ -651,9 +653,8 @@ impl HttpBalancer {
             sleep: None,
             failing: false,
         };
-        let buffer = Buffer::new(failfast, lim.balancer_queue);
         HttpBalancer {
-            service: BoxCloneSyncService::new(buffer),
+            service: Buffer::new(failfast, lim.balancer_queue),
         }
     }
 

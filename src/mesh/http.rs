@@ -29,6 +29,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection as HyperConnection};
 use hyper_util::client::legacy::Client;
@@ -453,20 +454,19 @@ async fn forward(
             }
         }
     }
-    // The pooled client wants absolute URIs; the connector ignores them (the target is fixed).
+    // The pooled client wants absolute URIs; the connector ignores them (the target is fixed). The parts are
+    // reused (shared bytes), only a missing or different authority is parsed.
     if req.method() != Method::CONNECT {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
         let host = if auth.is_empty() { "guest" } else { auth };
-        if let Ok(u) = Uri::builder()
-            .scheme("http")
-            .authority(host)
-            .path_and_query(pq)
-            .build()
-        {
+        let mut parts = req.uri().clone().into_parts();
+        parts.scheme = Some(Scheme::HTTP);
+        if parts.authority.as_ref().map(|a| a.as_str()) != Some(host) {
+            parts.authority = host.parse::<Authority>().ok();
+        }
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        if let Ok(u) = Uri::from_parts(parts) {
             *req.uri_mut() = u;
         }
     }
