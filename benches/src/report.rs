@@ -844,7 +844,7 @@ fn mesh_rows(m: Option<&MeshResults>) -> Vec<Row> {
                 what: BAL.1,
                 baseline: BAL.2,
                 measured: format!(
-                    "**{:.2}x** req/s (per-repetition ratios {:.2}..{:.2}, n={}), p99 at 1 connection **{:.2}x** ({:.2}..{:.2}; balanced {:.0} us, one endpoint {:.0} us pooled), p99 under wrk {:.2}x ({:.2}..{:.2}); balanced {} req/s, wrk p99 {} us; one endpoint {} req/s, wrk p99 {} us; requests per endpoint {shares_text} of {total}",
+                    "**{:.3}x** req/s (per-repetition ratios {:.2}..{:.2}, n={}), p99 at 1 connection **{:.3}x** ({:.2}..{:.2}; balanced {:.0} us, one endpoint {:.0} us pooled), p99 under wrk {:.2}x ({:.2}..{:.2}); balanced {} req/s, wrk p99 {} us; one endpoint {} req/s, wrk p99 {} us; requests per endpoint {shares_text} of {total}",
                     rr.median, rr.min, rr.max, rr.n, pr.median, pr.min, pr.max,
                     m.balanced_latency.p99_us, m.cc.p99_us, wr.median, wr.min, wr.max,
                     spread(&b, 0), spread(&b99, 0), spread(&c, 0), spread(&c99, 0)
