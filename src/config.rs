@@ -264,6 +264,7 @@ impl Config {
                     .max(MIN_MESH_TIMEOUT),
                 fd_reserve: cli.fd_reserve,
                 balancer_queue: cli.mesh_balancer_queue.max(1),
+                max_authorities: cli.mesh_max_authorities.max(1),
             },
             mesh_identity: IdentityConfig {
                 source,

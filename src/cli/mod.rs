@@ -223,6 +223,11 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_BALANCER_QUEUE, value_name = "N")]
     pub mesh_balancer_queue: usize,
 
+    /// Mesh: distinct `authority` label values of one VM's request metrics; requests to further authorities
+    /// are counted under `authority="~other"`, so a peer cannot grow /metrics without bound.
+    #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_MAX_AUTHORITIES, value_name = "N")]
+    pub mesh_max_authorities: usize,
+
     /// Lifetime of the certificates the embedded mesh CA issues (renewed at 70%): a number with a unit,
     /// `s`, `m`, `h` or `d` (2s to 365d).
     #[arg(long, default_value = crate::mesh::identity::DEFAULT_CERT_LIFETIME, value_name = "DURATION")]

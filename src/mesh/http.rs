@@ -325,14 +325,17 @@ impl HttpSession {
                 Direction::Inbound => (peer_id, String::new()),
                 Direction::Outbound => (String::new(), peer_id),
             };
-            metrics::RequestSeries::new(HttpLabels {
-                direction: self.direction.as_str(),
-                tls: self.tls.as_str(),
-                client_id,
-                server_id,
-                authority: auth.to_string(),
-                vm: self.vm.clone(),
-            })
+            metrics::RequestSeries::new(
+                HttpLabels {
+                    direction: self.direction.as_str(),
+                    tls: self.tls.as_str(),
+                    client_id,
+                    server_id,
+                    authority: auth.to_string(),
+                    vm: self.vm.clone(),
+                },
+                crate::mesh::listener::limits().max_authorities,
+            )
         })
     }
 
@@ -355,7 +358,13 @@ async fn handle(
 ) -> Result<Response<RespBody>, hyper::Error> {
     let start = Instant::now();
     let auth = authority(&req).to_string();
-    s.count_request(&auth);
+    // A denied peer's requests are counted without the authority it chose: it gets no series of its own.
+    let label = if s.denied.is_some() {
+        ""
+    } else {
+        auth.as_str()
+    };
+    s.count_request(label);
     // What the tap shows, kept only while someone taps.
     let tapped = tap::enabled().then(|| {
         (
@@ -383,7 +392,7 @@ async fn handle(
     };
     let status = resp.status().as_u16();
     let latency = start.elapsed();
-    s.count_response(&auth, status, latency.as_secs_f64() * 1000.0);
+    s.count_response(label, status, latency.as_secs_f64() * 1000.0);
     if let Some((method, path)) = tapped {
         let vm = s.vm.clone();
         let peer = s.peer.clone();

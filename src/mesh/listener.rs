@@ -61,6 +61,9 @@ pub const DEFAULT_FAILFAST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Requests of one outbound destination queued for its balancer (`--mesh-balancer-queue`); more wait (within
 /// the fail-fast time) for room. Linkerd's outbound queue holds 10,000.
 pub const DEFAULT_BALANCER_QUEUE: usize = 10_000;
+/// Distinct `authority` label values in one VM's request metrics (`--mesh-max-authorities`); the
+/// authority comes from the client, so further ones share the label `~other`.
+pub const DEFAULT_MAX_AUTHORITIES: usize = 100;
 
 /// The data plane's limits, daemon-wide.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +82,7 @@ pub struct Limits {
     /// connection accepted into the reserve is closed (`fd_reserve`).
     pub fd_reserve: u64,
     pub balancer_queue: usize,
+    pub max_authorities: usize,
 }
 
 impl Default for Limits {
@@ -96,6 +100,7 @@ impl Default for Limits {
             failfast_timeout: DEFAULT_FAILFAST_TIMEOUT,
             fd_reserve: crate::config::DEFAULT_FD_RESERVE,
             balancer_queue: DEFAULT_BALANCER_QUEUE,
+            max_authorities: DEFAULT_MAX_AUTHORITIES,
         }
     }
 }
@@ -315,8 +320,9 @@ pub struct Accepted {
 
 /// Serve `bound` until `ctx.shutdown`, then drain. Returns once every connection has ended.
 pub async fn serve_vm(bound: BoundListeners, cfg: Arc<MeshConfig>, ctx: MeshVmCtx) {
-    let _ = cfg; // the listeners carry their own parsed configuration
-                 // The VM's metric series live as long as this (the last instance of the VM to end removes them).
+    // The listeners carry their own parsed configuration.
+    let _ = cfg;
+    // The VM's metric series live as long as this (the last instance of the VM to end removes them).
     let _series = metrics::serving(&ctx.vm);
     let tls = tls::watch_configs(
         ctx.vm.clone(),

@@ -229,6 +229,34 @@ struct Created {
     response: HashSet<ResponseLabels>,
     refused: HashSet<RefusalLabels>,
     ejections: HashSet<ListenerLabels>,
+    /// The `authority` label values of the VM's request series (at most `--mesh-max-authorities`).
+    authorities: HashSet<String>,
+}
+
+/// The `authority` label of requests to authorities beyond a VM's `--mesh-max-authorities` (never a valid
+/// host name, so it cannot be mistaken for one).
+pub const OTHER_AUTHORITY: &str = "~other";
+
+/// The label VM `vm`'s requests to `authority` are counted under: the authority itself while the VM has fewer
+/// than `max` distinct ones (or already has this one), else [`OTHER_AUTHORITY`].
+fn authority_label(vm: &str, authority: &str, max: usize) -> String {
+    if authority.is_empty() {
+        // No authority (or a denied peer's request): not the client's choice, always its own series.
+        return String::new();
+    }
+    let mut all = created();
+    let Some(c) = all.get_mut(vm) else {
+        // Not serving: nothing is counted anyway.
+        return authority.to_string();
+    };
+    if c.authorities.contains(authority) {
+        return authority.to_string();
+    }
+    if c.authorities.len() < max {
+        c.authorities.insert(authority.to_string());
+        return authority.to_string();
+    }
+    OTHER_AUTHORITY.to_string()
 }
 
 /// The connection families' series of a VM.
@@ -291,11 +319,13 @@ impl Drop for VmSeries {
         for l in &gone.ejections {
             m.ejections.remove(l);
         }
-        drop(all);
+        // Still under `CREATED` (the order CREATED -> DESTINATIONS is kept everywhere): a new instance of the
+        // VM cannot track a destination in between and lose it.
         DESTINATIONS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|t| t.vm != self.vm && t.dest.strong_count() > 0);
+        drop(all);
     }
 }
 
@@ -560,6 +590,8 @@ pub const MAX_CACHED_STATUSES: usize = 8;
 /// Series are resolved as [`count`] does: created (and recorded with the VM) only while the VM serves; a
 /// series removed with its VM while a connection still holds it counts on, unseen (a straggler).
 pub struct RequestSeries {
+    /// The authority the requests asked for (the label may be [`OTHER_AUTHORITY`] instead).
+    asked: String,
     labels: HttpLabels,
     /// `None`: the VM was not serving, nothing is counted.
     request: Option<Counter>,
@@ -587,9 +619,14 @@ where
 }
 
 impl RequestSeries {
-    pub fn new(labels: HttpLabels) -> RequestSeries {
+    /// The series of requests labelled `labels`; its authority is relabelled [`OTHER_AUTHORITY`] when the VM
+    /// already counts `max_authorities` others.
+    pub fn new(mut labels: HttpLabels, max_authorities: usize) -> RequestSeries {
         let m = &*METRICS;
+        let asked = std::mem::take(&mut labels.authority);
+        labels.authority = authority_label(&labels.vm, &asked, max_authorities);
         RequestSeries {
+            asked,
             request: resolve(&m.request, &labels, &labels.vm, |c| &mut c.http),
             latency: resolve(&m.response_latency_ms, &labels, &labels.vm, |c| &mut c.http),
             labels,
@@ -599,7 +636,7 @@ impl RequestSeries {
 
     /// The authority these series count.
     pub fn authority(&self) -> &str {
-        &self.labels.authority
+        &self.asked
     }
 
     /// One request.
@@ -727,6 +764,22 @@ mod tests {
     }
 
     #[test]
+    fn a_vms_authorities_are_bounded_and_forgotten_with_the_vm() {
+        let vm = "authority-vm";
+        let serve = serving(vm);
+        assert_eq!(authority_label(vm, "a", 2), "a");
+        assert_eq!(authority_label(vm, "b", 2), "b");
+        assert_eq!(authority_label(vm, "c", 2), OTHER_AUTHORITY);
+        assert_eq!(authority_label(vm, "a", 2), "a", "a known one keeps its label");
+        assert_eq!(authority_label(vm, "", 2), "", "no authority is never relabelled");
+        assert_eq!(authority_label("other-vm", "c", 2), "c", "another VM has its own");
+        drop(serve);
+        let again = serving(vm);
+        assert_eq!(authority_label(vm, "c", 2), "c", "a new instance starts afresh");
+        drop(again);
+    }
+
+    #[test]
     fn a_vms_series_go_with_its_last_serving_instance_and_are_not_recreated_after() {
         let vm = "series-vm";
         let first = serving(vm);
@@ -743,7 +796,7 @@ mod tests {
             authority: "web".into(),
             vm: vm.into(),
         };
-        let mut series = RequestSeries::new(http.clone());
+        let mut series = RequestSeries::new(http.clone(), 100);
         series.request();
         series.response(200, 3.0);
         // Another VM's series are not touched by this one's removal.
@@ -790,7 +843,7 @@ mod tests {
         // nothing that shows.
         series.request();
         series.response(503, 1.0);
-        let mut late = RequestSeries::new(http.clone());
+        let mut late = RequestSeries::new(http.clone(), 100);
         late.request();
         late.response(200, 1.0);
         assert!(METRICS.request.get(&http).is_none());

@@ -395,6 +395,59 @@ async fn unauthorized_and_unauthenticated_peers_get_403_and_forged_identities_ar
     assert!(metrics.contains("status_code=\"403\""), "{metrics}");
 }
 
+/// The `authority` label values of VM `vm`'s inbound `request_total` series, with their counts.
+fn inbound_authorities(metrics: &str, vm: &str) -> Vec<(String, u64)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("request_total{direction=\"inbound\""))
+        .filter(|l| l.contains(&format!("vm=\"{vm}\"")))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("authority=\"")?;
+            let (auth, _) = rest.split_once('"')?;
+            let count = l.rsplit_once(' ')?.1.parse().ok()?;
+            Some((auth.to_string(), count))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn request_metrics_hold_a_bounded_number_of_authorities_and_none_from_denied_peers() {
+    let m = Mesh::start(&["--mesh-max-authorities", "3"]).await;
+    // Six authorities from an allowed (unauthenticated) peer: three get their own series, the rest share one.
+    for i in 1..=6 {
+        let host = format!("Host: h{i}.example");
+        let (ok, out) = curl(&["-s", "-H", &host, &url(&m.b_open, "/headers")]);
+        assert!(ok, "{out}");
+    }
+    // A denied peer's request is answered 403 and counted without the authority it chose.
+    let (_, out) = curl(&[
+        "-s",
+        "-i",
+        "-H",
+        "Host: denied.example",
+        &url(&m.b_http, "/headers"),
+    ]);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    let metrics = m.env.metrics().await;
+    let seen = inbound_authorities(&metrics, "b");
+    let count = |a: &str| seen.iter().find(|(s, _)| s == a).map(|(_, n)| *n);
+    // The harness's own request from a already took one of the three; h1 and h2 take the others.
+    let own: Vec<_> = seen
+        .iter()
+        .filter(|(a, _)| !a.is_empty() && a != "~other")
+        .collect();
+    assert_eq!(own.len(), 3, "{seen:?}");
+    assert_eq!(count("h1.example"), Some(1), "{seen:?}");
+    assert_eq!(count("h2.example"), Some(1), "{seen:?}");
+    assert_eq!(
+        count("~other"),
+        Some(4),
+        "h3..h6 share one series: {seen:?}"
+    );
+    assert_eq!(count(""), Some(1), "the denied request: {seen:?}");
+    assert_eq!(count("denied.example"), None, "{metrics}");
+}
+
 #[tokio::test]
 async fn openssl_sees_tls13_only_and_a_p256_leaf_for_b() {
     let m = Mesh::start(&[]).await;
