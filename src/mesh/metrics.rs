@@ -770,12 +770,28 @@ mod tests {
         assert_eq!(authority_label(vm, "a", 2), "a");
         assert_eq!(authority_label(vm, "b", 2), "b");
         assert_eq!(authority_label(vm, "c", 2), OTHER_AUTHORITY);
-        assert_eq!(authority_label(vm, "a", 2), "a", "a known one keeps its label");
-        assert_eq!(authority_label(vm, "", 2), "", "no authority is never relabelled");
-        assert_eq!(authority_label("other-vm", "c", 2), "c", "another VM has its own");
+        assert_eq!(
+            authority_label(vm, "a", 2),
+            "a",
+            "a known one keeps its label"
+        );
+        assert_eq!(
+            authority_label(vm, "", 2),
+            "",
+            "no authority is never relabelled"
+        );
+        assert_eq!(
+            authority_label("other-vm", "c", 2),
+            "c",
+            "another VM has its own"
+        );
         drop(serve);
         let again = serving(vm);
-        assert_eq!(authority_label(vm, "c", 2), "c", "a new instance starts afresh");
+        assert_eq!(
+            authority_label(vm, "c", 2),
+            "c",
+            "a new instance starts afresh"
+        );
         drop(again);
     }
 

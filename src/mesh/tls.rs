@@ -316,9 +316,21 @@ pub mod testing {
 
     use crate::mesh::identity::{Anchors, Credential, CredentialSource};
 
+    /// A distinguished name no other test CA has (rcgen gives every certificate the same one by default, and
+    /// chains are built by matching names).
+    fn unique_name(what: &str) -> rcgen::DistinguishedName {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, format!("{what} {n}"));
+        dn
+    }
+
     pub struct TestCa {
         issuer: Issuer<'static, KeyPair>,
         pub root: CertificateDer<'static>,
+        /// The CA certificates between a leaf and the root (empty for the root itself).
+        intermediates: Vec<CertificateDer<'static>>,
     }
 
     impl TestCa {
@@ -330,12 +342,37 @@ pub mod testing {
                 panic!("params")
             };
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name = unique_name("test root");
             let Ok(cert) = params.self_signed(&key) else {
                 panic!("self-signed")
             };
             TestCa {
                 root: cert.der().clone(),
                 issuer: Issuer::new(params, key),
+                intermediates: Vec::new(),
+            }
+        }
+
+        /// An intermediate CA signed by this one: its leaves' chains carry it, and they verify against
+        /// this CA's root (as Linkerd's issuer certificate under its trust anchor).
+        pub fn intermediate(&self) -> TestCa {
+            let Ok(key) = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) else {
+                panic!("key")
+            };
+            let Ok(mut params) = CertificateParams::new(Vec::<String>::new()) else {
+                panic!("params")
+            };
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name = unique_name("test intermediate");
+            let Ok(cert) = params.signed_by(&key, &self.issuer) else {
+                panic!("sign the intermediate")
+            };
+            let mut intermediates = vec![cert.der().clone()];
+            intermediates.extend(self.intermediates.iter().cloned());
+            TestCa {
+                root: self.root.clone(),
+                issuer: Issuer::new(params, key),
+                intermediates,
             }
         }
 
@@ -379,9 +416,11 @@ pub mod testing {
             let Ok(cert) = params.signed_by(&key, &self.issuer) else {
                 panic!("sign")
             };
+            let mut chain = vec![cert.der().clone()];
+            chain.extend(self.intermediates.iter().cloned());
             Arc::new(Credential {
                 identity: identity.to_string(),
-                chain: vec![cert.der().clone()],
+                chain,
                 key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
                 serial: "01".into(),
                 not_before: SystemTime::now(),
@@ -569,13 +608,17 @@ mod tests {
         let Ok((client, name)) = cfgs.client_for(false, B, Some(OTHER)) else {
             panic!("config")
         };
+        // The server trusts a's CA (so the refusal can only be the client's) but presents a leaf of another.
         let r = exchange(
             client.clone(),
             name.clone(),
-            server_for(&other, &other.leaf(B)),
+            server_for(&ca, &other.leaf(B)),
         )
         .await;
-        assert!(r.is_err(), "another CA: {r:?}");
+        let Err(e) = r else {
+            panic!("another CA: {r:?}")
+        };
+        assert!(e.contains("UnknownIssuer"), "{e}");
         let r = exchange(client, name, server_for(&ca, &ca.expired_leaf(B))).await;
         let Err(e) = r else { panic!("expired: {r:?}") };
         assert!(e.contains("certificate expired"), "{e}");
@@ -606,8 +649,46 @@ mod tests {
         let (ca, other) = (TestCa::new(), TestCa::new());
         let a = ca.leaf(A);
         let b_other = other.leaf(B);
-        let r = handshake(&ca, &other, &a, &b_other, B).await;
-        assert!(r.is_err(), "{r:?}");
+        // The server trusts a's CA, so the refusal can only be the client's check of b's chain.
+        let r = handshake(&ca, &ca, &a, &b_other, B).await;
+        let Err(e) = r else { panic!("{r:?}") };
+        assert!(e.contains("UnknownIssuer"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_chain_through_an_intermediate_verifies_and_fails_without_it() {
+        let ca = TestCa::new();
+        let issuer = ca.intermediate();
+        let (a, b) = (issuer.leaf(A), issuer.leaf(B));
+        assert_eq!(b.chain.len(), 2, "leaf and intermediate");
+        // Both sides trust only the root: each verifies the other's chain through the intermediate.
+        assert_eq!(
+            handshake(&ca, &ca, &a, &b, B).await,
+            Ok(Some(A.to_string()))
+        );
+        // Also with a distinct server name (the identity verifier with a fixed identity).
+        let cfgs = configs(&ca, &a);
+        let Ok((client, name)) = cfgs.client_for(false, B, Some(OTHER)) else {
+            panic!("config")
+        };
+        assert_eq!(
+            exchange(client, name, server_for(&ca, &b)).await,
+            Ok((Some(A.to_string()), Some(OTHER.to_string()), false))
+        );
+        // The server leaves its intermediate out: the client cannot reach the root.
+        let full = issuer.leaf(B);
+        let bare = Credential {
+            identity: full.identity.clone(),
+            chain: full.chain[..1].to_vec(),
+            key: full.key.clone_key(),
+            serial: full.serial.clone(),
+            not_before: full.not_before,
+            not_after: full.not_after,
+            source: full.source,
+        };
+        let r = handshake(&ca, &ca, &a, &bare, B).await;
+        let Err(e) = r else { panic!("{r:?}") };
+        assert!(e.contains("UnknownIssuer"), "{e}");
     }
 
     #[test]
