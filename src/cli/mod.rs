@@ -218,8 +218,8 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_FAILFAST_TIMEOUT.as_millis() as u64, value_name = "MS")]
     pub mesh_failfast_timeout_ms: u64,
 
-    /// Mesh: HTTP requests of one outbound destination queued for its balancer; more wait for room (at
-    /// most the fail-fast time, then 503).
+    /// Mesh: HTTP requests of one outbound destination waiting for its balancer (no endpoint ready); more
+    /// wait for room (at most the fail-fast time, then 503).
     #[arg(long, default_value_t = crate::mesh::listener::DEFAULT_BALANCER_QUEUE, value_name = "N")]
     pub mesh_balancer_queue: usize,
 

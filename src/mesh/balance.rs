@@ -32,11 +32,10 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, Version};
 use tower::balance::p2c::Balance;
-use tower::buffer::Buffer;
 use tower::discover::Change;
 use tower::load::peak_ewma::Handle;
 use tower::load::{PeakEwma, TrackCompletion};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use cc_proxy_api::mesh::{
     DestinationConfig, EndpointHint, EndpointLoad, EndpointState, EndpointStatus,
@@ -568,8 +567,8 @@ fn discover(dest: Arc<Destination>, services: ServiceFactory) -> Changes {
     Box::pin(updates.flatten().chain(futures::stream::pending()))
 }
 
-/// Fails requests once the inner service has not been ready for `timeout` (inside the buffer, so every
-/// queued request fails at once), until it is ready again.
+/// Fails requests once the inner service has not been ready for `timeout` (every waiting request is woken
+/// and fails at once), until it is ready again.
 struct FailFast<S> {
     inner: S,
     timeout: Duration,
@@ -633,17 +632,73 @@ pub enum BalanceError {
 }
 
 /// Per-request balancing of one destination's HTTP requests: tower's power of two choices over peak-EWMA
-/// latency, behind a queue (`--mesh-balancer-queue`) served by one task, with fail-fast.
+/// latency, with fail-fast, driven by the requests themselves. A request takes a place among at most
+/// `--mesh-balancer-queue` waiting ones, then polls the shared balancer under its lock (never held across an
+/// await): ready, it is dispatched to the chosen endpoint at once, on its own task (no hop through a queue
+/// task and back, which cost two task wake-ups per request); not ready, it waits to be woken with the other
+/// waiting requests when the balancer is (an endpoint ready, the discovery changed, the fail-fast time over)
+/// and polls again.
 pub struct HttpBalancer {
-    service: Buffer<Req, <Queued as Service<Req>>::Future>,
+    /// The balancer.
+    balance: Mutex<Queued>,
+    /// Places for requests waiting for the balancer (`--mesh-balancer-queue`).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// The requests waiting for the balancer to be ready.
+    waiters: Arc<Waiters>,
+    /// Wakes every waiting request: the balancer keeps only the waker of its last poll, so it is polled with
+    /// this one.
+    wake_all: std::task::Waker,
 }
 
-/// What the queue's task drives.
+/// What the requests poll.
 type Queued = FailFast<Balance<Changes, Req>>;
 
+/// Requests waiting for the balancer, by id.
+#[derive(Default)]
+struct Waiters {
+    list: Mutex<Vec<(u64, std::task::Waker)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl std::task::Wake for Waiters {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Each woken request polls again, and registers again if the balancer is still not ready.
+        let woken = std::mem::take(&mut *lock(&self.list));
+        for (_, w) in woken {
+            w.wake();
+        }
+    }
+}
+
+/// One request's place among the waiters; it leaves the list when dropped (dispatched, or given up).
+struct Waiting<'a> {
+    waiters: &'a Waiters,
+    id: u64,
+}
+
+impl Waiting<'_> {
+    /// Be woken by `waker` at the balancer's next wake-up.
+    fn register(&self, waker: &std::task::Waker) {
+        let mut list = lock(&self.waiters.list);
+        match list.iter_mut().find(|(id, _)| *id == self.id) {
+            Some((_, w)) => w.clone_from(waker),
+            None => list.push((self.id, waker.clone())),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.waiters.list).retain(|(id, _)| *id != self.id);
+    }
+}
+
 impl HttpBalancer {
-    /// Balance over `dest`, each endpoint's pools made by `services`. Spawns the queue's task (it ends when
-    /// the balancer is dropped).
+    /// Balance over `dest`, each endpoint's pools made by `services`.
     pub fn new(dest: Arc<Destination>, services: ServiceFactory) -> HttpBalancer {
         let lim = limits();
         let balance = Balance::new(discover(dest, services));
@@ -653,21 +708,52 @@ impl HttpBalancer {
             sleep: None,
             failing: false,
         };
+        let waiters = Arc::new(Waiters::default());
         HttpBalancer {
-            service: Buffer::new(failfast, lim.balancer_queue),
+            balance: Mutex::new(failfast),
+            slots: Arc::new(tokio::sync::Semaphore::new(lim.balancer_queue.max(1))),
+            wake_all: std::task::Waker::from(waiters.clone()),
+            waiters,
         }
     }
 
     /// Send `req` to the endpoint the balancer picks.
     pub async fn send(&self, req: Req) -> Result<Response<http::RespBody>, SendError> {
-        let mut svc = self.service.clone();
-        // A full queue counts as not ready.
-        match tokio::time::timeout(limits().failfast_timeout, svc.ready()).await {
-            Err(_) => return Err(SendError::Unavailable),
-            Ok(Err(e)) => return Err(SendError::Unreachable(e)),
-            Ok(Ok(_)) => {}
-        }
-        match svc.call(req).await {
+        // No place among the waiting requests within the fail-fast time counts as not ready.
+        let slot = match tokio::time::timeout(limits().failfast_timeout, self.slots.acquire()).await
+        {
+            Ok(Ok(slot)) => slot,
+            Err(_) | Ok(Err(_)) => return Err(SendError::Unavailable),
+        };
+        let waiting = Waiting {
+            waiters: &self.waiters,
+            id: self
+                .waiters
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        let mut req = Some(req);
+        let dispatched = std::future::poll_fn(|cx| {
+            // Registered before the poll, so that a wake-up between the poll and the registration is not lost.
+            waiting.register(cx.waker());
+            let mut balance = lock(&self.balance);
+            match balance.poll_ready(&mut Context::from_waker(&self.wake_all)) {
+                Poll::Ready(Ok(())) => Poll::Ready(match req.take() {
+                    Some(r) => Ok(balance.call(r)),
+                    None => Err(BoxError::from("the request was already sent")),
+                }),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        drop(waiting);
+        drop(slot);
+        let result = match dispatched {
+            Ok(response) => response.await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(resp) => Ok(resp.map(|b| b.boxed())),
             Err(e) if e.downcast_ref::<BalanceError>().is_some() => Err(SendError::Unavailable),
             Err(e) => Err(SendError::Unreachable(e)),

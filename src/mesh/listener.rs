@@ -58,8 +58,9 @@ pub const DEFAULT_EJECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Longest wait of an outbound request or connection for a ready endpoint before it fails (503 with
 /// `l5d-proxy-error`, or the connection closed) (`--mesh-failfast-timeout-ms`); Linkerd's outbound waits 3 s.
 pub const DEFAULT_FAILFAST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Requests of one outbound destination queued for its balancer (`--mesh-balancer-queue`); more wait (within
-/// the fail-fast time) for room. Linkerd's outbound queue holds 10,000.
+/// Requests of one outbound destination waiting for its balancer while no endpoint is ready
+/// (`--mesh-balancer-queue`); more wait (within the fail-fast time) for room. Linkerd's outbound queue holds
+/// 10,000.
 pub const DEFAULT_BALANCER_QUEUE: usize = 10_000;
 /// Distinct `authority` label values in one VM's request metrics (`--mesh-max-authorities`); the
 /// authority comes from the client, so further ones share the label `~other`.

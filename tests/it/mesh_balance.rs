@@ -365,6 +365,64 @@ async fn a_killed_endpoint_is_ejected_and_returns_after_its_backoff() {
 }
 
 #[tokio::test]
+async fn requests_waiting_for_an_ejected_endpoint_are_all_sent_when_its_backoff_ends() {
+    // Requests wait together while the only endpoint is ejected; when its backoff ends every one of them is
+    // sent (the balancer wakes all the waiting requests, not only the last to ask), long before the fail-fast
+    // time would answer them 503.
+    const BACKOFF_MS: u64 = 1500;
+    const WAITING: usize = 8;
+    let backoff = BACKOFF_MS.to_string();
+    let mut env = Env::start_with(&[
+        "--mesh-failfast-timeout-ms",
+        "60000",
+        "--mesh-eject-backoff-min-ms",
+        &backoff,
+        "--mesh-eject-backoff-max-ms",
+        &backoff,
+    ])
+    .await;
+    // Bound but not listening until the server starts there: connections are refused meanwhile.
+    let hold = tokio::net::TcpSocket::new_v4().expect("socket");
+    hold.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let dead = hold.local_addr().expect("addr").to_string();
+    let http = free_addr();
+    let agent = env.agent(&[]);
+    register(
+        &env,
+        "a",
+        &agent,
+        json!({"identity": A, "outbound": [{"listen": http, "destination": {"endpoints": [dead]}}]}),
+    )
+    .await;
+    // The first request finds the endpoint unreachable (502) and ejects it.
+    let (status, head) = get(&http).await;
+    assert_eq!(status, 502, "{head}\n{}", env.logs());
+    let started = Instant::now();
+    let mut waiting = JoinSet::new();
+    for _ in 0..WAITING {
+        let http = http.clone();
+        waiting.spawn(async move { get(&http).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(hold);
+    let server = Server::start(&dead, Duration::ZERO).await;
+    let mut answered = Vec::new();
+    while let Some(r) = waiting.join_next().await {
+        answered.push(r.expect("request task").0);
+    }
+    let took = started.elapsed();
+    assert_eq!(answered, vec![200; WAITING], "{}", env.logs());
+    assert_eq!(server.hits(), WAITING);
+    assert!(
+        took < T,
+        "the waiting requests were answered after {took:?}"
+    );
+    drop(agent);
+    env.kill_daemon();
+}
+
+#[tokio::test]
 async fn with_no_endpoint_ready_requests_get_503_and_connections_close_within_the_failfast_time() {
     const FAILFAST_MS: u64 = 1000;
     let failfast = FAILFAST_MS.to_string();
