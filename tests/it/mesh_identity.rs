@@ -381,22 +381,53 @@ fn swap_link(dir: &Path, link: &str, target: &str) {
     std::fs::rename(&tmp, dir.join(link)).expect("rename over the link");
 }
 
+/// A daemon with `--mesh-identity-dir` (anchors `ca.crt`, B's certificate in `v1` behind B's symlink) and VM
+/// `vm1` meshed as B, registered and holding its first certificate (serial `first`).
+struct FilesVm {
+    tmp: tempfile::TempDir,
+    ca: (PathBuf, PathBuf),
+    dir: PathBuf,
+    env: Env,
+    agent: Agent,
+    first: String,
+}
+
+impl FilesVm {
+    async fn start(name: &str) -> FilesVm {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = self_signed_ca(tmp.path(), name);
+        let dir = tmp.path().join("identity");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::copy(&ca.1, dir.join("ca.crt")).expect("anchors");
+        issue_leaf(&ca, B, &dir.join("v1"));
+        swap_link(&dir, B, "v1");
+        let dir_arg = dir.to_str().expect("path").to_string();
+        let mut env = Env::start_with(&["--mesh-identity-dir", &dir_arg]).await;
+        let agent = env.agent(&[]);
+        let r = register(&env, "vm1", &agent, mesh(B)).await;
+        assert!(r.get("result").is_some(), "{r}\n{}", env.logs());
+        let first = serial(&env, "vm1").await;
+        FilesVm {
+            tmp,
+            ca,
+            dir,
+            env,
+            agent,
+            first,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_files_reload_on_a_symlink_swap_and_invalid_ones_keep_the_old_certificate() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let ca = self_signed_ca(tmp.path(), "files");
-    let dir = tmp.path().join("identity");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::copy(&ca.1, dir.join("ca.crt")).expect("anchors");
-    issue_leaf(&ca, B, &dir.join("v1"));
-    swap_link(&dir, B, "v1");
-
-    let dir_arg = dir.to_str().expect("path").to_string();
-    let mut env = Env::start_with(&["--mesh-identity-dir", &dir_arg]).await;
-    let agent = env.agent(&[]);
-    let r = register(&env, "vm1", &agent, mesh(B)).await;
-    assert!(r.get("result").is_some(), "{r}\n{}", env.logs());
-    let first = serial(&env, "vm1").await;
+    let FilesVm {
+        tmp,
+        ca,
+        dir,
+        mut env,
+        agent: _agent,
+        first,
+    } = FilesVm::start("files").await;
     let i = info(&env, "vm1").await;
     assert_eq!(
         i.mesh.and_then(|m| m.certificate).map(|c| c.source),
@@ -756,19 +787,14 @@ async fn identity_files_are_reread_only_when_they_change() {
     // Reading the files is no change: the daemon's own rereads must not start the next one (which would reread
     // and reparse every identity's files several times a second, forever). Watched from outside, an idle
     // serving daemon opens nothing in the directory; a change is still picked up.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let ca = self_signed_ca(tmp.path(), "quiet");
-    let dir = tmp.path().join("identity");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::copy(&ca.1, dir.join("ca.crt")).expect("anchors");
-    issue_leaf(&ca, B, &dir.join("v1"));
-    swap_link(&dir, B, "v1");
-    let dir_arg = dir.to_str().expect("path").to_string();
-    let mut env = Env::start_with(&["--mesh-identity-dir", &dir_arg]).await;
-    let agent = env.agent(&[]);
-    let r = register(&env, "vm1", &agent, mesh(B)).await;
-    assert!(r.get("result").is_some(), "{r}\n{}", env.logs());
-    let first = serial(&env, "vm1").await;
+    let FilesVm {
+        tmp: _tmp,
+        ca,
+        dir,
+        mut env,
+        agent: _agent,
+        first,
+    } = FilesVm::start("quiet").await;
 
     use notify::Watcher;
     // Files opened (directories are opened by the watch itself as it walks the tree).
